@@ -1,0 +1,61 @@
+"""Shared fixtures: small table configs and random KJTs with ragged and empty bags."""
+
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+REPO = Path(__file__).resolve().parents[1]
+CRITEO_SAMPLE = REPO.parent / "shared" / "data" / "criteo_kaggle_sample_8k.tsv"
+
+
+def small_tables(dim: int = 8) -> List[EmbeddingBagConfig]:
+    """Two single-feature tables and one shared by two features."""
+    return [
+        EmbeddingBagConfig(name="t0", embedding_dim=dim, num_embeddings=1000, feature_names=["f0"]),
+        EmbeddingBagConfig(name="t1", embedding_dim=dim, num_embeddings=400, feature_names=["f1"]),
+        EmbeddingBagConfig(
+            name="t2", embedding_dim=dim, num_embeddings=60, feature_names=["f2", "f3"]
+        ),
+    ]
+
+
+def random_kjt(
+    tables: List[EmbeddingBagConfig], batch: int, seed: int, max_len: int = 4
+) -> KeyedJaggedTensor:
+    """A KJT over every feature, bag lengths in [0, max_len] (so some bags are empty)."""
+    g = torch.Generator().manual_seed(seed)
+    keys, values, lengths = [], [], []
+    for t in tables:
+        for f in t.feature_names:
+            ln = torch.randint(0, max_len + 1, (batch,), generator=g)
+            keys.append(f)
+            lengths.append(ln)
+            values.append(torch.randint(0, t.num_embeddings, (int(ln.sum()),), generator=g))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)
+    )
+
+
+def batch_slice(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTensor:
+    """Examples ``[start, stop)`` of every feature of ``kjt``."""
+    d = kjt.to_dict()
+    values, lengths = [], []
+    for k in kjt.keys():
+        jt = d[k]
+        off = jt.offsets()
+        lengths.append(jt.lengths()[start:stop])
+        values.append(jt.values()[off[start] : off[stop]])
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths)
+    )
+
+
+@pytest.fixture
+def criteo_sample() -> Path:
+    if not CRITEO_SAMPLE.exists():
+        pytest.skip(f"real Criteo sample not found at {CRITEO_SAMPLE}")
+    return CRITEO_SAMPLE

@@ -1,0 +1,139 @@
+"""Unsharded MEmCom collection: forward and gradients against a plain-PyTorch reference."""
+
+import pytest
+import torch
+from conftest import random_kjt, small_tables
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+from torchrec_memcom import MEmComConfig, MEmComEmbeddingBagCollection
+from torchrec_memcom.modules.hashing import slots
+
+
+def reference_forward(state, tables, module, kjt):
+    """Pooled ``sum_j U[slot(i_j) % m] * w[slot(i_j)]`` per bag, with Python loops."""
+    out = {}
+    by_name = {t.name: t for t in module.tables}
+    d = kjt.to_dict()
+    for cfg in tables:
+        t = by_name[cfg.name]
+        U = state[f"embedding_bags.{cfg.name}.weight"]
+        for f in cfg.feature_names:
+            rows = []
+            for ids in d[f].to_dense():
+                bag = torch.zeros(cfg.embedding_dim)
+                for i in ids.tolist():
+                    if t.compressed:
+                        s = int(slots(torch.tensor([i]), t.num_embeddings, t.hash))
+                        bag = bag + U[s % t.hash_rows] * state[f"entity_weights.{cfg.name}"][s]
+                    else:
+                        bag = bag + U[i]
+                rows.append(bag)
+            out[f] = torch.stack(rows)
+    return out
+
+
+@pytest.mark.parametrize("hash", ["mod", "mix"])
+def test_forward_and_gradients_match_reference(hash: str) -> None:
+    torch.manual_seed(0)
+    tables = small_tables()
+    module = MEmComEmbeddingBagCollection(
+        tables, {"t0": MEmComConfig(ratio=4, hash=hash), "t1": MEmComConfig(num_hash_rows=37, hash=hash)}
+    )
+    with torch.no_grad():
+        for w in module.entity_weights.values():
+            w.uniform_(0.5, 1.5)
+    state = {k: v.detach().clone().requires_grad_(True) for k, v in module.state_dict().items()}
+    kjt = random_kjt(tables, batch=6, seed=1)
+
+    out = module(kjt).to_dict()
+    ref = reference_forward(state, tables, module, kjt)
+    g = torch.Generator().manual_seed(2)
+    loss, ref_loss = 0.0, 0.0
+    for f in ref:
+        torch.testing.assert_close(out[f], ref[f])
+        weight = torch.randn(ref[f].shape, generator=g)
+        loss = loss + (out[f] * weight).sum()
+        ref_loss = ref_loss + (ref[f] * weight).sum()
+    assert any(bool((b == 0).all()) for f in out for b in out[f]), "no empty bag exercised"
+    loss.backward()
+    ref_loss.backward()
+    params = dict(module.named_parameters())
+    assert set(params) == set(state)
+    for k, p in params.items():
+        torch.testing.assert_close(p.grad, state[k].grad, msg=k)
+
+
+def test_state_dict_keys_and_shapes() -> None:
+    module = MEmComEmbeddingBagCollection(small_tables(), MEmComConfig(ratio=4, min_rows=100))
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    m0, m1 = module.tables[0].hash_rows, module.tables[1].hash_rows
+    assert shapes == {
+        "embedding_bags.t0.weight": (m0, 8),
+        "embedding_bags.t1.weight": (m1, 8),
+        "embedding_bags.t2.weight": (60, 8),  # below min_rows: uncompressed, no scalars
+        "entity_weights.t0": (1000,),
+        "entity_weights.t1": (400,),
+    }
+    again = MEmComEmbeddingBagCollection(small_tables(), MEmComConfig(ratio=4, min_rows=100))
+    again.load_state_dict(module.state_dict())
+    kjt = random_kjt(small_tables(), 4, seed=3)
+    torch.testing.assert_close(again(kjt).values(), module(kjt).values())
+
+
+@pytest.mark.parametrize("ratio", [1.5, 2, 4, 7.9, 16, 30])
+def test_achieved_ratio_and_parameter_counts(ratio: float) -> None:
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=32, num_embeddings=100_000, feature_names=["f"])]
+    module = MEmComEmbeddingBagCollection(tables, MEmComConfig(ratio=ratio), device=torch.device("meta"))
+    cost = module.cost()
+    n, d, m = 100_000, 32, cost["t"]["m"]
+    assert cost["t"]["parameters"] == m * d + n
+    assert sum(p.numel() for p in module.parameters()) == m * d + n
+    assert cost["t"]["ratio"] == pytest.approx(n * d / (m * d + n))
+    assert abs(cost["t"]["ratio"] - ratio) <= 0.01 * ratio
+    assert cost["total"]["ratio"] == pytest.approx(cost["t"]["ratio"])
+
+
+def test_impossible_ratios_error() -> None:
+    tables = [EmbeddingBagConfig(name="wide", embedding_dim=8, num_embeddings=1000, feature_names=["f"])]
+    with pytest.raises(ValueError, match="'wide'.*cannot be reached with dim 8"):
+        MEmComEmbeddingBagCollection(tables, MEmComConfig(ratio=8))
+    tiny = [EmbeddingBagConfig(name="tiny", embedding_dim=8, num_embeddings=100, feature_names=["f"])]
+    with pytest.raises(ValueError, match="'tiny'.*within 1%"):
+        MEmComEmbeddingBagCollection(tiny, MEmComConfig(ratio=7.99))  # would need m < 1
+    with pytest.raises(ValueError, match=">= 1"):
+        MEmComConfig(ratio=0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        MEmComConfig(ratio=2, num_hash_rows=10)
+    with pytest.raises(ValueError, match="exceeds"):
+        MEmComEmbeddingBagCollection(tables, MEmComConfig(num_hash_rows=2000))
+    with pytest.raises(ValueError, match="unknown tables"):
+        MEmComEmbeddingBagCollection(tables, {"nope": MEmComConfig(ratio=2)})
+    mean = [EmbeddingBagConfig(name="m", embedding_dim=8, num_embeddings=100, feature_names=["f"], pooling=PoolingType.MEAN)]
+    with pytest.raises(ValueError, match="'m'.*SUM"):
+        MEmComEmbeddingBagCollection(mean, MEmComConfig(ratio=2))
+
+
+@pytest.mark.parametrize("bad", [-1, 1000])
+def test_bad_ids_name_the_feature(bad: int) -> None:
+    tables = small_tables()
+    module = MEmComEmbeddingBagCollection(tables, MEmComConfig(ratio=4, min_rows=100))
+    kjt = random_kjt(tables, 3, seed=0)
+    values = kjt.values().clone()
+    values[int(kjt.length_per_key()[0]) - 1] = bad  # last id of f0
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    broken = KeyedJaggedTensor.from_lengths_sync(kjt.keys(), values, kjt.lengths())
+    with pytest.raises(ValueError, match=f"feature 'f0': id {bad} is outside \\[0, 1000\\)"):
+        module(broken)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 1000, 4099])
+def test_mix_hash_is_a_bijection_that_spreads_structured_ids(n: int) -> None:
+    s = slots(torch.arange(n), n, "mix")
+    assert sorted(s.tolist()) == list(range(n))
+    if n >= 1000:
+        m = 50
+        multiples = torch.arange(0, n, m)  # every id lands on row 0 under "mod"
+        rows = slots(multiples, n, "mix") % m
+        # about as many distinct rows as random placement gives (birthday collisions aside)
+        assert rows.unique().numel() >= min(multiples.numel(), m) // 2

@@ -1,0 +1,15 @@
+"""torchrec-memcom: compressed embedding tables for TorchRec."""
+
+from torchrec_memcom.distributed.memcom_embeddingbag import (
+    MEmComEmbeddingBagCollectionSharder,
+    ShardedMEmComEmbeddingBagCollection,
+)
+from torchrec_memcom.modules.memcom_config import MEmComConfig
+from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
+
+__all__ = [
+    "MEmComConfig",
+    "MEmComEmbeddingBagCollection",
+    "MEmComEmbeddingBagCollectionSharder",
+    "ShardedMEmComEmbeddingBagCollection",
+]

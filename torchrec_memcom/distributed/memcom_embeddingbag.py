@@ -1,0 +1,304 @@
+"""Sharded MEmCom collection and its sharder.
+
+The shared tables are a stock weighted ShardedEmbeddingBagCollection on FBGEMM's table-batched
+kernels (so the state dict key stays ``embedding_bags.T.weight``). Around it:
+``input_dist`` turns entity ids into (shared row, slot block ``k``) before the stock input
+distribution, carrying ``k`` as the KJT weight; ``compute`` swaps ``k`` for the trainable
+per-entity scalar (after ``input_dist``, which runs under ``no_grad``) and runs the stock lookup,
+whose SUM-pooled per-sample-weight gradient trains the scalars.
+"""
+
+import dataclasses
+from functools import partial
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embedding_types import KJTList
+from torchrec.distributed.embeddingbag import (
+    EmbeddingBagCollectionContext,
+    EmbeddingBagCollectionSharder,
+    ShardedEmbeddingBagCollection,
+)
+from torchrec.distributed.types import (
+    Awaitable,
+    LazyAwaitable,
+    ParameterSharding,
+    QuantizedCommCodecs,
+    ShardingEnv,
+)
+from torchrec.distributed.utils import append_prefix
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.keyed import CombinedOptimizer
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_memcom.distributed.state import copy_full_tensor
+from torchrec_memcom.distributed.entity_weights import (
+    SUPPORTED_SHARDING_TYPES,
+    ShardedEntityWeights,
+    table_layout,
+)
+from torchrec_memcom.modules.hashing import slots
+from torchrec_memcom.modules.memcom_embedding_bag import (
+    MEmComEmbeddingBagCollection,
+    MEmComTable,
+    check_ids,
+)
+
+
+def _shared_table_view(module: MEmComEmbeddingBagCollection) -> EmbeddingBagCollection:
+    """A stock weighted EBC over the module's own shared tables, for the stock sharder."""
+    view = EmbeddingBagCollection(module.hashed_configs(), is_weighted=True, device=torch.device("meta"))
+    view.embedding_bags = module.embedding_bags
+    view._device = module.device
+    return view
+
+
+def _with_weights(kjt: KeyedJaggedTensor, values: torch.Tensor, weights: torch.Tensor) -> KeyedJaggedTensor:
+    """``kjt`` with new values and weights, keeping its keys, lengths and batch layout."""
+    return KeyedJaggedTensor(
+        keys=kjt.keys(),
+        values=values,
+        weights=weights,
+        lengths=kjt.lengths(),
+        offsets=kjt.offsets_or_none(),
+        stride=kjt.stride(),
+        stride_per_key_per_rank=kjt.stride_per_key_per_rank() if kjt.variable_stride_per_key() else None,
+        inverse_indices=kjt.inverse_indices_or_none(),
+    )
+
+
+def _add_anchor(kt: KeyedTensor, anchor: torch.Tensor) -> KeyedTensor:
+    kt._values = kt._values + 0.0 * anchor
+    return kt
+
+
+class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
+    """Sharded ``MEmComEmbeddingBagCollection``: stock sharded shared tables + sharded scalars."""
+
+    def __init__(
+        self,
+        module: MEmComEmbeddingBagCollection,
+        table_name_to_parameter_sharding: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        fused_params: Optional[Dict[str, Any]] = None,
+        device: Optional[torch.device] = None,
+        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
+        module_fqn: Optional[str] = None,
+    ) -> None:
+        super().__init__(
+            _shared_table_view(module),
+            table_name_to_parameter_sharding,
+            env,
+            fused_params=fused_params,
+            device=device,
+            qcomm_codecs_registry=qcomm_codecs_registry,
+            module_fqn=module_fqn,
+        )
+        device = device or torch.device("cpu")
+        self._tables: Dict[str, MEmComTable] = {t.name: t for t in module.tables}
+        self._feature_table: Dict[str, MEmComTable] = {
+            f: self._tables[cfg.name] for cfg in module.embedding_bag_configs() for f in cfg.feature_names
+        }
+        self._num_embeddings = {f: t.num_embeddings for f, t in self._feature_table.items()}
+        self._init_weight = module._init_weight
+        table_fused_params = self._table_fused_params()
+        layouts = {
+            t.name: table_layout(
+                t, table_name_to_parameter_sharding[t.name], env.world_size, device,
+                table_fused_params.get(t.name),
+            )
+            for t in module.tables
+            if t.compressed
+        }
+        self.entity_weights = ShardedEntityWeights(
+            layouts, env.rank, env.world_size, device, env.process_group
+        )
+        # Per lookup, per feature of its KJT after input_dist: the table (None if uncompressed).
+        self._lookup_tables: List[List[Optional[str]]] = [
+            [
+                table.name if self._tables[table.name].compressed else None
+                for config in _unwrap(lookup).grouped_configs
+                for table in config.embedding_tables
+                for _ in table.feature_names
+            ]
+            for lookup in self._lookups
+        ]
+        self._optim = CombinedOptimizer(
+            [("", self._optim), ("", self.entity_weights.fused_optimizer)]
+        )
+        if module.device.type == "meta":
+            self._reset_scalars()
+        else:
+            self._copy_from(module)
+
+    def _table_fused_params(self) -> Dict[str, Dict[str, Any]]:
+        """The fused optimizer params the stock sharding resolved for each table."""
+        out = {}
+        for lookup in self._lookups:
+            for config in _unwrap(lookup).grouped_configs:
+                for table in config.embedding_tables:
+                    out[table.name] = dict(table.fused_params or {})
+        return out
+
+    @torch.no_grad()
+    def _copy_from(self, module: MEmComEmbeddingBagCollection) -> None:
+        """Start from the unsharded module's values (stock sharding does so only off the CPU)."""
+        state = self.state_dict()
+        for name, bag in module.embedding_bags.items():
+            copy_full_tensor(state[f"embedding_bags.{name}.weight"], bag.weight.detach())
+        for name, w in module.entity_weights.items():
+            self.entity_weights.load_table(name, w.detach(), self.entity_weights.storage.get(name))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if "entity_weights" in self._modules:  # the stock __init__ calls this before it exists
+            self._reset_scalars()
+
+    @torch.no_grad()
+    def _reset_scalars(self) -> None:
+        for name, w in self.entity_weights.storage.items():
+            w.fill_(self._init_weight[name])
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def input_dist(
+        self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
+    ) -> Awaitable[Awaitable[KJTList]]:
+        """Entity ids -> shared rows, with the slot block ``k`` as weight, then stock dist."""
+        if features.weights_or_none() is not None:
+            raise ValueError("MEmCom inputs carry no weights: the per-entity scalars are its own")
+        with torch.no_grad():
+            check_ids(features, self._num_embeddings)
+            rows, blocks = [], []
+            for key, ids in zip(features.keys(), features.values().split(features.length_per_key())):
+                t = self._feature_table[key]
+                if t.compressed:
+                    s = slots(ids, t.num_embeddings, t.hash)
+                    rows.append(s % t.hash_rows)
+                    blocks.append((s // t.hash_rows).to(torch.float32))
+                else:
+                    rows.append(ids)
+                    blocks.append(torch.zeros_like(ids, dtype=torch.float32))
+            values = torch.cat(rows) if rows else features.values()
+            weights = torch.cat(blocks) if blocks else features.values().float()
+        return super().input_dist(ctx, _with_weights(features, values, weights))
+
+    def _scalars(self, dist_input: KJTList) -> Tuple[KJTList, torch.Tensor]:
+        """Replace each KJT's ``k`` weights by the per-entity scalars (1 for plain tables)."""
+        requests: List[Tuple[str, torch.Tensor, float]] = []
+        where: List[Tuple[int, int]] = []
+        pieces: List[List[torch.Tensor]] = []
+        for g, (kjt, tables, lookup) in enumerate(zip(dist_input, self._lookup_tables, self._lookups)):
+            scale = float(getattr(_unwrap(lookup), "_scale_gradient_factor", 1))
+            lengths = kjt.length_per_key()
+            rows = kjt.values().split(lengths)
+            ks = kjt.weights().split(lengths)
+            pieces.append([])
+            for j, (table, r, k) in enumerate(zip(tables, rows, ks)):
+                if table is None:
+                    pieces[g].append(torch.ones_like(k))
+                else:
+                    pieces[g].append(k)  # placeholder, replaced below
+                    requests.append((table, self.entity_weights.index(table, k, r), scale))
+                    where.append((g, j))
+        anchor, scalars = self.entity_weights.lookup(requests)
+        for (g, j), w in zip(where, scalars):
+            pieces[g][j] = w
+        out = KJTList(
+            [
+                _with_weights(kjt, kjt.values(), torch.cat(p) if p else kjt.weights())
+                for kjt, p in zip(dist_input, pieces)
+            ]
+        )
+        return out, anchor
+
+    def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
+        weighted, anchor = self._scalars(dist_input)
+        ctx.memcom_anchor = anchor  # type: ignore[attr-defined]
+        return super().compute(ctx, weighted)
+
+    def output_dist(
+        self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]
+    ) -> LazyAwaitable[KeyedTensor]:
+        awaitable = super().output_dist(ctx, output)
+        awaitable.callbacks.append(partial(_add_anchor, anchor=ctx.memcom_anchor))  # type: ignore[attr-defined]
+        return awaitable
+
+    def compute_and_output_dist(
+        self, ctx: EmbeddingBagCollectionContext, input: KJTList
+    ) -> LazyAwaitable[KeyedTensor]:
+        weighted, anchor = self._scalars(input)
+        awaitable = super().compute_and_output_dist(ctx, weighted)
+        awaitable.callbacks.append(partial(_add_anchor, anchor=anchor))
+        return awaitable
+
+    # ---- what the rest of TorchRec asks of a sharded module -----------------------------------
+
+    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
+        """All but data-parallel scalars, which DMP's DDP trains like the DP tables' rows."""
+        dense = {
+            f"entity_weights.storage_{n}" for n, l in self.entity_weights.layouts.items() if l.dense
+        }
+        for name, _ in self.named_parameters():
+            if name not in dense:
+                yield append_prefix(prefix, name)
+
+    def cost(self) -> Dict[str, Dict[str, float]]:
+        """Same report as the unsharded module (global sizes)."""
+        return MEmComEmbeddingBagCollection.cost(self)  # type: ignore[arg-type]
+
+    @property
+    def tables(self) -> List[MEmComTable]:
+        return list(self._tables.values())
+
+
+def _unwrap(lookup: nn.Module) -> nn.Module:
+    while isinstance(lookup, nn.parallel.DistributedDataParallel):
+        lookup = lookup.module
+    return lookup
+
+
+class MEmComEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """Shards ``MEmComEmbeddingBagCollection``; pass it to DMP/the planner with the stock ones."""
+
+    def __init__(
+        self,
+        fused_params: Optional[Dict[str, Any]] = None,
+        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
+    ) -> None:
+        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
+
+    def shard(
+        self,
+        module: MEmComEmbeddingBagCollection,  # type: ignore[override]
+        params: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+    ) -> ShardedMEmComEmbeddingBagCollection:
+        return ShardedMEmComEmbeddingBagCollection(
+            module,
+            params,
+            env,
+            fused_params=self.fused_params,
+            device=device,
+            qcomm_codecs_registry=self.qcomm_codecs_registry,
+            module_fqn=module_fqn,
+        )
+
+    def shardable_parameters(self, module: MEmComEmbeddingBagCollection) -> Dict[str, nn.Parameter]:  # type: ignore[override]
+        return {name: bag.weight for name, bag in module.embedding_bags.items()}
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        """Row-wise too on CPU: MEmCom routes slots by shared row, which row-wise needs."""
+        return list(SUPPORTED_SHARDING_TYPES)
+
+    @property
+    def module_type(self) -> Type[MEmComEmbeddingBagCollection]:  # type: ignore[override]
+        return MEmComEmbeddingBagCollection
+
+    @property
+    def sharded_module_type(self) -> Type[ShardedMEmComEmbeddingBagCollection]:  # type: ignore[override]
+        return ShardedMEmComEmbeddingBagCollection

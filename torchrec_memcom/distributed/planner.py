@@ -1,0 +1,84 @@
+"""Planner support: tell TorchRec's planner the true size of what MEmCom tables hold."""
+
+from typing import Dict, Optional
+
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.shard_estimators import (
+    EmbeddingPerfEstimator,
+    EmbeddingStorageEstimator,
+)
+from torchrec.distributed.planner.types import (
+    ParameterConstraints,
+    ShardEstimator,
+    SharderDataMap,
+    ShardingOption,
+    Storage,
+)
+from torchrec.distributed.planner.utils import sharder_name
+from torchrec.distributed.types import ShardingType
+
+from torchrec_memcom.distributed.entity_weights import ADAGRAD, COLUMN_SHARDED
+from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
+
+FP32_BYTES = 4
+
+
+class EntityWeightStorageEstimator(ShardEstimator):
+    """Adds each MEmCom shard's per-entity scalars (and Adagrad state) to its storage.
+
+    The stock estimator sees only the shared ``m x d`` table. A row shard of ``r`` rows also
+    holds ``K * r`` scalars (``K = ceil(n/m)``); a column shard or a data-parallel copy holds
+    all ``n`` (its rank keeps a replica). Runs after the stock storage estimator.
+    """
+
+    def __init__(
+        self, topology: Topology, constraints: Optional[Dict[str, ParameterConstraints]] = None
+    ) -> None:
+        self._topology = topology
+
+    def estimate(
+        self, sharding_options: list[ShardingOption], sharder_data_map: Optional[SharderDataMap] = None
+    ) -> None:
+        for option in sharding_options:
+            module = option.module[1]
+            if not isinstance(module, MEmComEmbeddingBagCollection):
+                continue
+            table = next(t for t in module.tables if t.name == option.name)
+            if not table.compressed:
+                continue
+            fused = (sharder_data_map or {}).get(sharder_name(type(module)))
+            optimizer = (fused.fused_params or {}).get("optimizer") if fused else None
+            copies = 2 if optimizer in ADAGRAD else 1
+            for shard in option.shards:
+                if option.sharding_type in COLUMN_SHARDED or (
+                    option.sharding_type == ShardingType.DATA_PARALLEL.value
+                ):
+                    entries = table.num_embeddings
+                else:
+                    entries = table.num_slot_blocks * shard.size[0]
+                extra = entries * FP32_BYTES * copies
+                on_hbm = self._topology.compute_device in {"cuda", "mtia"}
+                assert shard.storage is not None
+                shard.storage = shard.storage + Storage(
+                    hbm=extra if on_hbm else 0, ddr=0 if on_hbm else extra
+                )
+
+
+def memcom_planner(
+    topology: Topology,
+    batch_size: int,
+    constraints: Optional[Dict[str, ParameterConstraints]] = None,
+) -> EmbeddingShardingPlanner:
+    """TorchRec's planner with the stock estimators plus the MEmCom scalars' storage."""
+    estimators: list[ShardEstimator] = [
+        EmbeddingPerfEstimator(topology=topology, constraints=constraints),
+        EmbeddingStorageEstimator(topology=topology, constraints=constraints),
+        EntityWeightStorageEstimator(topology=topology, constraints=constraints),
+    ]
+    enumerator = EmbeddingEnumerator(
+        topology=topology, batch_size=batch_size, constraints=constraints, estimator=estimators
+    )
+    return EmbeddingShardingPlanner(
+        topology=topology, batch_size=batch_size, enumerator=enumerator, constraints=constraints
+    )

@@ -1,0 +1,223 @@
+"""`MEmComEmbeddingBagCollection`: an EmbeddingBagCollection whose tables are MEmCom-compressed."""
+
+import dataclasses
+from typing import Dict, List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollection,
+    EmbeddingBagCollectionInterface,
+    get_embedding_names_by_table,
+)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_memcom.modules.hashing import slots
+from torchrec_memcom.modules.memcom_config import MEmComConfig, compression_ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class MEmComTable:
+    """What one table became: ``m`` shared rows (``m == n`` and no scalars if uncompressed)."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    hash_rows: int
+    hash: str
+    compressed: bool
+
+    @property
+    def num_parameters(self) -> int:
+        return self.hash_rows * self.embedding_dim + (self.num_embeddings if self.compressed else 0)
+
+    @property
+    def ratio(self) -> float:
+        if not self.compressed:
+            return 1.0
+        return compression_ratio(self.num_embeddings, self.embedding_dim, self.hash_rows)
+
+    @property
+    def num_slot_blocks(self) -> int:
+        """``K = ceil(n / m)``: slot ``s`` is ``k * m + row`` with ``k < K``."""
+        return -(-self.num_embeddings // self.hash_rows)
+
+
+def plan_tables(
+    tables: List[EmbeddingBagConfig], compression: Union[MEmComConfig, Dict[str, MEmComConfig]]
+) -> List[MEmComTable]:
+    """Resolve the compression spec into per-table shapes (errors name the table)."""
+    if isinstance(compression, dict):
+        unknown = set(compression) - {t.name for t in tables}
+        if unknown:
+            raise ValueError(f"compression names unknown tables: {sorted(unknown)}")
+    out = []
+    for t in tables:
+        spec = compression.get(t.name) if isinstance(compression, dict) else compression
+        compressed = spec is not None and spec.compresses(t.num_embeddings)
+        if compressed and t.pooling != PoolingType.SUM:
+            raise ValueError(
+                f"table {t.name!r}: MEmCom tables pool with SUM (FBGEMM gives wrong per-sample-"
+                f"weight gradients under MEAN); got pooling {t.pooling.name}"
+            )
+        out.append(
+            MEmComTable(
+                name=t.name,
+                num_embeddings=t.num_embeddings,
+                embedding_dim=t.embedding_dim,
+                hash_rows=spec.hash_rows(t.num_embeddings, t.embedding_dim, t.name)
+                if compressed
+                else t.num_embeddings,
+                hash=spec.hash if compressed else "mod",
+                compressed=compressed,
+            )
+        )
+    return out
+
+
+def check_ids(features: KeyedJaggedTensor, num_embeddings: Dict[str, int]) -> None:
+    """Raise naming the feature when an id falls outside ``[0, n)`` of its table."""
+    values = features.values()
+    if values.numel() == 0:
+        return
+    lengths = torch.tensor(features.length_per_key(), device=values.device)
+    limits = torch.tensor(
+        [num_embeddings[k] for k in features.keys()], device=values.device, dtype=values.dtype
+    )
+    bad = (values < 0) | (values >= torch.repeat_interleave(limits, lengths))
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad)[0])
+        key = features.keys()[int(torch.searchsorted(lengths.cumsum(0), first, right=True))]
+        raise ValueError(
+            f"feature {key!r}: id {int(values[first])} is outside [0, {num_embeddings[key]}) "
+            f"of its table"
+        )
+
+
+class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """EmbeddingBagCollection with MEmCom tables: ``e_i = U[h(i)] * w[i]``, bags pooled with SUM.
+
+    Built from the user's own ``EmbeddingBagConfig``s plus a ``MEmComConfig`` (one for all tables,
+    or a dict by table name; tables left out, or smaller than ``min_rows``, stay uncompressed).
+    State dict: ``embedding_bags.T.weight`` (``m x d``) and ``entity_weights.T`` (``n``, indexed
+    by slot; for ``hash="mod"`` the slot of id ``i`` is ``i``).
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        compression: Union[MEmComConfig, Dict[str, MEmComConfig]],
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self._embedding_bag_configs = tables
+        self._compression = compression
+        self.tables: List[MEmComTable] = plan_tables(tables, compression)
+        init_weights = {
+            t.name: (compression.get(t.name) if isinstance(compression, dict) else compression)
+            for t in self.tables
+            if t.compressed
+        }
+        self._init_weight = {name: spec.init_weight for name, spec in init_weights.items()}
+        # The shared tables, as a stock weighted EBC would hold them: `embedding_bags.T.weight`.
+        self.embedding_bags = EmbeddingBagCollection(
+            self.hashed_configs(), is_weighted=True, device=device
+        ).embedding_bags
+        device = device or next(iter(self.embedding_bags.parameters())).device
+        self._device = torch.device(device)
+        self.entity_weights = nn.ParameterDict(
+            {
+                t.name: nn.Parameter(
+                    torch.full((t.num_embeddings,), self._init_weight[t.name], device=device)
+                )
+                for t in self.tables
+                if t.compressed
+            }
+        )
+        self._embedding_names = [n for names in get_embedding_names_by_table(tables) for n in names]
+        self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self._num_embeddings = {f: t.num_embeddings for t in tables for f in t.feature_names}
+
+    def hashed_configs(self) -> List[EmbeddingBagConfig]:
+        """The configs of the shared tables (``m`` rows) as a stock EBC would take them."""
+        return [
+            dataclasses.replace(cfg, num_embeddings=t.hash_rows, init_fn=None)
+            if t.compressed
+            else cfg
+            for cfg, t in zip(self._embedding_bag_configs, self.tables)
+        ]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        check_ids(features, self._num_embeddings)
+        feature_dict = features.to_dict()
+        pooled = []
+        for cfg, t in zip(self._embedding_bag_configs, self.tables):
+            bag = self.embedding_bags[t.name]
+            for feature in cfg.feature_names:
+                f = feature_dict[feature]
+                ids, weights = f.values(), None
+                if t.compressed:
+                    s = slots(ids, t.num_embeddings, t.hash)
+                    weights = self.entity_weights[t.name][s]
+                    ids = s % t.hash_rows
+                pooled.append(
+                    F.embedding_bag(
+                        ids,
+                        bag.weight,
+                        f.offsets(),
+                        mode=bag.mode,
+                        per_sample_weights=weights,
+                        include_last_offset=True,
+                    ).float()
+                )
+        return KeyedTensor(
+            keys=self._embedding_names,
+            length_per_key=self._dims,
+            values=torch.cat(pooled, dim=1),
+        )
+
+    def reset_parameters(self) -> None:
+        """Shared rows by each config's ``init_fn``; per-entity scalars to ``init_weight``."""
+        if self._device.type == "meta":
+            return
+        with torch.no_grad():
+            for cfg in self.hashed_configs():
+                assert cfg.init_fn is not None
+                cfg.init_fn(self.embedding_bags[cfg.name].weight)
+            for name, w in self.entity_weights.items():
+                w.fill_(self._init_weight[name])
+
+    def cost(self) -> Dict[str, Dict[str, float]]:
+        """Per table ``n, d, m``, parameter count and achieved ratio, plus a ``total`` row."""
+        rows: Dict[str, Dict[str, float]] = {
+            t.name: {
+                "n": t.num_embeddings,
+                "d": t.embedding_dim,
+                "m": t.hash_rows,
+                "parameters": t.num_parameters,
+                "uncompressed_parameters": t.num_embeddings * t.embedding_dim,
+                "ratio": t.ratio,
+            }
+            for t in self.tables
+        }
+        params = sum(r["parameters"] for r in rows.values())
+        full = sum(r["uncompressed_parameters"] for r in rows.values())
+        rows["total"] = {
+            "parameters": params,
+            "uncompressed_parameters": full,
+            "ratio": full / params,
+        }
+        return rows
+
+    def is_weighted(self) -> bool:
+        """Inputs carry no weights: the per-entity scalars are the module's own."""
+        return False
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
