@@ -1,0 +1,139 @@
+"""`compress(model, spec)`: swap every EmbeddingBagCollection of a model for compressed ones.
+
+Methods register here by name; each builds a collection from the user's own
+``EmbeddingBagConfig``s plus per-table parameters, and names the sharder DMP needs for it.
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.types import ModuleSharder
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from torchrec_memcom.distributed.memcom_embeddingbag import MEmComEmbeddingBagCollectionSharder
+from torchrec_memcom.modules.memcom_config import MEmComConfig
+from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
+from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
+
+# A method builds a collection from configs + {table: params} on a device ...
+Builder = Callable[[List[EmbeddingBagConfig], Dict[str, Dict[str, Any]], torch.device], nn.Module]
+# ... and makes the sharder of that collection from the fused (sparse optimizer) params.
+SharderFactory = Callable[[Optional[Dict[str, Any]]], ModuleSharder]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    build: Builder
+    sharder: SharderFactory
+    # The collection also holds plain tables (those missing from its params): a model whose
+    # tables use only this method and "none" then needs one collection, not two.
+    holds_plain_tables: bool = False
+
+
+def _memcom(tables: List[EmbeddingBagConfig], params: Dict[str, Dict[str, Any]], device: torch.device) -> nn.Module:
+    return MEmComEmbeddingBagCollection(
+        tables, {name: MEmComConfig(**p) for name, p in params.items()}, device=device
+    )
+
+
+METHODS: Dict[str, Method] = {
+    "memcom": Method(
+        _memcom,
+        lambda fused: MEmComEmbeddingBagCollectionSharder(fused_params=fused),
+        holds_plain_tables=True,
+    ),
+}
+
+
+@dataclasses.dataclass
+class TableCompression:
+    """Method and parameters of one table (``method: none`` leaves it as it is)."""
+
+    method: str = "none"
+    params: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class CompressionSpec:
+    """Which method compresses which table.
+
+    method/params: the default for every table; min_rows: tables with fewer rows stay
+    uncompressed; tables: per-table overrides by table name.
+    """
+
+    method: str = "none"
+    params: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    min_rows: int = 0
+    tables: Dict[str, TableCompression] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for where, method in [("method", self.method)] + [
+            (f"tables.{name}.method", t.method) for name, t in self.tables.items()
+        ]:
+            if method != "none" and method not in METHODS:
+                raise ValueError(
+                    f"compression {where}: unknown method {method!r}; known: "
+                    f"{['none', *sorted(METHODS)]}"
+                )
+
+    def for_table(self, config: EmbeddingBagConfig) -> TableCompression:
+        if config.name in self.tables:
+            return self.tables[config.name]
+        if config.num_embeddings < self.min_rows:
+            return TableCompression()
+        return TableCompression(self.method, dict(self.params))
+
+
+def compress_collection(
+    ebc: EmbeddingBagCollection, spec: CompressionSpec
+) -> Tuple[nn.Module, List[str]]:
+    """The compressed replacement of one EBC and the methods it uses."""
+    configs = ebc.embedding_bag_configs()
+    unknown = set(spec.tables) - {c.name for c in configs}
+    if unknown:
+        raise ValueError(f"compression names unknown tables: {sorted(unknown)}")
+    choices = {cfg.name: spec.for_table(cfg) for cfg in configs}
+    methods = {c.method for c in choices.values()} - {"none"}
+    host = next(iter(methods)) if len(methods) == 1 else None
+    plain = "none" if host is None or not METHODS[host].holds_plain_tables else host
+    groups: Dict[str, List[EmbeddingBagConfig]] = {}
+    params: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for cfg in configs:
+        choice = choices[cfg.name]
+        group = plain if choice.method == "none" else choice.method
+        groups.setdefault(group, []).append(cfg)
+        if choice.method != "none":
+            params.setdefault(group, {})[cfg.name] = choice.params
+    parts = [
+        EmbeddingBagCollection(tables, device=ebc.device)
+        if method == "none"
+        else METHODS[method].build(tables, params.get(method, {}), ebc.device)
+        for method, tables in groups.items()
+    ]
+    module = parts[0] if len(parts) == 1 else MixedEmbeddingBagCollection(parts)
+    return module, [m for m in groups if m != "none"]
+
+
+def compress(
+    model: nn.Module, spec: CompressionSpec, fused_params: Optional[Dict[str, Any]] = None
+) -> Tuple[nn.Module, List[ModuleSharder]]:
+    """Replace each ``EmbeddingBagCollection`` inside ``model`` (in place) as ``spec`` says.
+
+    Returns the model and the sharders DMP needs: ours for the methods used, plus TorchRec's
+    stock ones (DMP picks sharders by exact module type).
+    """
+    if type(model) is EmbeddingBagCollection:
+        raise ValueError("compress() swaps collections inside a model; wrap a bare EBC first")
+    used: List[str] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is EmbeddingBagCollection:
+                new, methods = compress_collection(child, spec)
+                setattr(parent, name, new)
+                used += [m for m in methods if m not in used]
+    sharders: List[ModuleSharder] = [METHODS[m].sharder(fused_params) for m in used]
+    return model, sharders + get_default_sharders()

@@ -1,0 +1,46 @@
+"""`MixedEmbeddingBagCollection`: one EBC interface over collections of different kinds."""
+
+from typing import List
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+
+class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """Routes each feature to the collection holding its table and joins their outputs.
+
+    Used by ``compress`` when tables of one EBC get different methods; DMP shards each child
+    with its own sharder.
+    """
+
+    def __init__(self, collections: List[EmbeddingBagCollectionInterface]) -> None:
+        super().__init__()
+        self.collections = nn.ModuleList(collections)
+        self._features = [
+            [f for cfg in c.embedding_bag_configs() for f in cfg.feature_names]
+            for c in collections
+        ]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        outputs = [
+            c(features.permute([features.keys().index(f) for f in feats]))
+            for c, feats in zip(self.collections, self._features)
+        ]
+        return KeyedTensor(
+            keys=[k for o in outputs for k in o.keys()],
+            length_per_key=[n for o in outputs for n in o.length_per_key()],
+            values=torch.cat([o.values() for o in outputs], dim=1),
+        )
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return [cfg for c in self.collections for cfg in c.embedding_bag_configs()]
+
+    def is_weighted(self) -> bool:
+        return False
+
+    @property
+    def device(self) -> torch.device:
+        return self.collections[0].device
