@@ -4,17 +4,19 @@ import argparse
 import importlib
 from typing import List, Optional
 
-# subcommand -> module with `add_parser(subparsers)`; imported lazily so `memcom data` never
-# pays for importing the training stack.
+# subcommand -> module whose `add_parser(subparsers)` adds it (a module may add several); those
+# modules keep heavy imports inside their handlers so `memcom --help` stays quick.
 SUBCOMMANDS = {
     "data": "torchrec_memcom.data.cli",
+    "train": "torchrec_memcom.train.cli",
+    "demo": "torchrec_memcom.train.cli",
 }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="memcom", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, module in SUBCOMMANDS.items():
+    for module in dict.fromkeys(SUBCOMMANDS.values()):
         importlib.import_module(module).add_parser(subparsers)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -158,25 +158,28 @@ class _FusedLookup(torch.autograd.Function):
         ctx: Any,
         anchor: torch.Tensor,
         owner: "ShardedEntityWeights",
-        tables: List[str],
         scales: List[float],
         *indices: torch.Tensor,
     ) -> Tuple[torch.Tensor, ...]:
-        ctx.owner, ctx.tables, ctx.scales = owner, tables, scales
+        ctx.owner, ctx.scales = owner, scales
         ctx.save_for_backward(*indices)
-        outs = [owner.storage[name][idx] for name, idx in zip(tables, indices)]
-        return (anchor.new_zeros(()), *outs)
+        return (anchor.new_zeros(()), *[owner.fused.detach()[idx] for idx in indices])
 
     @staticmethod
     def backward(ctx: Any, _anchor_grad: torch.Tensor, *grads: torch.Tensor) -> Tuple[None, ...]:
-        ctx.owner.apply_gradients(
-            [(t, i, g / s) for t, i, g, s in zip(ctx.tables, ctx.saved_tensors, grads, ctx.scales)]
-        )
-        return (None,) * (4 + len(grads))
+        idx = torch.cat(list(ctx.saved_tensors))
+        grad = torch.cat([g / s for g, s in zip(grads, ctx.scales)])
+        ctx.owner.apply_gradients(idx, grad)
+        return (None,) * (3 + len(grads))
 
 
 class ShardedEntityWeights(nn.Module):
-    """This rank's scalars of every compressed table, their state dict and their update."""
+    """This rank's scalars of every compressed table, their state dict and their update.
+
+    All fused tables' scalars on this rank live in one flat tensor (``fused``), the
+    data-parallel ones in another (``dense``), so a lookup is one gather per KJT and the
+    update one scatter per step, whatever the number of tables.
+    """
 
     def __init__(
         self,
@@ -191,142 +194,141 @@ class ShardedEntityWeights(nn.Module):
         self._rank = rank
         self._world_size = world_size
         self._process_group = process_group
-        self.momentum: Dict[str, torch.Tensor] = {}
+        # table -> (start, size) in the flat tensor of its kind
+        self._slices: Dict[str, Tuple[int, int]] = {}
+        sizes = {"fused": 0, "dense": 0}
         for name, layout in layouts.items():
             block = layout.local_block(rank)
-            if block is None:
-                continue
-            param = nn.Parameter(
-                torch.empty(layout.storage_size(block), device=device), requires_grad=layout.dense
+            if block is not None:
+                kind = "dense" if layout.dense else "fused"
+                self._slices[name] = (sizes[kind], layout.storage_size(block))
+                sizes[kind] += layout.storage_size(block)
+        self.fused = nn.Parameter(torch.empty(sizes["fused"], device=device), requires_grad=False)
+        # Trained in backward: keep it out of the dense optimizer (TorchRec's convention).
+        self.fused._in_backward_optimizers = [EmptyFusedOptimizer()]  # type: ignore[attr-defined]
+        self.dense = nn.Parameter(torch.empty(sizes["dense"], device=device))
+        fused = {n: l.optimizer for n, l in layouts.items() if not l.dense}
+        settings = {(o.get("optimizer"), o.get("learning_rate"), o.get("eps")) for o in fused.values()}  # type: ignore[union-attr]
+        if len(settings) > 1:
+            raise ValueError(
+                f"the MEmCom tables of one collection must share one fused optimizer; got {settings}"
             )
-            if not layout.dense:
-                # Trained in backward: keep it out of the dense optimizer (TorchRec's convention).
-                param._in_backward_optimizers = [EmptyFusedOptimizer()]  # type: ignore[attr-defined]
-                if layout.optimizer.get("optimizer") in ADAGRAD:  # type: ignore[union-attr]
-                    self.momentum[name] = torch.zeros_like(param, requires_grad=False)
-            # Registered directly (not in a ParameterDict child) so that only the
-            # `entity_weights.T` ShardedTensors below reach the state dict.
-            self.register_parameter(f"storage_{name}", param)
+        self._params: Dict[str, Any] = next(iter(fused.values())) if fused else {}  # type: ignore[assignment]
+        adagrad = self._params.get("optimizer", EmbOptimType.EXACT_SGD) in ADAGRAD
+        self.momentum: Optional[torch.Tensor] = torch.zeros_like(self.fused) if adagrad else None
+        self._local_fused = [n for n in self._slices if not layouts[n].dense]
+        self._starts = torch.tensor([self._slices[n][0] for n in self._local_fused], dtype=torch.int64, device=device)
+        replicated = [n for n, layout in layouts.items() if layout.replicated]
+        self._replicated = torch.tensor(
+            [replicated.index(n) if n in replicated else -1 for n in self._local_fused], device=device
+        )
         # One collective per backward syncs column-wise replicas; a group of its own keeps it
         # from interleaving with TorchRec's and DDP's collectives on the main group.
+        self._replicated_names = replicated
         self._sync_group: Optional[dist.ProcessGroup] = None
-        if any(layout.replicated for layout in layouts.values()):
+        if replicated:
             self._sync_group = dist.new_group(backend=dist.get_backend(process_group))
         self._anchor = torch.zeros((), device=device, requires_grad=True)
         self._optimizer = _EntityWeightOptimizer(self)
 
     @property
-    def storage(self) -> Dict[str, nn.Parameter]:
-        """This rank's flat scalar storage per table it holds."""
-        return {n[len("storage_") :]: p for n, p in self._parameters.items() if p is not None}
+    def storage(self) -> Dict[str, torch.Tensor]:
+        """Per table this rank holds: its ``K * r`` scalars (a view of the flat tensor)."""
+        return {n: self._view(n, self.dense if self.layouts[n].dense else self.fused) for n in self._slices}
+
+    def _view(self, name: str, flat: torch.Tensor) -> torch.Tensor:
+        start, size = self._slices[name]
+        return flat.narrow(0, start, size)
+
+    @property
+    def needs_anchor(self) -> bool:
+        """Whether outputs must carry the anchor (replicas sync in backward on every rank)."""
+        return self._sync_group is not None
 
     # ---- lookup -------------------------------------------------------------------------
 
-    def index(self, name: str, k: torch.Tensor, local_rows: torch.Tensor) -> torch.Tensor:
-        """Storage entry of slots arriving as (``k`` weight, local shared row)."""
-        layout = self.layouts[name]
-        block = layout.local_block(self._rank)
+    def address(self, name: Optional[str]) -> Tuple[int, int, bool]:
+        """``(start, rows)`` so that a slot arriving as (k, local row) sits at
+        ``start + k * rows + row`` of its flat tensor, and whether the table is data-parallel;
+        ``(0, 0, False)`` for a table without scalars on this rank."""
+        if name is None or name not in self._slices:
+            return 0, 0, False
+        block = self.layouts[name].local_block(self._rank)
         assert block is not None
-        return k.to(torch.int64) * block.rows + local_rows
+        return self._slices[name][0], block.rows, self.layouts[name].dense
 
-    def lookup(
-        self, requests: Sequence[Tuple[str, torch.Tensor, float]]
+    def lookup_dense(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.dense[idx]
+
+    def lookup_fused(
+        self, indices: Sequence[torch.Tensor], scales: Sequence[float]
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Scalars for ``(table, storage index, gradient scale)`` requests, plus an anchor.
+        """Fused scalars at ``indices``, and an anchor scalar.
 
-        TorchRec scales per-sample-weight gradients of model-parallel lookups by the world size
-        (for DDP-averaged feature processors); dividing by that scale keeps the scalars on the
-        same gradient convention as their shared rows. Add ``0 * anchor`` to the module output:
-        it makes backward reach the update on every rank, even one without local lookups, so
-        the replica sync never waits on a missing rank.
+        ``scales``: TorchRec scales per-sample-weight gradients of model-parallel lookups by
+        the world size (for DDP-averaged feature processors); dividing by it keeps the scalars
+        on the same gradient convention as their shared rows. With column-wise replicas, add
+        ``0 * anchor`` to the module output: backward then reaches the update on every rank,
+        even one without lookups, so the replica sync never waits on a missing rank.
         """
-        out: List[Optional[torch.Tensor]] = [None] * len(requests)
-        fused = []
-        for i, (name, idx, _) in enumerate(requests):
-            if self.layouts[name].dense:
-                out[i] = self.storage[name][idx]
-            else:
-                fused.append(i)
-        anchor, *fused_out = _FusedLookup.apply(
-            self._anchor,
-            self,
-            [requests[i][0] for i in fused],
-            [requests[i][2] for i in fused],
-            *[requests[i][1] for i in fused],
-        )
-        for i, w in zip(fused, fused_out):
-            out[i] = w
-        return anchor, out  # type: ignore[return-value]
+        anchor, *out = _FusedLookup.apply(self._anchor, self, list(scales), *indices)
+        return anchor, out
 
     # ---- in-backward update ---------------------------------------------------------------
 
     @torch.no_grad()
-    def apply_gradients(self, grads: List[Tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+    def apply_gradients(self, idx: torch.Tensor, grad: torch.Tensor) -> None:
         """Sum gradients per touched entry (across replicas too) and update those entries."""
-        by_table: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {}
-        for name, idx, grad in grads:
-            by_table.setdefault(name, []).append((idx, grad))
         if self._sync_group is not None:
-            by_table = self._sync_replicas(by_table)
-        for name, pieces in by_table.items():
-            idx = torch.cat([p[0] for p in pieces])
-            grad = torch.cat([p[1] for p in pieces])
-            unique, inverse = torch.unique(idx, return_inverse=True)
-            summed = torch.zeros(unique.numel(), dtype=grad.dtype, device=grad.device)
-            summed.index_add_(0, inverse, grad)
-            self._update(name, unique, summed)
-
-    def _sync_replicas(
-        self, by_table: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]]
-    ) -> Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]]:
-        """All-gather (table, entry, grad) of replicated tables; each holder keeps its tables'."""
-        names = [n for n, layout in self.layouts.items() if layout.replicated]
-        device = self._anchor.device
-        table_ids, idxs, vals = [], [], []
-        for t, name in enumerate(names):
-            for idx, grad in by_table.pop(name, []):
-                table_ids.append(torch.full_like(idx, t))
-                idxs.append(idx)
-                vals.append(grad.to(torch.float32))
-        if idxs:
-            local = torch.stack([torch.cat(table_ids), torch.cat(idxs)]).to(torch.float64)
-            local = torch.cat([local, torch.cat(vals).to(torch.float64)[None]])
+            idx, grad = self._sync_replicas(idx, grad)
+        unique, inverse = torch.unique(idx, return_inverse=True)
+        summed = torch.zeros(unique.numel(), dtype=self.fused.dtype, device=self.fused.device)
+        summed.index_add_(0, inverse, grad.to(summed.dtype))
+        lr = self._optimizer.param_groups[0]["lr"]
+        w = self.fused.data
+        if self.momentum is not None:
+            state = self.momentum[unique] + summed * summed
+            self.momentum[unique] = state
+            w[unique] -= lr * summed / (state.sqrt() + self._params.get("eps", 1e-8))
         else:
-            local = torch.zeros((3, 0), dtype=torch.float64, device=device)
+            w[unique] -= lr * summed
+
+    def _sync_replicas(self, idx: torch.Tensor, grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """All-gather (table, entry, grad) of replicated tables; keep what this rank holds."""
+        local_table = torch.searchsorted(self._starts, idx, right=True) - 1
+        rep = self._replicated[local_table] if idx.numel() else idx
+        shared = rep >= 0
+        mine = torch.stack(
+            [rep[shared].double(), (idx - self._starts[local_table])[shared].double(), grad[shared].double()]
+        )
+        keep_idx, keep_grad = idx[~shared], grad[~shared]
+        device = self.fused.device
         sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self._world_size)]
-        dist.all_gather(sizes, torch.tensor([local.shape[1]], device=device), group=self._sync_group)
-        longest = int(max(s.item() for s in sizes))
+        dist.all_gather(sizes, torch.tensor([mine.shape[1]], device=device), group=self._sync_group)
+        longest = int(max(int(s) for s in sizes))
         padded = torch.zeros((3, longest), dtype=torch.float64, device=device)
-        padded[:, : local.shape[1]] = local
+        padded[:, : mine.shape[1]] = mine
         gathered = [torch.empty_like(padded) for _ in range(self._world_size)]
         dist.all_gather(gathered, padded, group=self._sync_group)
-        everything = torch.cat([g[:, : int(s.item())] for g, s in zip(gathered, sizes)], dim=1)
-        for t, name in enumerate(names):
-            if name not in self.storage:
-                continue
-            mine = everything[0] == t
-            by_table[name] = [
-                (everything[1, mine].to(torch.int64), everything[2, mine].to(torch.float32))
-            ]
-        return by_table
-
-    def _update(self, name: str, idx: torch.Tensor, grad: torch.Tensor) -> None:
-        params = self.layouts[name].optimizer
-        assert params is not None
-        lr = self._optimizer.lr(name)
-        w = self.storage[name]
-        if name in self.momentum:
-            state = self.momentum[name]
-            state[idx] += grad * grad
-            w[idx] -= lr * grad / (state[idx].sqrt() + params.get("eps", 1e-8))
-        else:
-            w[idx] -= lr * grad
+        everything = torch.cat([g[:, : int(s)] for g, s in zip(gathered, sizes)], dim=1)
+        # Map each (replicated table, entry) to this rank's flat index, if it holds the table.
+        start_of = torch.full((len(self._replicated_names),), -1, dtype=torch.int64, device=device)
+        for i, name in enumerate(self._local_fused):
+            if int(self._replicated[i]) >= 0:
+                start_of[self._replicated[i]] = self._slices[name][0]
+        start = start_of[everything[0].long()]
+        held = start >= 0
+        return (
+            torch.cat([keep_idx, start[held] + everything[1, held].long()]),
+            torch.cat([keep_grad, everything[2, held].to(keep_grad.dtype)]),
+        )
 
     # ---- state dict ------------------------------------------------------------------------
 
-    def sharded(self, name: str, local: torch.Tensor) -> ShardedTensor:
-        """A ``(n,)`` ShardedTensor whose local shards are views of ``local`` (storage or state)."""
+    def sharded(self, name: str, flat: Optional[torch.Tensor]) -> ShardedTensor:
+        """``(n,)`` ShardedTensor whose local shards are views of ``name``'s part of ``flat``."""
         layout = self.layouts[name]
+        local = self._view(name, flat) if flat is not None and name in self._slices else None
         metadata, shards = [], []
         for block in layout.blocks:
             owner, device = block.ranks[0], block.devices[0]
@@ -334,20 +336,23 @@ class ShardedEntityWeights(nn.Module):
                 meta = ShardMetadata([start], [length], f"rank:{owner}/{device}")
                 metadata.append(meta)
                 if owner == self._rank:
+                    assert local is not None
                     shards.append(Shard(local.detach()[offset : offset + length], meta))
         global_meta = ShardedTensorMetadata(
             metadata,
             torch.Size([layout.table.num_embeddings]),
-            TensorProperties(dtype=local.dtype, requires_grad=False),
+            TensorProperties(dtype=self.fused.dtype, requires_grad=False),
         )
         return ShardedTensor._init_from_local_shards_and_global_metadata(
             shards, global_meta, process_group=self._process_group
         )
 
+    def _flat_of(self, name: str) -> torch.Tensor:
+        return self.dense if self.layouts[name].dense else self.fused
+
     def _save_to_state_dict(self, destination: Dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        for name, layout in self.layouts.items():
-            local = self.storage[name] if name in self.storage else torch.empty(0)
-            destination[prefix + name] = self.sharded(name, local)
+        for name in self.layouts:
+            destination[prefix + name] = self.sharded(name, self._flat_of(name))
 
     def _load_from_state_dict(
         self,
@@ -364,10 +369,10 @@ class ShardedEntityWeights(nn.Module):
             if key not in state_dict:
                 missing_keys.append(key)
                 continue
-            self.load_table(name, state_dict[key], self.storage.get(name))
+            self.load_table(name, state_dict[key])
 
     @torch.no_grad()
-    def load_table(self, name: str, value: Any, local: Optional[torch.Tensor]) -> None:
+    def load_table(self, name: str, value: Any) -> None:
         """Fill this rank's entries from a full ``(n,)`` tensor or a ShardedTensor of ``(n,)``.
 
         A ShardedTensor carries only the owner's copy of replicated blocks: holders then receive
@@ -378,17 +383,18 @@ class ShardedEntityWeights(nn.Module):
         if tuple(value.shape) != (n,):
             raise ValueError(f"entity_weights.{name}: expected shape ({n},), got {tuple(value.shape)}")
         block = layout.local_block(self._rank)
+        local = self._view(name, self._flat_of(name)).detach() if block is not None else None
         if not isinstance(value, ShardedTensor):
             if local is not None and block is not None:
                 for start, offset, length in layout.slot_pieces(block):
                     local[offset : offset + length].copy_(value[start : start + length])
             return
-        if local is not None:
+        if local is not None and block is not None:
+            pieces = {(s, ln): offset for s, offset, ln in layout.slot_pieces(block)}
             for shard in value.local_shards():
                 start, length = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
-                for s, offset, ln in layout.slot_pieces(block):  # type: ignore[arg-type]
-                    if s == start and ln == length:
-                        local[offset : offset + ln].copy_(shard.tensor)
+                offset = pieces[(start, length)]
+                local[offset : offset + length].copy_(shard.tensor)
         self.broadcast_replicas(name, local)
 
     def broadcast_replicas(self, name: str, local: Optional[torch.Tensor]) -> None:
@@ -399,7 +405,7 @@ class ShardedEntityWeights(nn.Module):
         for b in layout.blocks:
             if len(b.ranks) > 1:
                 mine = local is not None and block == b
-                buf = local if mine else torch.empty(layout.storage_size(b), device=self._anchor.device)
+                buf = local if mine else torch.empty(layout.storage_size(b), device=self.fused.device)
                 dist.broadcast(buf, src=b.ranks[0], group=group)
 
     @property
@@ -408,42 +414,28 @@ class ShardedEntityWeights(nn.Module):
 
 
 class _EntityWeightOptimizer(FusedOptimizer):
-    """The fused optimizer of the scalars: lr per table in ``param_groups``, Adagrad state."""
+    """The fused optimizer of the scalars: one lr in ``param_groups``, Adagrad state."""
 
     def __init__(self, weights: ShardedEntityWeights) -> None:
         self._weights = weights
-        fused = {n: l for n, l in weights.layouts.items() if not l.dense}
-        params = {
-            f"entity_weights.{n}": weights.sharded(n, weights.storage[n] if n in weights.storage else torch.empty(0))
-            for n in fused
-        }
-        state = {
-            params[f"entity_weights.{n}"]: {
-                "momentum1": weights.sharded(n, weights.momentum[n] if n in weights.momentum else torch.empty(0))
-            }
-            for n, l in fused.items()
-            if l.optimizer.get("optimizer") in ADAGRAD  # type: ignore[union-attr]
-        }
-        groups = [
-            {
-                "params": [params[f"entity_weights.{n}"]],
-                "lr": float(l.optimizer.get("learning_rate", 0.01)),  # type: ignore[union-attr]
-                "table": n,
-            }
-            for n, l in fused.items()
-        ]
+        fused = [n for n, layout in weights.layouts.items() if not layout.dense]
+        params = {f"entity_weights.{n}": weights.sharded(n, weights.fused) for n in fused}
+        state = (
+            {params[f"entity_weights.{n}"]: {"momentum1": weights.sharded(n, weights.momentum)} for n in fused}
+            if weights.momentum is not None
+            else {}
+        )
+        groups = [{"params": list(params.values()), "lr": float(weights._params.get("learning_rate", 0.01))}] if fused else []
         super().__init__(params, state, groups)
-
-    def lr(self, table: str) -> float:
-        return next(g["lr"] for g in self.param_groups if g["table"] == table)
 
     def load_state_dict(self, state_dict: Any) -> None:
         """Load, then hand the owner's Adagrad state of column-wise replicas to every holder."""
         super().load_state_dict(state_dict)
         w = self._weights
-        for name, layout in w.layouts.items():
-            if layout.replicated and layout.optimizer.get("optimizer") in ADAGRAD:  # type: ignore[union-attr]
-                w.broadcast_replicas(name, w.momentum.get(name))
+        for name in w._replicated_names:
+            local = w._view(name, w.momentum) if w.momentum is not None and name in w._slices else None
+            if w.layouts[name].optimizer.get("optimizer") in ADAGRAD:  # type: ignore[union-attr]
+                w.broadcast_replicas(name, local)
 
     def step(self, closure: Any = None) -> None:
         """No-op: updates happen in backward."""

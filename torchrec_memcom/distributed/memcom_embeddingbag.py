@@ -70,7 +70,7 @@ def _with_weights(kjt: KeyedJaggedTensor, values: torch.Tensor, weights: torch.T
 
 
 def _add_anchor(kt: KeyedTensor, anchor: torch.Tensor) -> KeyedTensor:
-    kt._values = kt._values + 0.0 * anchor
+    kt._values.add_(0.0 * anchor)
     return kt
 
 
@@ -115,16 +115,27 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         self.entity_weights = ShardedEntityWeights(
             layouts, env.rank, env.world_size, device, env.process_group
         )
-        # Per lookup, per feature of its KJT after input_dist: the table (None if uncompressed).
-        self._lookup_tables: List[List[Optional[str]]] = [
-            [
+        # Per lookup: where each feature's scalars sit, as per-feature tensors (see _scalars).
+        self._lookup_addresses: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = []
+        for lookup in self._lookups:
+            names = [
                 table.name if self._tables[table.name].compressed else None
                 for config in _unwrap(lookup).grouped_configs
                 for table in config.embedding_tables
                 for _ in table.feature_names
             ]
-            for lookup in self._lookups
-        ]
+            addresses = [self.entity_weights.address(n) for n in names]
+            self._lookup_addresses.append(
+                (
+                    torch.tensor([a[0] for a in addresses], dtype=torch.int64, device=device),
+                    torch.tensor([a[1] for a in addresses], dtype=torch.int64, device=device),
+                    torch.tensor([n is not None for n in names], device=device),
+                    any(a[2] for a in addresses),
+                )
+            )
+        self._scales = [float(getattr(_unwrap(lookup), "_scale_gradient_factor", 1)) for lookup in self._lookups]
+        # input_dist remaps by these, cached per order of the incoming keys
+        self._remaps: Dict[Tuple[str, ...], Tuple[torch.Tensor, List[int]]] = {}
         self._optim = CombinedOptimizer(
             [("", self._optim), ("", self.entity_weights.fused_optimizer)]
         )
@@ -134,13 +145,12 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             self._copy_from(module)
 
     def _table_fused_params(self) -> Dict[str, Dict[str, Any]]:
-        """The fused optimizer params the stock sharding resolved for each table."""
-        out = {}
-        for lookup in self._lookups:
-            for config in _unwrap(lookup).grouped_configs:
-                for table in config.embedding_tables:
-                    out[table.name] = dict(table.fused_params or {})
-        return out
+        """The fused optimizer params the stock sharding resolved for every table."""
+        return {
+            info.embedding_config.name: dict(info.fused_params or {})
+            for infos in self.sharding_type_to_sharding_infos.values()
+            for info in infos
+        }
 
     @torch.no_grad()
     def _copy_from(self, module: MEmComEmbeddingBagCollection) -> None:
@@ -149,7 +159,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         for name, bag in module.embedding_bags.items():
             copy_full_tensor(state[f"embedding_bags.{name}.weight"], bag.weight.detach())
         for name, w in module.entity_weights.items():
-            self.entity_weights.load_table(name, w.detach(), self.entity_weights.storage.get(name))
+            self.entity_weights.load_table(name, w.detach())
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -159,9 +169,20 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     @torch.no_grad()
     def _reset_scalars(self) -> None:
         for name, w in self.entity_weights.storage.items():
-            w.fill_(self._init_weight[name])
+            w.detach().fill_(self._init_weight[name])
 
     # ---- forward ------------------------------------------------------------------------------
+
+    def _remap(self, keys: List[str]) -> Tuple[torch.Tensor, List[int]]:
+        """Shared rows per feature of this key order (``n`` for plain tables: row = id, k = 0),
+        and the positions of features hashed with "mix"."""
+        key = tuple(keys)
+        if key not in self._remaps:
+            tables = [self._feature_table[k] for k in keys]
+            rows = torch.tensor([t.hash_rows if t.compressed else t.num_embeddings for t in tables])
+            mixed = [i for i, t in enumerate(tables) if t.compressed and t.hash == "mix"]
+            self._remaps[key] = (rows.to(self.entity_weights.fused.device), mixed)
+        return self._remaps[key]
 
     def input_dist(
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
@@ -171,48 +192,53 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             raise ValueError("MEmCom inputs carry no weights: the per-entity scalars are its own")
         with torch.no_grad():
             check_ids(features, self._num_embeddings)
-            rows, blocks = [], []
-            for key, ids in zip(features.keys(), features.values().split(features.length_per_key())):
-                t = self._feature_table[key]
-                if t.compressed:
-                    s = slots(ids, t.num_embeddings, t.hash)
-                    rows.append(s % t.hash_rows)
-                    blocks.append((s // t.hash_rows).to(torch.float32))
-                else:
-                    rows.append(ids)
-                    blocks.append(torch.zeros_like(ids, dtype=torch.float32))
-            values = torch.cat(rows) if rows else features.values()
-            weights = torch.cat(blocks) if blocks else features.values().float()
-        return super().input_dist(ctx, _with_weights(features, values, weights))
+            rows_per_feature, mixed = self._remap(features.keys())
+            lengths = features.length_per_key()
+            slot = features.values()
+            if mixed:
+                parts = list(slot.split(lengths))
+                for i in mixed:
+                    t = self._feature_table[features.keys()[i]]
+                    parts[i] = slots(parts[i], t.num_embeddings, t.hash)
+                slot = torch.cat(parts)
+            m = torch.repeat_interleave(rows_per_feature, torch.tensor(lengths, device=slot.device))
+            rows, blocks = slot % m, (slot // m).to(torch.float32)
+        return super().input_dist(ctx, _with_weights(features, rows, blocks))
 
-    def _scalars(self, dist_input: KJTList) -> Tuple[KJTList, torch.Tensor]:
+    def _scalars(self, dist_input: KJTList) -> Tuple[KJTList, Optional[torch.Tensor]]:
         """Replace each KJT's ``k`` weights by the per-entity scalars (1 for plain tables)."""
-        requests: List[Tuple[str, torch.Tensor, float]] = []
-        where: List[Tuple[int, int]] = []
-        pieces: List[List[torch.Tensor]] = []
-        for g, (kjt, tables, lookup) in enumerate(zip(dist_input, self._lookup_tables, self._lookups)):
-            scale = float(getattr(_unwrap(lookup), "_scale_gradient_factor", 1))
-            lengths = kjt.length_per_key()
-            rows = kjt.values().split(lengths)
-            ks = kjt.weights().split(lengths)
-            pieces.append([])
-            for j, (table, r, k) in enumerate(zip(tables, rows, ks)):
-                if table is None:
-                    pieces[g].append(torch.ones_like(k))
-                else:
-                    pieces[g].append(k)  # placeholder, replaced below
-                    requests.append((table, self.entity_weights.index(table, k, r), scale))
-                    where.append((g, j))
-        anchor, scalars = self.entity_weights.lookup(requests)
-        for (g, j), w in zip(where, scalars):
-            pieces[g][j] = w
-        out = KJTList(
-            [
-                _with_weights(kjt, kjt.values(), torch.cat(p) if p else kjt.weights())
-                for kjt, p in zip(dist_input, pieces)
-            ]
-        )
-        return out, anchor
+        out: List[Optional[torch.Tensor]] = [None] * len(dist_input)
+        fused, fused_at, scales = [], [], []
+        for g, (kjt, (start, rows, compressed, dense)) in enumerate(zip(dist_input, self._lookup_addresses)):
+            if not bool(compressed.any()):
+                out[g] = torch.ones_like(kjt.weights())
+                continue
+            lengths = torch.tensor(kjt.length_per_key(), device=kjt.values().device)
+            start, rows = (torch.repeat_interleave(t, lengths) for t in (start, rows))
+            idx = start + kjt.weights().long() * rows + kjt.values()
+            mask = None if bool(compressed.all()) else torch.repeat_interleave(compressed, lengths)
+            if mask is not None:  # plain tables have no scalars: their weight is 1
+                idx = idx[mask]
+            if dense:
+                out[g] = self._place(self.entity_weights.lookup_dense(idx), mask, kjt)
+            else:
+                fused.append((idx, mask))
+                fused_at.append(g)
+                scales.append(self._scales[g])
+        anchor = None
+        if fused or self.entity_weights.needs_anchor:
+            anchor, scalars = self.entity_weights.lookup_fused([idx for idx, _ in fused], scales)
+            for g, w, (_, mask) in zip(fused_at, scalars, fused):
+                out[g] = self._place(w, mask, dist_input[g])
+        weighted = KJTList([_with_weights(kjt, kjt.values(), w) for kjt, w in zip(dist_input, out)])
+        return weighted, anchor if self.entity_weights.needs_anchor else None
+
+    @staticmethod
+    def _place(scalars: torch.Tensor, mask: Optional[torch.Tensor], kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """Per-value weights: the scalars where ``mask`` (all if None), 1 elsewhere."""
+        if mask is None:
+            return scalars
+        return torch.ones_like(kjt.weights()).masked_scatter(mask, scalars)
 
     def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
         weighted, anchor = self._scalars(dist_input)
@@ -223,7 +249,9 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]
     ) -> LazyAwaitable[KeyedTensor]:
         awaitable = super().output_dist(ctx, output)
-        awaitable.callbacks.append(partial(_add_anchor, anchor=ctx.memcom_anchor))  # type: ignore[attr-defined]
+        anchor = getattr(ctx, "memcom_anchor", None)
+        if anchor is not None:
+            awaitable.callbacks.append(partial(_add_anchor, anchor=anchor))
         return awaitable
 
     def compute_and_output_dist(
@@ -231,18 +259,16 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     ) -> LazyAwaitable[KeyedTensor]:
         weighted, anchor = self._scalars(input)
         awaitable = super().compute_and_output_dist(ctx, weighted)
-        awaitable.callbacks.append(partial(_add_anchor, anchor=anchor))
+        if anchor is not None:
+            awaitable.callbacks.append(partial(_add_anchor, anchor=anchor))
         return awaitable
 
     # ---- what the rest of TorchRec asks of a sharded module -----------------------------------
 
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         """All but data-parallel scalars, which DMP's DDP trains like the DP tables' rows."""
-        dense = {
-            f"entity_weights.storage_{n}" for n, l in self.entity_weights.layouts.items() if l.dense
-        }
         for name, _ in self.named_parameters():
-            if name not in dense:
+            if name != "entity_weights.dense":
                 yield append_prefix(prefix, name)
 
     def cost(self) -> Dict[str, Dict[str, float]]:

@@ -1,0 +1,140 @@
+"""Sharded hashing-trick collection and its sharder.
+
+The hashed tables are a stock ShardedEmbeddingBagCollection on FBGEMM's table-batched kernels
+(state dict key ``embedding_bags.T.weight``, any stock sharding type, fused optimizers).
+``input_dist`` turns ids into rows ``h(i) mod m`` before the stock input distribution; nothing
+else differs from a stock EBC of ``m``-row tables.
+"""
+
+from typing import Any, Dict, List, Optional, Type
+
+import torch
+from torch import nn
+from torchrec.distributed.embedding_types import KJTList
+from torchrec.distributed.embeddingbag import (
+    EmbeddingBagCollectionContext,
+    EmbeddingBagCollectionSharder,
+    ShardedEmbeddingBagCollection,
+)
+from torchrec.distributed.types import (
+    Awaitable,
+    ParameterSharding,
+    QuantizedCommCodecs,
+    ShardingEnv,
+    ShardingType,
+)
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_memcom.distributed.memcom_embeddingbag import _with_weights
+from torchrec_memcom.distributed.state import copy_full_tensor
+from torchrec_memcom.modules.hash_embedding_bag import (
+    HashEmbeddingBagCollection,
+    HashTable,
+    check_unweighted,
+)
+from torchrec_memcom.modules.memcom_embedding_bag import check_ids
+
+
+def _hashed_view(module: HashEmbeddingBagCollection) -> EmbeddingBagCollection:
+    """A stock EBC over the module's own hashed tables, for the stock sharder."""
+    view = EmbeddingBagCollection(module.hashed_configs(), device=torch.device("meta"))
+    view.embedding_bags = module.embedding_bags
+    view._device = module.device
+    return view
+
+
+class ShardedHashEmbeddingBagCollection(ShardedEmbeddingBagCollection):
+    """Sharded ``HashEmbeddingBagCollection``: ids hashed in ``input_dist``, then stock EBC."""
+
+    def __init__(
+        self,
+        module: HashEmbeddingBagCollection,
+        table_name_to_parameter_sharding: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        fused_params: Optional[Dict[str, Any]] = None,
+        device: Optional[torch.device] = None,
+        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
+        module_fqn: Optional[str] = None,
+    ) -> None:
+        super().__init__(
+            _hashed_view(module),
+            table_name_to_parameter_sharding,
+            env,
+            fused_params=fused_params,
+            device=device,
+            qcomm_codecs_registry=qcomm_codecs_registry,
+            module_fqn=module_fqn,
+        )
+        self._hash_tables = module.tables
+        self._feature_table: Dict[str, HashTable] = {
+            f: t for cfg, t in zip(module.embedding_bag_configs(), module.tables) for f in cfg.feature_names
+        }
+        self._num_embeddings = {f: t.num_embeddings for f, t in self._feature_table.items()}
+        if module.device.type != "meta":
+            self._copy_from(module)
+
+    @torch.no_grad()
+    def _copy_from(self, module: HashEmbeddingBagCollection) -> None:
+        """Start from the unsharded module's values (stock sharding does so only off the CPU)."""
+        state = self.state_dict()
+        for name, bag in module.embedding_bags.items():
+            copy_full_tensor(state[f"embedding_bags.{name}.weight"], bag.weight.detach())
+
+    def input_dist(
+        self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
+    ) -> Awaitable[Awaitable[KJTList]]:
+        """Ids -> hashed rows, then the stock input distribution."""
+        check_unweighted(features, "hash")
+        with torch.no_grad():
+            check_ids(features, self._num_embeddings)
+            pieces = features.values().split(features.length_per_key())
+            rows = [self._feature_table[k].rows(ids) for k, ids in zip(features.keys(), pieces)]
+            values = torch.cat(rows) if rows else features.values()
+        return super().input_dist(ctx, _with_weights(features, values, None))
+
+    def cost(self) -> Dict[str, Dict[str, float]]:
+        """Same report as the unsharded module (global sizes)."""
+        return HashEmbeddingBagCollection.cost(self)  # type: ignore[arg-type]
+
+    @property
+    def tables(self) -> List[HashTable]:
+        return self._hash_tables
+
+
+class HashEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """Shards ``HashEmbeddingBagCollection``; pass it to DMP/the planner with the stock ones."""
+
+    def shard(
+        self,
+        module: HashEmbeddingBagCollection,  # type: ignore[override]
+        params: Dict[str, ParameterSharding],
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+    ) -> ShardedHashEmbeddingBagCollection:
+        return ShardedHashEmbeddingBagCollection(
+            module,
+            params,
+            env,
+            fused_params=self.fused_params,
+            device=device,
+            qcomm_codecs_registry=self.qcomm_codecs_registry,
+            module_fqn=module_fqn,
+        )
+
+    def shardable_parameters(self, module: HashEmbeddingBagCollection) -> Dict[str, nn.Parameter]:  # type: ignore[override]
+        return {name: bag.weight for name, bag in module.embedding_bags.items()}
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        """The stock types, plus row-wise on CPU (the stock sharder offers it only on CUDA)."""
+        types = super().sharding_types(compute_device_type)
+        return types if ShardingType.ROW_WISE.value in types else types + [ShardingType.ROW_WISE.value]
+
+    @property
+    def module_type(self) -> Type[HashEmbeddingBagCollection]:  # type: ignore[override]
+        return HashEmbeddingBagCollection
+
+    @property
+    def sharded_module_type(self) -> Type[ShardedHashEmbeddingBagCollection]:  # type: ignore[override]
+        return ShardedHashEmbeddingBagCollection

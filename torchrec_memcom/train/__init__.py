@@ -1,0 +1,1 @@
+"""DLRM training on Criteo with compressed tables: configs, the distributed loop, checkpoints."""

@@ -1,0 +1,190 @@
+"""Training configs: YAML files mapped onto small dataclasses, strictly (errors name the key)."""
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+from torchrec_memcom.compress import CompressionSpec
+
+
+@dataclasses.dataclass
+class SynthConfig:
+    """Generate Criteo-shaped data into ``data.path`` if it is not there yet."""
+
+    rows: int = 200_000
+    seed: int = 0
+    max_cardinality: int = 100_000
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """A folder made by ``memcom data convert`` or ``memcom data synth``."""
+
+    path: str = "runs/data/synthetic"
+    synthetic: Optional[SynthConfig] = None
+    train_split: str = "train"
+    eval_split: str = "val"
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    arch: str = "DLRM"  # or DLRM_DCN
+    dense_arch_layer_sizes: List[int] = dataclasses.field(default_factory=lambda: [64, 16])
+    over_arch_layer_sizes: List[int] = dataclasses.field(default_factory=lambda: [64, 32, 1])
+    dcn_num_layers: int = 3
+    dcn_low_rank_dim: int = 16
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("DLRM", "DLRM_DCN"):
+            raise ValueError(f"model.arch: expected DLRM or DLRM_DCN, got {self.arch!r}")
+        if self.over_arch_layer_sizes[-1:] != [1]:
+            raise ValueError("model.over_arch_layer_sizes: the last layer must have size 1")
+
+
+@dataclasses.dataclass
+class EmbeddingsConfig:
+    """``num_embeddings``: 26 per-feature sizes, or ``from_data`` (the data's id spaces)."""
+
+    dim: int = 16
+    num_embeddings: Union[str, List[int]] = "from_data"
+    compression: CompressionSpec = dataclasses.field(default_factory=CompressionSpec)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_embeddings, str) and self.num_embeddings != "from_data":
+            raise ValueError(
+                f"embeddings.num_embeddings: expected 'from_data' or a list, got {self.num_embeddings!r}"
+            )
+        if self.dim < 1 or self.dim % 4:
+            raise ValueError(f"embeddings.dim: must be a positive multiple of 4, got {self.dim}")
+
+
+@dataclasses.dataclass
+class SparseOptimizerConfig:
+    """Fused into FBGEMM's backward: sgd, adagrad or rowwise_adagrad."""
+
+    type: str = "rowwise_adagrad"
+    lr: float = 0.05
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.type not in ("sgd", "adagrad", "rowwise_adagrad"):
+            raise ValueError(
+                f"optimizer.sparse.type: expected sgd, adagrad or rowwise_adagrad, got {self.type!r}"
+            )
+
+
+@dataclasses.dataclass
+class DenseOptimizerConfig:
+    type: str = "adagrad"  # or sgd, adam
+    lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.type not in ("sgd", "adagrad", "adam"):
+            raise ValueError(f"optimizer.dense.type: expected sgd, adagrad or adam, got {self.type!r}")
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    sparse: SparseOptimizerConfig = dataclasses.field(default_factory=SparseOptimizerConfig)
+    dense: DenseOptimizerConfig = dataclasses.field(default_factory=DenseOptimizerConfig)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """``steps`` (if set) overrides ``epochs``; ``eval_every``: steps between evaluations
+    (0: at the end only); ``eval_batches``: cap per evaluation (None: the whole split)."""
+
+    batch_size: int = 512
+    epochs: int = 1
+    steps: Optional[int] = None
+    eval_every: int = 0
+    eval_batches: Optional[int] = None
+    seed: int = 0
+    run_dir: str = "runs/train"
+    checkpoint_dir: Optional[str] = None
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "epochs"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"train.steps: must be >= 1, got {self.steps}")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    embeddings: EmbeddingsConfig = dataclasses.field(default_factory=EmbeddingsConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def _build(tp: Any, value: Any, key: str) -> Any:
+    """``value`` as type ``tp``, recursing into dataclasses, lists, dicts and unions."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _build(option, value, key)
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise ValueError(errors[-1] if len(errors) == 1 else f"{key}: {value!r} fits none of {args}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp) if f.init}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            where = f"{key}." if key else ""
+            raise ValueError(f"unknown key {where}{unknown[0]} (known: {sorted(names)})")
+        kwargs = {k: _build(hints[k], v, f"{key}.{k}" if key else k) for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except ValueError as e:
+            msg = str(e)
+            raise ValueError(msg if key in ("", None) or msg.startswith(key) else f"{key}: {msg}") from None
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [_build(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        return {k: _build(args[1], v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "1e-8" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise ValueError(f"{key}: expected {tp.__name__}, got {value!r}")
+
+
+def load_config(path: Union[str, Path]) -> RunConfig:
+    """Read a YAML run config; errors name the file and the offending key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot read config: {e}") from None
+    try:
+        return _build(RunConfig, raw, "")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def as_dict(config: RunConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(config)
+
