@@ -153,14 +153,16 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
 
     resumed = checkpoints and latest_checkpoint(checkpoints)
     if resumed:
+        saved = {"progress": dict(progress)}
+        load_checkpoint(resumed, saved)
+        if saved["progress"]["world_size"] != world:
+            raise ValueError(
+                f"{resumed} was written by {saved['progress']['world_size']} ranks, this job has "
+                f"{world}: resume with the same world size (see docs/training.md)"
+            )
         optimizer.init_state()
         loaded = state()
         load_checkpoint(resumed, loaded)
-        if loaded["progress"]["world_size"] != world:
-            raise ValueError(
-                f"{resumed} was written by {loaded['progress']['world_size']} ranks, this job has "
-                f"{world}: resume with the same world size (see docs/training.md)"
-            )
         dmp.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
         progress.update(loaded["progress"])
@@ -171,15 +173,20 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
     evaluator = Evaluator(device)
     history: List[Dict[str, Any]] = _earlier_evaluations(run_dir, progress["step"]) if resumed else []
     examples, train_seconds = 0, 0.0
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # since the last evaluation
     total_bytes, full_bytes = sum(bytes_per_table.values()), sum(uncompressed.values())
 
     def evaluate() -> None:
+        dist.all_reduce(loss_sum)
+        train_loss = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] else None
+        loss_sum.zero_()
         limit = cfg.eval_batches or len(eval_data)
         eval_data.set_epoch(0)
         metrics = evaluator.run(pipeline, islice(iter(eval_data), limit))
         record = {
             "step": progress["step"],
             **metrics,
+            "train_loss": train_loss,
             "examples_per_s": examples / train_seconds if train_seconds else None,
             "embedding_bytes": total_bytes,
             "embedding_bytes_per_table": bytes_per_table,
@@ -207,9 +214,11 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
             segment = islice(batches, todo)
             while True:
                 try:
-                    pipeline.progress(segment)
+                    loss, _, _ = pipeline.progress(segment)
                 except StopIteration:
                     break
+                loss_sum[0] += loss.detach().double()
+                loss_sum[1] += 1
                 done += 1
                 bar.update(1)
             train_seconds += time.perf_counter() - start
