@@ -7,6 +7,7 @@ trains it, evaluation reports AUC and log loss, and DCP checkpoints make it resu
 import dataclasses
 import json
 import os
+import resource
 import time
 from itertools import islice
 from pathlib import Path
@@ -143,6 +144,12 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
         )
 
     train_data, eval_data = loader(config.data.train_split, True), loader(config.data.eval_split, False)
+    for data, split in ((train_data, config.data.train_split), (eval_data, config.data.eval_split)):
+        if len(data) == 0:
+            raise ValueError(
+                f"{config.data.path}: split {split!r} has fewer rows than one batch on each of "
+                f"{world} ranks (train.batch_size={cfg.batch_size})"
+            )
     total_steps = cfg.steps or cfg.epochs * len(train_data)
     progress = {"step": 0, "epoch": 0, "batch": 0, "world_size": world}
 
@@ -192,6 +199,7 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
             "embedding_bytes_per_table": bytes_per_table,
             "uncompressed_embedding_bytes": full_bytes,
             "compression_ratio": full_bytes / total_bytes,
+            "peak_memory_bytes": _peak_memory(device),
         }
         history.append(record)
         if rank == 0:
@@ -239,6 +247,17 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
     if checkpoints:
         save_checkpoint(checkpoints, progress["step"], state())
     return _final(history)
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Peak memory of the busiest rank: GPU memory allocated on GPU, resident set on CPU."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    value = torch.tensor([peak], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value)
 
 
 def _earlier_evaluations(run_dir: Path, step: int) -> List[Dict[str, Any]]:
