@@ -81,6 +81,10 @@ def test_state_dict_keys_and_shapes() -> None:
     torch.testing.assert_close(again(kjt).values(), module(kjt).values())
     assert module.embedding_bag_configs() is tables
     assert not module.is_weighted() and module.device == torch.device("cpu")
+    before = module.state_dict()["embedding_bags.t0.weight"].clone()
+    module.reset_parameters()  # TorchRec's default init for the compressed table's own rows
+    after = module.state_dict()["embedding_bags.t0.weight"]
+    assert not torch.equal(before, after) and after.abs().max() <= (1 / 250) ** 0.5
 
 
 @pytest.mark.parametrize("ratio", [1, 1.5, 2, 4, 7.9, 16, 100, 1000])

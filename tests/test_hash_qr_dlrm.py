@@ -1,7 +1,7 @@
 """TorchRec's DLRM trains on hash and QR collections: its loss falls over a few steps,
 unsharded and sharded by the planner in TorchRec's sparse-dist pipeline."""
 
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 import pytest
 import torch
@@ -30,13 +30,11 @@ TABLES = [
     EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=n, feature_names=[f"f{i}"])
     for i, n in enumerate([5000, 800, 50])
 ]
-BUILDERS: dict[str, Callable[[List[EmbeddingBagConfig]], nn.Module]] = {
+BUILDERS: Dict[str, Callable[[List[EmbeddingBagConfig]], nn.Module]] = {
     "hash": lambda t: HashEmbeddingBagCollection(t, HashConfig(ratio=8, min_rows=100)),
     "qr_mult": lambda t: QREmbeddingBagCollection(t, QRConfig(ratio=8, min_rows=100)),
     "qr_add": lambda t: QREmbeddingBagCollection(t, QRConfig(num_collisions=8, operation="add", min_rows=100)),
 }
-
-
 SHARDERS = {"hash": HashEmbeddingBagCollectionSharder, "qr_mult": QREmbeddingBagCollectionSharder}
 
 
@@ -74,6 +72,7 @@ def test_dlrm_loss_falls(method: str) -> None:
 
 
 def _train_sharded(rank: int, world_size: int) -> None:
+    """Planner-sharded DLRM: fused row-wise Adagrad on the tables, SGD on the dense part."""
     for method, make_sharder in SHARDERS.items():
         sharders = [make_sharder(fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.1})]
         sharders += get_default_sharders()

@@ -100,6 +100,10 @@ def test_state_dict_keys_and_shapes() -> None:
     torch.testing.assert_close(again(kjt).values(), module(kjt).values())
     assert module.embedding_bag_configs() is tables
     assert not module.is_weighted() and module.device == torch.device("cpu")
+    before = module.state_dict()["embeddings.t0@q.weight"].clone()
+    module.reset_parameters()  # TorchRec's default init for the compressed table's own rows
+    after = module.state_dict()["embeddings.t0@q.weight"]
+    assert not torch.equal(before, after) and after.abs().max() <= (1 / 34) ** 0.5
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,14 @@ from torchrec.distributed.types import ModuleSharder
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from torchrec_memcom.distributed.hash_embeddingbag import HashEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.memcom_embeddingbag import MEmComEmbeddingBagCollectionSharder
+from torchrec_memcom.distributed.qr_embeddingbag import QREmbeddingBagCollectionSharder
+from torchrec_memcom.modules.hash_embedding_bag import HashConfig, HashEmbeddingBagCollection
 from torchrec_memcom.modules.memcom_config import MEmComConfig
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
 from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
+from torchrec_memcom.modules.qr_embedding_bag import QRConfig, qr_collection
 
 # A method builds a collection from configs + {table: params} on a device ...
 Builder = Callable[[List[EmbeddingBagConfig], Dict[str, Dict[str, Any]], torch.device], nn.Module]
@@ -40,12 +44,29 @@ def _memcom(tables: List[EmbeddingBagConfig], params: Dict[str, Dict[str, Any]],
     )
 
 
+def _hash(tables: List[EmbeddingBagConfig], params: Dict[str, Dict[str, Any]], device: torch.device) -> nn.Module:
+    return HashEmbeddingBagCollection(
+        tables, {name: HashConfig(**p) for name, p in params.items()}, device=device
+    )
+
+
+def _qr(tables: List[EmbeddingBagConfig], params: Dict[str, Dict[str, Any]], device: torch.device) -> nn.Module:
+    return qr_collection(tables, {name: QRConfig(**p) for name, p in params.items()}, device=device)
+
+
 METHODS: Dict[str, Method] = {
     "memcom": Method(
         _memcom,
         lambda fused: MEmComEmbeddingBagCollectionSharder(fused_params=fused),
         holds_plain_tables=True,
     ),
+    "hash": Method(
+        _hash,
+        lambda fused: HashEmbeddingBagCollectionSharder(fused_params=fused),
+        holds_plain_tables=True,
+    ),
+    # plain tables inside a QR collection would take its unpooled per-id path: keep them stock
+    "qr": Method(_qr, lambda fused: QREmbeddingBagCollectionSharder(fused_params=fused)),
 }
 
 

@@ -6,7 +6,7 @@ The hashed tables are a stock ShardedEmbeddingBagCollection on FBGEMM's table-ba
 else differs from a stock EBC of ``m``-row tables.
 """
 
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -71,6 +71,7 @@ class ShardedHashEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             f: t for cfg, t in zip(module.embedding_bag_configs(), module.tables) for f in cfg.feature_names
         }
         self._num_embeddings = {f: t.num_embeddings for f, t in self._feature_table.items()}
+        self._moduli: Dict[Tuple[str, ...], Tuple[torch.Tensor, List[int]]] = {}
         if module.device.type != "meta":
             self._copy_from(module)
 
@@ -81,17 +82,33 @@ class ShardedHashEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         for name, bag in module.embedding_bags.items():
             copy_full_tensor(state[f"embedding_bags.{name}.weight"], bag.weight.detach())
 
+    def _modulus(self, keys: List[str], device: torch.device) -> Tuple[torch.Tensor, List[int]]:
+        """``m`` per feature of this key order (``n`` for plain tables, where ``i mod n = i``),
+        and the positions of features hashed with "mix"."""
+        key = tuple(keys)
+        if key not in self._moduli:
+            tables = [self._feature_table[k] for k in keys]
+            mixed = [i for i, t in enumerate(tables) if t.compressed and t.hash == "mix"]
+            self._moduli[key] = (torch.tensor([t.hash_rows for t in tables], device=device), mixed)
+        return self._moduli[key]
+
     def input_dist(
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
-        """Ids -> hashed rows, then the stock input distribution."""
+        """Ids -> hashed rows (``HashTable.rows``, for all features at once), then stock dist."""
         check_unweighted(features, "hash")
         with torch.no_grad():
             check_ids(features, self._num_embeddings)
-            pieces = features.values().split(features.length_per_key())
-            rows = [self._feature_table[k].rows(ids) for k, ids in zip(features.keys(), pieces)]
-            values = torch.cat(rows) if rows else features.values()
-        return super().input_dist(ctx, _with_weights(features, values, None))
+            ids = features.values()
+            modulus, mixed = self._modulus(features.keys(), ids.device)
+            lengths = features.length_per_key()
+            if mixed:
+                parts = list(ids.split(lengths))
+                for i in mixed:
+                    parts[i] = self._feature_table[features.keys()[i]].rows(parts[i])
+                ids = torch.cat(parts)
+            rows = ids % torch.repeat_interleave(modulus, torch.tensor(lengths, device=ids.device))
+        return super().input_dist(ctx, _with_weights(features, rows, None))
 
     def cost(self) -> Dict[str, Dict[str, float]]:
         """Same report as the unsharded module (global sizes)."""

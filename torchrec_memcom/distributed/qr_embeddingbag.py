@@ -7,6 +7,10 @@ type the stock EC sharder has: table-, row-, column-wise, data-parallel) over th
 ``input_dist`` splits each feature ``f`` into ``f@q``/``f@r`` before the stock input
 distribution, and ``output_dist`` joins and pools the per-id embeddings after the stock output
 distribution. The cost: per-id embeddings, not pooled ones, cross the output all-to-all.
+
+On CPU the lookups need the fused kernel: FBGEMM's CPU dense kernel (fbgemm-gpu-cpu 1.8.0) pools
+even when asked for unpooled lookups, which breaks data-parallel (dense only) and
+``compute_kernel="dense"`` for the stock EmbeddingCollection too; the sharder refuses them there.
 """
 
 from typing import Any, Dict, List, Optional, Type
@@ -18,13 +22,14 @@ from torchrec.distributed.embedding import (
     EmbeddingCollectionSharder,
     ShardedEmbeddingCollection,
 )
-from torchrec.distributed.embedding_types import KJTList
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel, KJTList
 from torchrec.distributed.types import (
     Awaitable,
     LazyAwaitable,
     ParameterSharding,
     QuantizedCommCodecs,
     ShardingEnv,
+    ShardingType,
 )
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -42,6 +47,25 @@ def _lookup_view(module: QREmbeddingBagCollection) -> EmbeddingCollection:
     return view
 
 
+def _check_kernels(
+    module: QREmbeddingBagCollection, params: Dict[str, ParameterSharding], device: Optional[torch.device]
+) -> None:
+    """Refuse the dense kernel on CPU, where FBGEMM pools what should be per-id lookups."""
+    if device is not None and device.type != "cpu":
+        return
+    dense = sorted(
+        name
+        for name in module.embeddings
+        if params[name].compute_kernel == EmbeddingComputeKernel.DENSE.value
+    )
+    if dense:
+        raise ValueError(
+            f"QR lookup tables {dense}: on CPU they need the fused compute kernel (FBGEMM's CPU "
+            f"dense kernel pools per-id lookups), so neither data_parallel nor "
+            f"compute_kernel='dense' there"
+        )
+
+
 class ShardedQREmbeddingBagCollection(ShardedEmbeddingCollection):
     """Sharded ``QREmbeddingBagCollection``: split ids, stock sharded EC, join and pool."""
 
@@ -56,6 +80,7 @@ class ShardedQREmbeddingBagCollection(ShardedEmbeddingCollection):
         use_index_dedup: bool = False,
         module_fqn: Optional[str] = None,
     ) -> None:
+        _check_kernels(module, table_name_to_parameter_sharding, device)
         # The stock EC copies the module's values in (on every device but meta).
         super().__init__(
             _lookup_view(module),
@@ -107,8 +132,9 @@ class ShardedQREmbeddingBagCollection(ShardedEmbeddingCollection):
 class QREmbeddingBagCollectionSharder(EmbeddingCollectionSharder):
     """Shards ``QREmbeddingBagCollection``; plans name its lookup tables ``T@q``, ``T@r``, ``T``.
 
-    Sharding types are the stock EC sharder's (data-parallel, table-, column-, row-wise, on CPU
-    too); column-wise needs one column split for all column-wise tables of the collection.
+    Sharding types are the stock EC sharder's: table-, row-, column-wise, and data-parallel
+    except on CPU (see the module docstring). Column-wise needs one column split for all the
+    collection's column-wise tables (a stock EC rule).
     """
 
     def shard(
@@ -132,6 +158,12 @@ class QREmbeddingBagCollectionSharder(EmbeddingCollectionSharder):
 
     def shardable_parameters(self, module: QREmbeddingBagCollection) -> Dict[str, nn.Parameter]:  # type: ignore[override]
         return {name: emb.weight for name, emb in module.embeddings.items()}
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        types = super().sharding_types(compute_device_type)
+        if compute_device_type == "cpu":
+            types.remove(ShardingType.DATA_PARALLEL.value)
+        return types
 
     @property
     def module_type(self) -> Type[QREmbeddingBagCollection]:  # type: ignore[override]

@@ -1,0 +1,239 @@
+"""`HashEmbeddingBagCollection`: the hashing trick, each table's ids folded onto ``m`` shared rows."""
+
+import dataclasses
+from typing import Dict, List, Mapping, Optional, TypeVar, Union
+
+import torch
+import torch.nn.functional as F
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollection,
+    EmbeddingBagCollectionInterface,
+    get_embedding_names_by_table,
+)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_memcom.modules.hashing import slots
+from torchrec_memcom.modules.memcom_config import HASHES
+from torchrec_memcom.modules.memcom_embedding_bag import check_ids
+
+Spec = TypeVar("Spec")
+
+
+@dataclasses.dataclass
+class HashConfig:
+    """Compression spec of a hashed table (the hashing trick, Weinberger et al., ICML 2009).
+
+    Entity ``i`` of a table with ``n`` ids is row ``h(i) mod m`` of an ``m x d`` table; ids that
+    share a row share its embedding. Give either ``ratio`` (``n / m`` asked for; ``m`` is solved
+    for it) or ``num_hash_rows`` (``m``).
+
+    hash: "mod" (``i mod m``) or "mix" (a seeded bijection of ``[0, n)`` before the mod, as in
+        ``MEmComConfig``, for ids with structure such as multiples of ``m``).
+    min_rows: tables with fewer than this many rows stay uncompressed.
+    """
+
+    ratio: Optional[float] = None
+    num_hash_rows: Optional[int] = None
+    hash: str = "mod"
+    min_rows: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.ratio is None) == (self.num_hash_rows is None):
+            raise ValueError("HashConfig needs exactly one of `ratio` or `num_hash_rows`")
+        if self.ratio is not None and self.ratio < 1.0:
+            raise ValueError(f"HashConfig.ratio must be >= 1, got {self.ratio}")
+        if self.num_hash_rows is not None and self.num_hash_rows < 1:
+            raise ValueError(f"HashConfig.num_hash_rows must be >= 1, got {self.num_hash_rows}")
+        if self.hash not in HASHES:
+            raise ValueError(f"HashConfig.hash must be one of {HASHES}, got {self.hash!r}")
+        if self.min_rows < 0:
+            raise ValueError(f"HashConfig.min_rows must be >= 0, got {self.min_rows}")
+
+    def compresses(self, num_embeddings: int) -> bool:
+        """Whether a table of this many rows is compressed (``min_rows`` leaves small ones)."""
+        return num_embeddings >= self.min_rows
+
+    def hash_rows(self, num_embeddings: int, table: str) -> int:
+        """``m`` for a table of ``n`` rows: within 1% of ``ratio``, or an error."""
+        n = num_embeddings
+        if self.num_hash_rows is not None:
+            if self.num_hash_rows > n:
+                raise ValueError(
+                    f"table {table!r}: num_hash_rows={self.num_hash_rows} exceeds its {n} rows"
+                )
+            return self.num_hash_rows
+        assert self.ratio is not None
+        m = max(1, round(n / self.ratio))
+        if abs(n / m - self.ratio) > 0.01 * self.ratio:
+            raise ValueError(
+                f"table {table!r}: hash ratio {self.ratio} cannot be reached within 1% with "
+                f"n={n} (closest: m={m} gives {n / m:.4g})"
+            )
+        return m
+
+
+@dataclasses.dataclass(frozen=True)
+class HashTable:
+    """What one table became: ``m`` rows (``m == n`` if uncompressed)."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    hash_rows: int
+    hash: str
+    compressed: bool
+
+    @property
+    def num_parameters(self) -> int:
+        return self.hash_rows * self.embedding_dim
+
+    @property
+    def ratio(self) -> float:
+        return self.num_embeddings / self.hash_rows
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The row each id reads."""
+        if not self.compressed:
+            return ids
+        return slots(ids, self.num_embeddings, self.hash) % self.hash_rows
+
+
+def table_specs(
+    tables: List[EmbeddingBagConfig], compression: Union[Spec, Mapping[str, Spec]]
+) -> Dict[str, Optional[Spec]]:
+    """The spec of every table (None: uncompressed); a dict naming unknown tables is an error."""
+    if isinstance(compression, Mapping):
+        unknown = set(compression) - {t.name for t in tables}
+        if unknown:
+            raise ValueError(f"compression names unknown tables: {sorted(unknown)}")
+        return {t.name: compression.get(t.name) for t in tables}
+    return {t.name: compression for t in tables}
+
+
+def feature_sizes(tables: List[EmbeddingBagConfig]) -> Dict[str, int]:
+    """``n`` of the table each feature reads; a feature read by two tables is an error."""
+    out: Dict[str, int] = {}
+    owner: Dict[str, str] = {}
+    for t in tables:
+        for f in t.feature_names:
+            if f in owner:
+                raise ValueError(
+                    f"feature {f!r} is read by tables {owner[f]!r} and {t.name!r}; compressed "
+                    f"collections need each feature to read one table"
+                )
+            out[f], owner[f] = t.num_embeddings, t.name
+    return out
+
+
+def check_unweighted(features: KeyedJaggedTensor, method: str) -> None:
+    """Compressed collections pool unweighted bags; refuse weights rather than drop them."""
+    if features.weights_or_none() is not None:
+        raise ValueError(f"{method} collections take unweighted features; got KJT weights")
+
+
+def cost_report(rows: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+    """Per-table rows (each with ``parameters`` and ``uncompressed_parameters``) plus ``total``."""
+    params = sum(r["parameters"] for r in rows.values())
+    full = sum(r["uncompressed_parameters"] for r in rows.values())
+    return {**rows, "total": {"parameters": params, "uncompressed_parameters": full, "ratio": full / params}}
+
+
+class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """EmbeddingBagCollection with hashed tables: id ``i`` reads row ``h(i) mod m``.
+
+    Built from the user's own ``EmbeddingBagConfig``s plus a ``HashConfig`` (one for all tables,
+    or a dict by table name; tables left out, or smaller than ``min_rows``, stay uncompressed).
+    Pooling is the configs' own (SUM or MEAN). State dict: ``embedding_bags.T.weight``
+    (``m x d``; ``n x d`` for uncompressed tables), as a stock EBC of ``m``-row tables has it.
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        compression: Union[HashConfig, Dict[str, HashConfig]],
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self._embedding_bag_configs = tables
+        self._num_embeddings = feature_sizes(tables)
+        specs = table_specs(tables, compression)
+        self.tables: List[HashTable] = []
+        for t in tables:
+            spec = specs[t.name]
+            compressed = spec is not None and spec.compresses(t.num_embeddings)
+            self.tables.append(
+                HashTable(
+                    name=t.name,
+                    num_embeddings=t.num_embeddings,
+                    embedding_dim=t.embedding_dim,
+                    hash_rows=spec.hash_rows(t.num_embeddings, t.name) if compressed else t.num_embeddings,
+                    hash=spec.hash if compressed else "mod",
+                    compressed=compressed,
+                )
+            )
+        # The hashed tables, as a stock EBC would hold them: `embedding_bags.T.weight`.
+        self.embedding_bags = EmbeddingBagCollection(self.hashed_configs(), device=device).embedding_bags
+        self._device = torch.device(device or next(iter(self.embedding_bags.parameters())).device)
+        self._embedding_names = [n for names in get_embedding_names_by_table(tables) for n in names]
+        self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+
+    def hashed_configs(self) -> List[EmbeddingBagConfig]:
+        """The configs of the hashed tables (``m`` rows) as a stock EBC would take them."""
+        return [
+            dataclasses.replace(cfg, num_embeddings=t.hash_rows, init_fn=None) if t.compressed else cfg
+            for cfg, t in zip(self._embedding_bag_configs, self.tables)
+        ]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        check_unweighted(features, "hash")
+        check_ids(features, self._num_embeddings)
+        feature_dict = features.to_dict()
+        pooled = []
+        for cfg, t in zip(self._embedding_bag_configs, self.tables):
+            bag = self.embedding_bags[t.name]
+            for feature in cfg.feature_names:
+                f = feature_dict[feature]
+                pooled.append(
+                    F.embedding_bag(
+                        t.rows(f.values()), bag.weight, f.offsets(), mode=bag.mode, include_last_offset=True
+                    ).float()
+                )
+        return KeyedTensor(
+            keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(pooled, dim=1)
+        )
+
+    def reset_parameters(self) -> None:
+        """Every table by its config's ``init_fn`` (hashed ones: TorchRec's default for ``m`` rows)."""
+        if self._device.type == "meta":
+            return
+        with torch.no_grad():
+            for cfg in self.hashed_configs():
+                assert cfg.init_fn is not None
+                cfg.init_fn(self.embedding_bags[cfg.name].weight)
+
+    def cost(self) -> Dict[str, Dict[str, float]]:
+        """Per table ``n, d, m``, parameter count and achieved ratio ``n/m``, plus ``total``."""
+        return cost_report(
+            {
+                t.name: {
+                    "n": t.num_embeddings,
+                    "d": t.embedding_dim,
+                    "m": t.hash_rows,
+                    "parameters": t.num_parameters,
+                    "uncompressed_parameters": t.num_embeddings * t.embedding_dim,
+                    "ratio": t.ratio,
+                }
+                for t in self.tables
+            }
+        )
+
+    def is_weighted(self) -> bool:
+        return False
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
+
+    @property
+    def device(self) -> torch.device:
+        return self._device

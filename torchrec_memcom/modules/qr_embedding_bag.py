@@ -1,0 +1,349 @@
+"""`QREmbeddingBagCollection`: the quotient-remainder trick (Shi et al., KDD 2020).
+
+Entity ``i`` of a table with ``n`` ids and ``c`` collisions is ``Q[i // c] * R[i % c]``
+(element-wise; ``+`` with ``operation="add"``) with a quotient table ``Q`` of ``ceil(n/c)`` rows
+and a remainder table ``R`` of ``c`` rows. Unlike hashing, no two ids share both rows. The
+product is taken per id, before pooling, so the lookups are unpooled (sequence) ones: the tables
+``Q``, ``R`` (and uncompressed ones) are those of a TorchRec ``EmbeddingCollection``, and the
+sharded module runs on its stock sharded form (see ``distributed/qr_embeddingbag.py``).
+"""
+
+import dataclasses
+import math
+from typing import Dict, List, Optional, Union
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollectionInterface,
+    EmbeddingCollection,
+    get_embedding_names_by_table,
+)
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
+
+from torchrec_memcom.modules.hash_embedding_bag import (
+    check_unweighted,
+    cost_report,
+    feature_sizes,
+    table_specs,
+)
+from torchrec_memcom.modules.memcom_embedding_bag import check_ids
+from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
+
+OPERATIONS = ("mult", "add")
+POOLING = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
+
+
+def quotient_rows(num_embeddings: int, num_collisions: int) -> int:
+    return -(-num_embeddings // num_collisions)
+
+
+def compression_ratio(num_embeddings: int, num_collisions: int) -> float:
+    """Achieved QR ratio ``n*d / ((ceil(n/c) + c) * d) = n / (ceil(n/c) + c)``."""
+    return num_embeddings / (quotient_rows(num_embeddings, num_collisions) + num_collisions)
+
+
+@dataclasses.dataclass
+class QRConfig:
+    """Compression spec of a quotient-remainder table.
+
+    Give either ``num_collisions`` (``c``: ids per quotient row, the remainder table's rows) or
+    ``ratio`` (``n / (ceil(n/c) + c)`` asked for; ``c`` is solved for it, preferring
+    ``c <= sqrt(n)``, where the ratio is about ``c``, and else the ``c > sqrt(n)`` of the same
+    size). The largest ratio QR reaches is about ``sqrt(n) / 2``, at ``c = sqrt(n)``.
+
+    operation: "mult" (the paper's element-wise product) or "add".
+    min_rows: tables with fewer than this many rows stay uncompressed.
+    """
+
+    num_collisions: Optional[int] = None
+    ratio: Optional[float] = None
+    operation: str = "mult"
+    min_rows: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.ratio is None) == (self.num_collisions is None):
+            raise ValueError("QRConfig needs exactly one of `num_collisions` or `ratio`")
+        if self.ratio is not None and self.ratio < 1.0:
+            raise ValueError(f"QRConfig.ratio must be >= 1, got {self.ratio}")
+        if self.num_collisions is not None and self.num_collisions < 1:
+            raise ValueError(f"QRConfig.num_collisions must be >= 1, got {self.num_collisions}")
+        if self.operation not in OPERATIONS:
+            raise ValueError(f"QRConfig.operation must be one of {OPERATIONS}, got {self.operation!r}")
+        if self.min_rows < 0:
+            raise ValueError(f"QRConfig.min_rows must be >= 0, got {self.min_rows}")
+
+    def compresses(self, num_embeddings: int) -> bool:
+        """Whether a table of this many rows is compressed (``min_rows`` leaves small ones)."""
+        return num_embeddings >= self.min_rows
+
+    def collisions(self, num_embeddings: int, table: str) -> int:
+        """``c`` for a table of ``n`` rows: its ratio within 1% of ``ratio``, or an error."""
+        n = num_embeddings
+        if self.num_collisions is not None:
+            if self.num_collisions > n:
+                raise ValueError(f"table {table!r}: num_collisions={self.num_collisions} exceeds its {n} rows")
+            return self.num_collisions
+        assert self.ratio is not None
+        best = max((k for k in (math.isqrt(n), math.isqrt(n) + 1) if k <= n), key=lambda k: compression_ratio(n, k))
+        if self.ratio > 1.01 * compression_ratio(n, best):
+            raise ValueError(
+                f"table {table!r}: QR ratio {self.ratio} cannot be reached with n={n}: the most "
+                f"it gives is {compression_ratio(n, best):.4g} (c={best}), about sqrt(n)/2"
+            )
+        # ceil(n/c) + c = n/ratio has two roots of equal size. The smaller (c <= sqrt(n), DLRM's
+        # convention) gives ratios of about c, so whole numbers only; the larger reaches any.
+        rows = n / self.ratio
+        spread = math.sqrt(max(rows * rows - 4 * n, 0.0))
+        tried: List[int] = []
+        for root in ((rows - spread) / 2, (rows + spread) / 2):
+            near = [k for k in range(math.floor(root) - 1, math.ceil(root) + 2) if 1 <= k <= n]
+            c = min(near, key=lambda k: abs(compression_ratio(n, k) - self.ratio))
+            if abs(compression_ratio(n, c) - self.ratio) <= 0.01 * self.ratio:
+                return c
+            tried += [k for k in near if k not in tried]
+        nearest = ", ".join(f"c={k} gives {compression_ratio(n, k):.4g}" for k in tried)
+        raise ValueError(
+            f"table {table!r}: QR ratio {self.ratio} cannot be reached within 1% with n={n} "
+            f"(nearest: {nearest})"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class QRTable:
+    """What one table became: ``Q`` (``ceil(n/c) x d``) and ``R`` (``c x d``), or itself."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    num_collisions: int  # 0 if uncompressed
+    operation: str
+    compressed: bool
+
+    @property
+    def quotient_rows(self) -> int:
+        return quotient_rows(self.num_embeddings, self.num_collisions) if self.compressed else 0
+
+    @property
+    def num_parameters(self) -> int:
+        if not self.compressed:
+            return self.num_embeddings * self.embedding_dim
+        return (self.quotient_rows + self.num_collisions) * self.embedding_dim
+
+    @property
+    def ratio(self) -> float:
+        return compression_ratio(self.num_embeddings, self.num_collisions) if self.compressed else 1.0
+
+
+class QRLayout:
+    """A QR collection's tables and the steps around its per-id lookups.
+
+    Shared by the unsharded and the sharded module: ``split`` turns each feature ``f`` of a
+    compressed table into ``f@q`` (ids ``i // c``) and ``f@r`` (ids ``i % c``) before the
+    lookups; ``combine`` joins each id's two rows after them and pools the bags.
+    """
+
+    def __init__(
+        self, tables: List[EmbeddingBagConfig], compression: Union[QRConfig, Dict[str, QRConfig]]
+    ) -> None:
+        dims = {t.name: t.embedding_dim for t in tables}
+        if len(set(dims.values())) > 1:
+            raise ValueError(
+                "a QR collection's tables share one dim (its lookups run on TorchRec's "
+                f"EmbeddingCollection); got dims {dims}: build one collection per dim "
+                "(qr_collection does)"
+            )
+        self.configs = tables
+        self.num_embeddings = feature_sizes(tables)
+        specs = table_specs(tables, compression)
+        self.tables: List[QRTable] = []
+        for t in tables:
+            if t.pooling not in POOLING:
+                raise ValueError(f"table {t.name!r}: QR pools with SUM or MEAN, got {t.pooling.name}")
+            spec = specs[t.name]
+            compressed = spec is not None and spec.compresses(t.num_embeddings)
+            self.tables.append(
+                QRTable(
+                    name=t.name,
+                    num_embeddings=t.num_embeddings,
+                    embedding_dim=t.embedding_dim,
+                    num_collisions=spec.collisions(t.num_embeddings, t.name) if compressed else 0,
+                    operation=spec.operation if compressed else "mult",
+                    compressed=compressed,
+                )
+            )
+        self._embedding_names = [n for names in get_embedding_names_by_table(tables) for n in names]
+        self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+
+    def lookup_configs(self) -> List[EmbeddingConfig]:
+        """The unpooled tables: ``T@q`` and ``T@r`` per compressed table, uncompressed ``T``."""
+        out = []
+        for cfg, t in zip(self.configs, self.tables):
+            if not t.compressed:
+                out.append(
+                    EmbeddingConfig(
+                        name=cfg.name,
+                        num_embeddings=cfg.num_embeddings,
+                        embedding_dim=cfg.embedding_dim,
+                        feature_names=list(cfg.feature_names),
+                        data_type=cfg.data_type,
+                        init_fn=cfg.init_fn,
+                    )
+                )
+                continue
+            for part, rows in (("q", t.quotient_rows), ("r", t.num_collisions)):
+                out.append(
+                    EmbeddingConfig(
+                        name=f"{cfg.name}@{part}",
+                        num_embeddings=rows,
+                        embedding_dim=cfg.embedding_dim,
+                        feature_names=[f"{f}@{part}" for f in cfg.feature_names],
+                        data_type=cfg.data_type,
+                    )
+                )
+        return out
+
+    def split(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The features the lookups take: ``f@q``/``f@r`` for compressed tables, ``f`` else."""
+        feature_dict = features.to_dict()
+        keys: List[str] = []
+        values: List[torch.Tensor] = []
+        lengths: List[torch.Tensor] = []
+        for cfg, t in zip(self.configs, self.tables):
+            for f in cfg.feature_names:
+                jt = feature_dict[f]
+                if t.compressed:
+                    ids = jt.values()
+                    keys += [f"{f}@q", f"{f}@r"]
+                    values += [torch.div(ids, t.num_collisions, rounding_mode="floor"), ids % t.num_collisions]
+                    lengths += [jt.lengths(), jt.lengths()]
+                else:
+                    keys.append(f)
+                    values.append(jt.values())
+                    lengths.append(jt.lengths())
+        return KeyedJaggedTensor(
+            keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=features.stride()
+        )
+
+    def combine(self, embeddings: Dict[str, JaggedTensor]) -> KeyedTensor:
+        """Per-id ``Q[q] * R[r]`` (or ``+``) pooled by each bag, as the user's KeyedTensor."""
+        pooled = []
+        for cfg, t in zip(self.configs, self.tables):
+            for f in cfg.feature_names:
+                if t.compressed:
+                    q, r = embeddings[f"{f}@q"], embeddings[f"{f}@r"]
+                    per_id = q.values() * r.values() if t.operation == "mult" else q.values() + r.values()
+                    lengths = q.lengths()
+                else:
+                    per_id, lengths = embeddings[f].values(), embeddings[f].lengths()
+                pooled.append(
+                    torch.segment_reduce(per_id, POOLING[cfg.pooling], lengths=lengths, initial=0.0)
+                )
+        return KeyedTensor(
+            keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(pooled, dim=1)
+        )
+
+    def cost(self) -> Dict[str, Dict[str, float]]:
+        """Per table ``n, d, c``, quotient rows, parameter count and achieved ratio, plus total."""
+        return cost_report(
+            {
+                t.name: {
+                    "n": t.num_embeddings,
+                    "d": t.embedding_dim,
+                    "c": t.num_collisions,
+                    "quotient_rows": t.quotient_rows,
+                    "parameters": t.num_parameters,
+                    "uncompressed_parameters": t.num_embeddings * t.embedding_dim,
+                    "ratio": t.ratio,
+                }
+                for t in self.tables
+            }
+        )
+
+
+class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """EmbeddingBagCollection with quotient-remainder tables: ``e_i = Q[i // c] * R[i % c]``.
+
+    Built from the user's own ``EmbeddingBagConfig``s (one dim for all) plus a ``QRConfig`` (one
+    for all tables, or a dict by table name; tables left out, or smaller than ``min_rows``, stay
+    uncompressed). Bags pool per-id embeddings with the configs' SUM or MEAN. State dict:
+    ``embeddings.T@q.weight`` (``ceil(n/c) x d``) and ``embeddings.T@r.weight`` (``c x d``);
+    ``embeddings.T.weight`` for uncompressed tables: the keys of the EmbeddingCollection that the
+    sharded module is built on.
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        compression: Union[QRConfig, Dict[str, QRConfig]],
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.layout = QRLayout(tables, compression)
+        self.embeddings: nn.ModuleDict = EmbeddingCollection(
+            self.layout.lookup_configs(), device=device
+        ).embeddings
+        self._device = torch.device(device or next(iter(self.embeddings.parameters())).device)
+        self._lookup_features = [(cfg.name, f) for cfg in self.layout.lookup_configs() for f in cfg.feature_names]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        check_unweighted(features, "QR")
+        check_ids(features, self.layout.num_embeddings)
+        split = self.layout.split(features).to_dict()
+        return self.layout.combine(
+            {
+                f: JaggedTensor(values=self.embeddings[table](split[f].values()).float(), lengths=split[f].lengths())
+                for table, f in self._lookup_features
+            }
+        )
+
+    def reset_parameters(self) -> None:
+        """Every lookup table by its ``init_fn`` (``Q``, ``R``: TorchRec's default for their rows)."""
+        if self._device.type == "meta":
+            return
+        with torch.no_grad():
+            for cfg in self.layout.lookup_configs():
+                assert cfg.init_fn is not None
+                cfg.init_fn(self.embeddings[cfg.name].weight)
+
+    def cost(self) -> Dict[str, Dict[str, float]]:
+        return self.layout.cost()
+
+    @property
+    def tables(self) -> List[QRTable]:
+        return self.layout.tables
+
+    def is_weighted(self) -> bool:
+        return False
+
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self.layout.configs
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+
+def qr_collection(
+    tables: List[EmbeddingBagConfig],
+    compression: Union[QRConfig, Dict[str, QRConfig]],
+    device: Optional[torch.device] = None,
+) -> nn.Module:
+    """One ``QREmbeddingBagCollection`` per embedding dim (joined if there are several)."""
+    by_dim: Dict[int, List[EmbeddingBagConfig]] = {}
+    for t in tables:
+        by_dim.setdefault(t.embedding_dim, []).append(t)
+    if isinstance(compression, dict):
+        table_specs(tables, compression)  # names unknown tables before splitting by dim
+    parts = [
+        QREmbeddingBagCollection(
+            group,
+            {t.name: compression[t.name] for t in group if t.name in compression}
+            if isinstance(compression, dict)
+            else compression,
+            device=device,
+        )
+        for group in by_dim.values()
+    ]
+    return parts[0] if len(parts) == 1 else MixedEmbeddingBagCollection(parts)
