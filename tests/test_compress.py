@@ -78,6 +78,10 @@ def test_bad_specs_error_clearly() -> None:
         compress(_dlrm(), CompressionSpec(tables={"nope": TableCompression("none")}))
     with pytest.raises(ValueError, match="wrap a bare EBC"):
         compress(EmbeddingBagCollection(small_tables()), CompressionSpec())
+    weighted = _dlrm()
+    weighted.sparse_arch.embedding_bag_collection = EmbeddingBagCollection(small_tables(), is_weighted=True)
+    with pytest.raises(ValueError, match="weighted EmbeddingBagCollection"):
+        compress(weighted, CompressionSpec(method="memcom", params={"ratio": 2}))
 
 
 def test_dlrm_with_memcom_tables_learns() -> None:

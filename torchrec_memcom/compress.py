@@ -119,6 +119,11 @@ def compress_collection(
         raise ValueError(f"compression names unknown tables: {sorted(unknown)}")
     choices = {cfg.name: spec.for_table(cfg) for cfg in configs}
     methods = {c.method for c in choices.values()} - {"none"}
+    if methods and ebc.is_weighted():
+        raise ValueError(
+            f"a weighted EmbeddingBagCollection (per-sample weights) cannot be compressed with "
+            f"{sorted(methods)}: compressed collections pool unweighted bags"
+        )
     host = next(iter(methods)) if len(methods) == 1 else None
     plain = "none" if host is None or not METHODS[host].holds_plain_tables else host
     groups: Dict[str, List[EmbeddingBagConfig]] = {}
@@ -130,7 +135,7 @@ def compress_collection(
         if choice.method != "none":
             params.setdefault(group, {})[cfg.name] = choice.params
     parts = [
-        EmbeddingBagCollection(tables, device=ebc.device)
+        EmbeddingBagCollection(tables, is_weighted=ebc.is_weighted(), device=ebc.device)
         if method == "none"
         else METHODS[method].build(tables, params.get(method, {}), ebc.device)
         for method, tables in groups.items()

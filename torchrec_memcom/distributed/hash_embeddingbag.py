@@ -23,25 +23,16 @@ from torchrec.distributed.types import (
     ShardingEnv,
     ShardingType,
 )
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_memcom.distributed.memcom_embeddingbag import _with_weights
+from torchrec_memcom.distributed.stock_views import kjt_with, stock_view
 from torchrec_memcom.distributed.state import copy_full_tensor
 from torchrec_memcom.modules.hash_embedding_bag import (
     HashEmbeddingBagCollection,
     HashTable,
     check_unweighted,
 )
-from torchrec_memcom.modules.memcom_embedding_bag import check_ids
-
-
-def _hashed_view(module: HashEmbeddingBagCollection) -> EmbeddingBagCollection:
-    """A stock EBC over the module's own hashed tables, for the stock sharder."""
-    view = EmbeddingBagCollection(module.hashed_configs(), device=torch.device("meta"))
-    view.embedding_bags = module.embedding_bags
-    view._device = module.device
-    return view
+from torchrec_memcom.modules.collection_checks import check_ids
 
 
 class ShardedHashEmbeddingBagCollection(ShardedEmbeddingBagCollection):
@@ -58,7 +49,7 @@ class ShardedHashEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         module_fqn: Optional[str] = None,
     ) -> None:
         super().__init__(
-            _hashed_view(module),
+            stock_view(module.hashed_configs(), module.embedding_bags, module.device, is_weighted=False),
             table_name_to_parameter_sharding,
             env,
             fused_params=fused_params,
@@ -108,7 +99,7 @@ class ShardedHashEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                     parts[i] = self._feature_table[features.keys()[i]].rows(parts[i])
                 ids = torch.cat(parts)
             rows = ids % torch.repeat_interleave(modulus, torch.tensor(lengths, device=ids.device))
-        return super().input_dist(ctx, _with_weights(features, rows, None))
+        return super().input_dist(ctx, kjt_with(features, rows, None))
 
     def cost(self) -> Dict[str, Dict[str, float]]:
         """Same report as the unsharded module (global sizes)."""

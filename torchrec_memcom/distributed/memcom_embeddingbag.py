@@ -8,12 +8,10 @@ per-entity scalar (after ``input_dist``, which runs under ``no_grad``) and runs 
 whose SUM-pooled per-sample-weight gradient trains the scalars.
 """
 
-import dataclasses
 from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding_types import KJTList
 from torchrec.distributed.embeddingbag import (
@@ -29,44 +27,19 @@ from torchrec.distributed.types import (
     ShardingEnv,
 )
 from torchrec.distributed.utils import append_prefix
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.distributed.state import copy_full_tensor
+from torchrec_memcom.distributed.stock_views import kjt_with, stock_view
 from torchrec_memcom.distributed.entity_weights import (
     SUPPORTED_SHARDING_TYPES,
     ShardedEntityWeights,
     table_layout,
 )
 from torchrec_memcom.modules.hashing import slots
-from torchrec_memcom.modules.memcom_embedding_bag import (
-    MEmComEmbeddingBagCollection,
-    MEmComTable,
-    check_ids,
-)
-
-
-def _shared_table_view(module: MEmComEmbeddingBagCollection) -> EmbeddingBagCollection:
-    """A stock weighted EBC over the module's own shared tables, for the stock sharder."""
-    view = EmbeddingBagCollection(module.hashed_configs(), is_weighted=True, device=torch.device("meta"))
-    view.embedding_bags = module.embedding_bags
-    view._device = module.device
-    return view
-
-
-def _with_weights(kjt: KeyedJaggedTensor, values: torch.Tensor, weights: torch.Tensor) -> KeyedJaggedTensor:
-    """``kjt`` with new values and weights, keeping its keys, lengths and batch layout."""
-    return KeyedJaggedTensor(
-        keys=kjt.keys(),
-        values=values,
-        weights=weights,
-        lengths=kjt.lengths(),
-        offsets=kjt.offsets_or_none(),
-        stride=kjt.stride(),
-        stride_per_key_per_rank=kjt.stride_per_key_per_rank() if kjt.variable_stride_per_key() else None,
-        inverse_indices=kjt.inverse_indices_or_none(),
-    )
+from torchrec_memcom.modules.collection_checks import check_ids
+from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, MEmComTable
 
 
 def _add_anchor(kt: KeyedTensor, anchor: torch.Tensor) -> KeyedTensor:
@@ -88,7 +61,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         module_fqn: Optional[str] = None,
     ) -> None:
         super().__init__(
-            _shared_table_view(module),
+            stock_view(module.hashed_configs(), module.embedding_bags, module.device, is_weighted=True),
             table_name_to_parameter_sharding,
             env,
             fused_params=fused_params,
@@ -203,7 +176,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                 slot = torch.cat(parts)
             m = torch.repeat_interleave(rows_per_feature, torch.tensor(lengths, device=slot.device))
             rows, blocks = slot % m, (slot // m).to(torch.float32)
-        return super().input_dist(ctx, _with_weights(features, rows, blocks))
+        return super().input_dist(ctx, kjt_with(features, rows, blocks))
 
     def _scalars(self, dist_input: KJTList) -> Tuple[KJTList, Optional[torch.Tensor]]:
         """Replace each KJT's ``k`` weights by the per-entity scalars (1 for plain tables)."""
@@ -230,7 +203,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             anchor, scalars = self.entity_weights.lookup_fused([idx for idx, _ in fused], scales)
             for g, w, (_, mask) in zip(fused_at, scalars, fused):
                 out[g] = self._place(w, mask, dist_input[g])
-        weighted = KJTList([_with_weights(kjt, kjt.values(), w) for kjt, w in zip(dist_input, out)])
+        weighted = KJTList([kjt_with(kjt, kjt.values(), w) for kjt, w in zip(dist_input, out)])
         return weighted, anchor if self.entity_weights.needs_anchor else None
 
     @staticmethod

@@ -35,7 +35,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.modules.hash_embedding_bag import check_unweighted
-from torchrec_memcom.modules.memcom_embedding_bag import check_ids
+from torchrec_memcom.modules.collection_checks import check_ids
 from torchrec_memcom.modules.qr_embedding_bag import QREmbeddingBagCollection, QRLayout, QRTable
 
 

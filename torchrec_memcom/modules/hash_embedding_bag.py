@@ -1,7 +1,7 @@
 """`HashEmbeddingBagCollection`: the hashing trick, each table's ids folded onto ``m`` shared rows."""
 
 import dataclasses
-from typing import Dict, List, Mapping, Optional, TypeVar, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +15,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.modules.hashing import slots
 from torchrec_memcom.modules.memcom_config import HASHES
-from torchrec_memcom.modules.memcom_embedding_bag import check_ids
+from torchrec_memcom.modules.collection_checks import (
+    check_ids,
+    check_unweighted,
+    cost_report,
+    feature_sizes,
+    table_specs,
+)
 
-Spec = TypeVar("Spec")
 
 
 @dataclasses.dataclass
@@ -97,46 +102,6 @@ class HashTable:
         if not self.compressed:
             return ids
         return slots(ids, self.num_embeddings, self.hash) % self.hash_rows
-
-
-def table_specs(
-    tables: List[EmbeddingBagConfig], compression: Union[Spec, Mapping[str, Spec]]
-) -> Dict[str, Optional[Spec]]:
-    """The spec of every table (None: uncompressed); a dict naming unknown tables is an error."""
-    if isinstance(compression, Mapping):
-        unknown = set(compression) - {t.name for t in tables}
-        if unknown:
-            raise ValueError(f"compression names unknown tables: {sorted(unknown)}")
-        return {t.name: compression.get(t.name) for t in tables}
-    return {t.name: compression for t in tables}
-
-
-def feature_sizes(tables: List[EmbeddingBagConfig]) -> Dict[str, int]:
-    """``n`` of the table each feature reads; a feature read by two tables is an error."""
-    out: Dict[str, int] = {}
-    owner: Dict[str, str] = {}
-    for t in tables:
-        for f in t.feature_names:
-            if f in owner:
-                raise ValueError(
-                    f"feature {f!r} is read by tables {owner[f]!r} and {t.name!r}; compressed "
-                    f"collections need each feature to read one table"
-                )
-            out[f], owner[f] = t.num_embeddings, t.name
-    return out
-
-
-def check_unweighted(features: KeyedJaggedTensor, method: str) -> None:
-    """Compressed collections pool unweighted bags; refuse weights rather than drop them."""
-    if features.weights_or_none() is not None:
-        raise ValueError(f"{method} collections take unweighted features; got KJT weights")
-
-
-def cost_report(rows: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
-    """Per-table rows (each with ``parameters`` and ``uncompressed_parameters``) plus ``total``."""
-    params = sum(r["parameters"] for r in rows.values())
-    full = sum(r["uncompressed_parameters"] for r in rows.values())
-    return {**rows, "total": {"parameters": params, "uncompressed_parameters": full, "ratio": full / params}}
 
 
 class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface):

@@ -14,6 +14,13 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_memcom.modules.collection_checks import (
+    check_ids,
+    check_unweighted,
+    cost_report,
+    feature_sizes,
+    table_specs,
+)
 from torchrec_memcom.modules.hashing import slots
 from torchrec_memcom.modules.memcom_config import MEmComConfig, compression_ratio
 
@@ -49,13 +56,11 @@ def plan_tables(
     tables: List[EmbeddingBagConfig], compression: Union[MEmComConfig, Dict[str, MEmComConfig]]
 ) -> List[MEmComTable]:
     """Resolve the compression spec into per-table shapes (errors name the table)."""
-    if isinstance(compression, dict):
-        unknown = set(compression) - {t.name for t in tables}
-        if unknown:
-            raise ValueError(f"compression names unknown tables: {sorted(unknown)}")
+    feature_sizes(tables)  # each feature reads one table
+    specs = table_specs(tables, compression)
     out = []
     for t in tables:
-        spec = compression.get(t.name) if isinstance(compression, dict) else compression
+        spec = specs[t.name]
         compressed = spec is not None and spec.compresses(t.num_embeddings)
         if compressed and t.pooling != PoolingType.SUM:
             raise ValueError(
@@ -68,32 +73,13 @@ def plan_tables(
                 num_embeddings=t.num_embeddings,
                 embedding_dim=t.embedding_dim,
                 hash_rows=spec.hash_rows(t.num_embeddings, t.embedding_dim, t.name)
-                if compressed
+                if spec is not None and compressed
                 else t.num_embeddings,
-                hash=spec.hash if compressed else "mod",
+                hash=spec.hash if spec is not None and compressed else "mod",
                 compressed=compressed,
             )
         )
     return out
-
-
-def check_ids(features: KeyedJaggedTensor, num_embeddings: Dict[str, int]) -> None:
-    """Raise naming the feature when an id falls outside ``[0, n)`` of its table."""
-    values = features.values()
-    if values.numel() == 0:
-        return
-    lengths = torch.tensor(features.length_per_key(), device=values.device)
-    limits = torch.tensor(
-        [num_embeddings[k] for k in features.keys()], device=values.device, dtype=values.dtype
-    )
-    bad = (values < 0) | (values >= torch.repeat_interleave(limits, lengths))
-    if bool(bad.any()):
-        first = int(torch.nonzero(bad)[0])
-        key = features.keys()[int(torch.searchsorted(lengths.cumsum(0), first, right=True))]
-        raise ValueError(
-            f"feature {key!r}: id {int(values[first])} is outside [0, {num_embeddings[key]}) "
-            f"of its table"
-        )
 
 
 class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -138,7 +124,7 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         )
         self._embedding_names = [n for names in get_embedding_names_by_table(tables) for n in names]
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
-        self._num_embeddings = {f: t.num_embeddings for t in tables for f in t.feature_names}
+        self._num_embeddings = feature_sizes(tables)
 
     def hashed_configs(self) -> List[EmbeddingBagConfig]:
         """The configs of the shared tables (``m`` rows) as a stock EBC would take them."""
@@ -150,6 +136,7 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         ]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        check_unweighted(features, "MEmCom")
         check_ids(features, self._num_embeddings)
         feature_dict = features.to_dict()
         pooled = []
@@ -191,25 +178,19 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def cost(self) -> Dict[str, Dict[str, float]]:
         """Per table ``n, d, m``, parameter count and achieved ratio, plus a ``total`` row."""
-        rows: Dict[str, Dict[str, float]] = {
-            t.name: {
-                "n": t.num_embeddings,
-                "d": t.embedding_dim,
-                "m": t.hash_rows,
-                "parameters": t.num_parameters,
-                "uncompressed_parameters": t.num_embeddings * t.embedding_dim,
-                "ratio": t.ratio,
+        return cost_report(
+            {
+                t.name: {
+                    "n": t.num_embeddings,
+                    "d": t.embedding_dim,
+                    "m": t.hash_rows,
+                    "parameters": t.num_parameters,
+                    "uncompressed_parameters": t.num_embeddings * t.embedding_dim,
+                    "ratio": t.ratio,
+                }
+                for t in self.tables
             }
-            for t in self.tables
-        }
-        params = sum(r["parameters"] for r in rows.values())
-        full = sum(r["uncompressed_parameters"] for r in rows.values())
-        rows["total"] = {
-            "parameters": params,
-            "uncompressed_parameters": full,
-            "ratio": full / params,
-        }
-        return rows
+        )
 
     def is_weighted(self) -> bool:
         """Inputs carry no weights: the per-entity scalars are the module's own."""

@@ -28,7 +28,7 @@ from torchrec_memcom.modules.hash_embedding_bag import (
     feature_sizes,
     table_specs,
 )
-from torchrec_memcom.modules.memcom_embedding_bag import check_ids
+from torchrec_memcom.modules.collection_checks import check_ids
 from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
 
 OPERATIONS = ("mult", "add")

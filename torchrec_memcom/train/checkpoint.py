@@ -5,6 +5,7 @@ Every rank writes its shards into ``step_N.tmp``; after a barrier rank 0 renames
 naming a complete checkpoint (or none); a stale ``.tmp`` is cleared before the next save.
 """
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 LATEST = "latest"
+CONFIG = "config.json"  # the run config, so that a checkpoint describes its own model
 
 
 def latest_checkpoint(folder: Path) -> Optional[Path]:
@@ -27,8 +29,8 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     return path
 
 
-def save_checkpoint(folder: Path, step: int, state: Dict[str, Any]) -> Path:
-    """Write ``state`` (sharded) as ``folder/step_<step>``; collective over all ranks."""
+def save_checkpoint(folder: Path, step: int, state: Dict[str, Any], config: Dict[str, Any]) -> Path:
+    """Write ``state`` (sharded) and ``config`` as ``folder/step_<step>``; collective."""
     final, tmp = folder / f"step_{step}", folder / f"step_{step}.tmp"
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
@@ -37,6 +39,7 @@ def save_checkpoint(folder: Path, step: int, state: Dict[str, Any]) -> Path:
     dcp.save(state, checkpoint_id=str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         pointer = folder / f"{LATEST}.tmp"

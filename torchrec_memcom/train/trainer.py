@@ -4,14 +4,13 @@ DMP shards the (compressed) DLRM with the TorchRec planner, TorchRec's sparse-di
 trains it, evaluation reports AUC and log loss, and DCP checkpoints make it resumable.
 """
 
-import dataclasses
 import json
 import os
 import resource
 import time
 from itertools import islice
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import torch
 import torch.distributed as dist
@@ -239,13 +238,13 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
             if cfg.eval_every and progress["step"] % cfg.eval_every == 0 and progress["step"] < total_steps:
                 evaluate()
             if checkpoints and cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0:
-                save_checkpoint(checkpoints, progress["step"], state())
+                save_checkpoint(checkpoints, progress["step"], state(), as_dict(config))
             if progress["batch"] == 0:
                 break
     bar.close()
     evaluate()
     if checkpoints:
-        save_checkpoint(checkpoints, progress["step"], state())
+        save_checkpoint(checkpoints, progress["step"], state(), as_dict(config))
     return _final(history)
 
 
