@@ -16,6 +16,7 @@ from torchrec.distributed.sharding_plan import (
     construct_module_sharding_plan,
     data_parallel,
     row_wise,
+    table_row_wise,
     table_wise,
 )
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
@@ -35,7 +36,19 @@ PLANS = {
     "row_wise": lambda: row_wise(compute_kernel=FUSED),
     "column_wise": lambda: column_wise(ranks=[0, 1], compute_kernel=FUSED),
     "data_parallel": data_parallel,
+    "table_row_wise": lambda: _fused(table_row_wise(host_index=0)),
 }
+
+
+def _fused(generator):  # type: ignore[no-untyped-def]
+    """A plan generator whose shards use the fused kernel (table_row_wise takes no kernel)."""
+
+    def fused(*args, **kwargs):  # type: ignore[no-untyped-def]
+        sharding = generator(*args, **kwargs)
+        sharding.compute_kernel = FUSED
+        return sharding
+
+    return fused
 COMPRESSION = {"t0": MEmComConfig(ratio=4), "t1": MEmComConfig(num_hash_rows=50, hash="mix")}
 
 
