@@ -142,6 +142,16 @@ def test_gzip_equals_plain(sample: Path, tmp_path: Path) -> None:
             np.testing.assert_array_equal(plain[name], packed[name])
 
 
+def test_crlf_line_ends(sample: Path, tmp_path: Path) -> None:
+    crlf = tmp_path / "train.txt"
+    crlf.write_bytes(sample.read_bytes().replace(b"\n", b"\r\n"))
+    convert(sample, tmp_path / "lf", split="none", progress=False)
+    convert(crlf, tmp_path / "crlf", split="none", progress=False)
+    lf, crlf_rows = read_split(tmp_path / "lf", "train"), read_split(tmp_path / "crlf", "train")
+    for name in lf:
+        np.testing.assert_array_equal(lf[name], crlf_rows[name])
+
+
 def test_folder_of_days(sample_rows: List[List[str]], tmp_path: Path) -> None:
     days = tmp_path / "days"
     days.mkdir()

@@ -6,14 +6,12 @@ The hashed tables are a stock ShardedEmbeddingBagCollection on FBGEMM's table-ba
 else differs from a stock EBC of ``m``-row tables.
 """
 
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
 from torchrec.distributed.embedding_types import KJTList
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionContext,
-    EmbeddingBagCollectionSharder,
     ShardedEmbeddingBagCollection,
 )
 from torchrec.distributed.types import (
@@ -25,6 +23,7 @@ from torchrec.distributed.types import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_memcom.distributed.collection_sharder import CollectionSharder
 from torchrec_memcom.distributed.stock_views import kjt_with, stock_view
 from torchrec_memcom.distributed.state import copy_full_tensor
 from torchrec_memcom.modules.hash_embedding_bag import (
@@ -110,39 +109,13 @@ class ShardedHashEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         return self._hash_tables
 
 
-class HashEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+class HashEmbeddingBagCollectionSharder(CollectionSharder):
     """Shards ``HashEmbeddingBagCollection``; pass it to DMP/the planner with the stock ones."""
 
-    def shard(
-        self,
-        module: HashEmbeddingBagCollection,  # type: ignore[override]
-        params: Dict[str, ParameterSharding],
-        env: ShardingEnv,
-        device: Optional[torch.device] = None,
-        module_fqn: Optional[str] = None,
-    ) -> ShardedHashEmbeddingBagCollection:
-        return ShardedHashEmbeddingBagCollection(
-            module,
-            params,
-            env,
-            fused_params=self.fused_params,
-            device=device,
-            qcomm_codecs_registry=self.qcomm_codecs_registry,
-            module_fqn=module_fqn,
-        )
-
-    def shardable_parameters(self, module: HashEmbeddingBagCollection) -> Dict[str, nn.Parameter]:  # type: ignore[override]
-        return {name: bag.weight for name, bag in module.embedding_bags.items()}
+    unsharded = HashEmbeddingBagCollection
+    sharded = ShardedHashEmbeddingBagCollection
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
         """The stock types, plus row-wise on CPU (the stock sharder offers it only on CUDA)."""
         types = super().sharding_types(compute_device_type)
         return types if ShardingType.ROW_WISE.value in types else types + [ShardingType.ROW_WISE.value]
-
-    @property
-    def module_type(self) -> Type[HashEmbeddingBagCollection]:  # type: ignore[override]
-        return HashEmbeddingBagCollection
-
-    @property
-    def sharded_module_type(self) -> Type[ShardedHashEmbeddingBagCollection]:  # type: ignore[override]
-        return ShardedHashEmbeddingBagCollection

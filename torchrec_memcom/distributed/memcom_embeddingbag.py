@@ -9,14 +9,13 @@ whose SUM-pooled per-sample-weight gradient trains the scalars.
 """
 
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torchrec.distributed.embedding_types import KJTList
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionContext,
-    EmbeddingBagCollectionSharder,
     ShardedEmbeddingBagCollection,
 )
 from torchrec.distributed.types import (
@@ -30,6 +29,7 @@ from torchrec.distributed.utils import append_prefix
 from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_memcom.distributed.collection_sharder import CollectionSharder
 from torchrec_memcom.distributed.state import copy_full_tensor
 from torchrec_memcom.distributed.stock_views import kjt_with, stock_view
 from torchrec_memcom.distributed.entity_weights import (
@@ -259,45 +259,12 @@ def _unwrap(lookup: nn.Module) -> nn.Module:
     return lookup
 
 
-class MEmComEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+class MEmComEmbeddingBagCollectionSharder(CollectionSharder):
     """Shards ``MEmComEmbeddingBagCollection``; pass it to DMP/the planner with the stock ones."""
 
-    def __init__(
-        self,
-        fused_params: Optional[Dict[str, Any]] = None,
-        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
-    ) -> None:
-        super().__init__(fused_params=fused_params, qcomm_codecs_registry=qcomm_codecs_registry)
-
-    def shard(
-        self,
-        module: MEmComEmbeddingBagCollection,  # type: ignore[override]
-        params: Dict[str, ParameterSharding],
-        env: ShardingEnv,
-        device: Optional[torch.device] = None,
-        module_fqn: Optional[str] = None,
-    ) -> ShardedMEmComEmbeddingBagCollection:
-        return ShardedMEmComEmbeddingBagCollection(
-            module,
-            params,
-            env,
-            fused_params=self.fused_params,
-            device=device,
-            qcomm_codecs_registry=self.qcomm_codecs_registry,
-            module_fqn=module_fqn,
-        )
-
-    def shardable_parameters(self, module: MEmComEmbeddingBagCollection) -> Dict[str, nn.Parameter]:  # type: ignore[override]
-        return {name: bag.weight for name, bag in module.embedding_bags.items()}
+    unsharded = MEmComEmbeddingBagCollection
+    sharded = ShardedMEmComEmbeddingBagCollection
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
         """Row-wise too on CPU: MEmCom routes slots by shared row, which row-wise needs."""
         return list(SUPPORTED_SHARDING_TYPES)
-
-    @property
-    def module_type(self) -> Type[MEmComEmbeddingBagCollection]:  # type: ignore[override]
-        return MEmComEmbeddingBagCollection
-
-    @property
-    def sharded_module_type(self) -> Type[ShardedMEmComEmbeddingBagCollection]:  # type: ignore[override]
-        return ShardedMEmComEmbeddingBagCollection

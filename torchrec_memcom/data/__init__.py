@@ -1,0 +1,39 @@
+"""Criteo data path on pyarrow: convert TSV to Parquet shards, synthesize, count ids, load batches.
+
+Exports are resolved lazily, so importing `torchrec_memcom.data` (and the `memcom data` CLI)
+imports nothing heavy until a name is used; the loader imports torch and torchrec only when it
+builds batches.
+"""
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .converter import CriteoFormatError, convert
+    from .loader import CriteoParquetLoader
+    from .manifest import load_frequencies, load_manifest
+    from .schema import CAT_NAMES, INT_NAMES, LABEL_NAME, kaggle_split
+    from .synth import roc_auc, synthesize, write_synthetic_tsv
+
+_EXPORTS = {
+    "convert": "converter",
+    "CriteoFormatError": "converter",
+    "CriteoParquetLoader": "loader",
+    "load_manifest": "manifest",
+    "load_frequencies": "manifest",
+    "synthesize": "synth",
+    "write_synthetic_tsv": "synth",
+    "roc_auc": "synth",
+    "kaggle_split": "schema",
+    "LABEL_NAME": "schema",
+    "INT_NAMES": "schema",
+    "CAT_NAMES": "schema",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,0 +1,187 @@
+"""Training batches from a data folder: `torchrec.datasets.utils.Batch` with a KJT of 26 features.
+
+Shuffling is two-level, the way large click logs are usually shuffled without holding them in
+memory: every epoch the row groups of all shards (65,536 rows each) are permuted with a generator
+seeded by (seed, epoch); in that order the rows are cut into `world_size` equal contiguous parts,
+one per rank, so ranks read disjoint rows; each rank then reads its part a window of
+`shuffle_window` rows at a time and permutes the rows within the window. All ranks get the same
+number of batches, as DDP / DMP lock-step requires: with `drop_last` every batch is full and up to
+world_size * batch_size - 1 rows sit out the epoch (different ones each epoch); without it every
+row is read, ranks' parts are padded to equal size by wrapping around to the first rows (at most
+world_size - 1 repeated rows, as torch's DistributedSampler does) and the last batch of every rank
+has the same, smaller size.
+"""
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Iterator, List, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .manifest import load_manifest
+from .schema import CAT_NAMES, INT_NAMES, LABEL_NAME
+from .sources import PathLike
+
+if TYPE_CHECKING:
+    import torch
+    from torchrec.datasets.utils import Batch
+
+
+class CriteoParquetLoader:
+    """Iterable of `Batch` (dense float32 [B, 13], KJT cat_0..cat_25 one id each, labels float32 [B]).
+
+    Call `set_epoch(e)` before each epoch, as with torch's DistributedSampler: the order depends
+    only on (seed, epoch, rank, world_size), never on how often the loader was iterated.
+    """
+
+    def __init__(
+        self,
+        data_dir: PathLike,
+        split: str,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        shuffle_window: int = 1 << 19,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_size < 1 or shuffle_window < 1:
+            raise ValueError("batch_size and shuffle_window must be positive")
+        manifest = load_manifest(data_dir)
+        if split not in manifest["splits"]:
+            raise ValueError(f"{data_dir} has no split {split!r}; it has {sorted(manifest['splits'])}")
+        self.data_dir, self.split, self.batch_size = Path(data_dir), split, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.drop_last, self.shuffle_window = shuffle, drop_last, shuffle_window
+        self.epoch = 0
+        self.keys: List[str] = list(CAT_NAMES)
+        self._lengths_offsets: Dict[int, Tuple["torch.Tensor", "torch.Tensor"]] = {}
+        self.num_embeddings: Dict[str, int] = {
+            name: manifest["features"][name]["num_embeddings"] for name in CAT_NAMES
+        }
+        # Row groups of all shards, in file order: (path, row group, rows).
+        self._blocks: List[Tuple[Path, int, int]] = []
+        for shard in manifest["splits"][split]["shards"]:
+            path = self.data_dir / shard["path"]
+            metadata = pq.ParquetFile(path).metadata
+            self._blocks += [(path, g, metadata.row_group(g).num_rows) for g in range(metadata.num_row_groups)]
+        self.num_rows = sum(rows for _, _, rows in self._blocks)
+        if drop_last:
+            self.rows_per_rank = self.num_rows // world_size
+            self.num_batches = self.rows_per_rank // batch_size
+        else:
+            self.rows_per_rank = math.ceil(self.num_rows / world_size)
+            self.num_batches = math.ceil(self.rows_per_rank / batch_size)
+        if self.num_batches == 0:
+            raise ValueError(
+                f"split {split!r} has {self.num_rows} rows: too few for one batch of {batch_size} "
+                f"on each of {world_size} ranks (drop_last={drop_last})"
+            )
+
+    def __len__(self) -> int:
+        """Batches per epoch on every rank."""
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _pieces(self) -> List[Tuple[int, int, int]]:
+        """This rank's rows this epoch as (block, first row, end row) slices, in reading order."""
+        order = np.arange(len(self._blocks))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self._blocks))
+        sizes = np.array([self._blocks[b][2] for b in order], dtype=np.int64)
+        ends = np.cumsum(sizes)
+        pieces = []
+        position = self.rank * self.rows_per_rank
+        end = position + self.rows_per_rank
+        while position < end:  # wraps around to the first rows when parts are padded
+            lo = position % self.num_rows
+            hi = min(self.num_rows, lo + end - position)
+            pieces += self._slice(order, ends, lo, hi)
+            position += hi - lo
+        return pieces
+
+    @staticmethod
+    def _slice(order: np.ndarray, ends: np.ndarray, lo: int, hi: int) -> List[Tuple[int, int, int]]:
+        """Rows [lo, hi) of the blocks concatenated in `order`, as (block, first, end) slices."""
+        pieces = []
+        k = int(np.searchsorted(ends, lo, side="right"))
+        while lo < hi:
+            block_start = int(ends[k - 1]) if k else 0
+            stop = min(hi, int(ends[k]))
+            pieces.append((int(order[k]), lo - block_start, stop - block_start))
+            lo, k = stop, k + 1
+        return pieces
+
+    def _windows(self, pieces: List[Tuple[int, int, int]]) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(labels float32 [n], dense float32 [n, 13], ids int64 [26, n]) per window of pieces."""
+        window: List[pa.Table] = []
+        rows = 0
+        for k, (block, lo, hi) in enumerate(pieces):
+            path, group, _ = self._blocks[block]
+            window.append(pq.ParquetFile(path).read_row_group(group).slice(lo, hi - lo))
+            rows += hi - lo
+            if rows >= self.shuffle_window or k == len(pieces) - 1:
+                table = pa.concat_tables(window)
+                labels = table.column(LABEL_NAME).to_numpy().astype(np.float32)
+                dense = np.empty((table.num_rows, len(INT_NAMES)), dtype=np.float32)
+                for j, name in enumerate(INT_NAMES):
+                    dense[:, j] = table.column(name).to_numpy()
+                ids = np.empty((len(CAT_NAMES), table.num_rows), dtype=np.int64)
+                for j, name in enumerate(CAT_NAMES):
+                    ids[j] = table.column(name).to_numpy()
+                yield labels, dense, ids
+                window, rows = [], 0
+
+    def __iter__(self) -> Iterator["Batch"]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.world_size])
+        carry = None  # rows of the previous window that did not fill a batch
+        emitted = 0
+        for labels, dense, ids in self._windows(self._pieces()):
+            if carry is not None:
+                labels = np.concatenate([carry[0], labels])
+                dense = np.concatenate([carry[1], dense])
+                ids = np.concatenate([carry[2], ids], axis=1)
+            order = rng.permutation(len(labels)) if self.shuffle else np.arange(len(labels))
+            full = len(order) // self.batch_size * self.batch_size
+            for s in range(0, full, self.batch_size):
+                if emitted == self.num_batches:
+                    return
+                yield self._batch(labels, dense, ids, order[s : s + self.batch_size])
+                emitted += 1
+            rest = order[full:]
+            carry = (labels[rest], dense[rest], ids[:, rest])
+        if emitted < self.num_batches and carry is not None and len(carry[0]):
+            yield self._batch(*carry, np.arange(len(carry[0])))
+
+    def _batch(self, labels: np.ndarray, dense: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> "Batch":
+        import torch
+        from torchrec.datasets.utils import Batch
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+        n = len(rows)
+        features = len(CAT_NAMES)
+        if n not in self._lengths_offsets:  # one id per feature and example: shared, read-only
+            self._lengths_offsets[n] = (torch.from_numpy(np.ones(features * n, dtype=np.int32)),
+                                        torch.from_numpy(np.arange(features * n + 1, dtype=np.int32)))
+        lengths, offsets = self._lengths_offsets[n]
+        kjt = KeyedJaggedTensor(
+            keys=self.keys,
+            values=torch.from_numpy(ids[:, rows].reshape(-1)),
+            lengths=lengths,
+            offsets=offsets,
+            stride=n,
+            length_per_key=[n] * features,
+            offset_per_key=[n * f for f in range(features + 1)],
+        )
+        return Batch(
+            dense_features=torch.from_numpy(dense[rows]),
+            sparse_features=kjt,
+            labels=torch.from_numpy(labels[rows]),
+        )

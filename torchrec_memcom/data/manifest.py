@@ -1,0 +1,149 @@
+"""The files beside the shards: `manifest.json` and the per-feature id frequencies.
+
+A data folder is complete exactly when `manifest.json` exists: it is written last, atomically,
+and it lists the shards, so nothing reads the shards of an unfinished conversion.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Tuple
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .schema import CAT_NAMES, SPLITS
+from .sources import PathLike
+
+if TYPE_CHECKING:
+    import torch
+
+MANIFEST = "manifest.json"
+STATE = ".convert_state.json"  # progress of an unfinished conversion
+VOCAB = "vocab"  # frequency mode: raw id of each id
+FREQUENCIES = "frequencies"
+FORMAT = "torchrec-memcom-criteo/1"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temporary name and rename, so readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def clear(data_dir: Path) -> None:
+    """Remove what a conversion or synthesis writes in `data_dir`, nothing else."""
+    for name in (MANIFEST, STATE):
+        (data_dir / name).unlink(missing_ok=True)
+    for name in (FREQUENCIES, VOCAB):
+        shutil.rmtree(data_dir / name, ignore_errors=True)
+    for split in SPLITS:
+        for pattern in ("part-*.parquet", ".part-*.parquet.tmp"):
+            for path in (data_dir / split).glob(pattern):
+                path.unlink()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def load_manifest(data_dir: PathLike) -> Dict[str, Any]:
+    """The manifest of a converted or synthesized folder (rows, splits, shards, features)."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        hint = (
+            "a conversion there is unfinished: run the same `memcom data convert` again to finish it"
+            if (Path(data_dir) / STATE).is_file()
+            else "convert or synthesize data first (`memcom data convert` / `memcom data synth`)"
+        )
+        raise FileNotFoundError(f"{path} not found: {hint}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def load_frequencies(data_dir: PathLike) -> Dict[str, "torch.Tensor"]:
+    """Per feature, how often each id occurs in the train split: int64 [num_embeddings]."""
+    import torch
+
+    load_manifest(data_dir)  # refuse unfinished folders
+    folder = Path(data_dir) / FREQUENCIES
+    return {name: torch.from_numpy(np.load(folder / f"{name}.npy")) for name in CAT_NAMES}
+
+
+def _add_counts(counts: np.ndarray, ids: np.ndarray) -> None:
+    """counts[ids] += 1 for every occurrence, cheaply for both small and huge id spaces."""
+    if len(counts) <= 8 * len(ids):
+        counts += np.bincount(ids, minlength=len(counts))
+    else:
+        unique, occurrences = np.unique(ids, return_counts=True)
+        counts[unique] += occurrences
+
+
+def count_ids(
+    data_dir: Path, shards: Mapping[str, Iterable[str]], num_embeddings: Mapping[str, int]
+) -> Tuple[Dict[str, np.ndarray], Dict[str, int]]:
+    """Read the ids back from the shards: train frequencies and distinct ids seen in all splits.
+
+    One feature at a time, so memory is one id space, not 26.
+    """
+    frequencies: Dict[str, np.ndarray] = {}
+    cardinality: Dict[str, int] = {}
+    shards = {split: list(paths) for split, paths in shards.items()}
+    for name in CAT_NAMES:
+        size = num_embeddings[name]
+        per_split = {split: np.zeros(size, dtype=np.int64) for split in shards}
+        for split, paths in shards.items():
+            for rel in paths:
+                ids = pq.read_table(data_dir / rel, columns=[name]).column(0).to_numpy()
+                if ids.size and (ids.min() < 0 or ids.max() >= size):
+                    raise ValueError(f"{rel}: {name} has ids outside [0, {size})")
+                _add_counts(per_split[split], ids)
+        frequencies[name] = per_split.get("train", np.zeros(size, dtype=np.int64))
+        cardinality[name] = int(np.count_nonzero(sum(per_split.values())))
+    return frequencies, cardinality
+
+
+def write_frequencies(data_dir: Path, frequencies: Mapping[str, np.ndarray]) -> None:
+    folder = data_dir / FREQUENCIES
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, counts in frequencies.items():
+        tmp = folder / f".{name}.npy.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, counts.astype(np.int64))
+        os.replace(tmp, folder / f"{name}.npy")
+
+
+def finish(
+    data_dir: Path,
+    shards: Mapping[str, List[Dict[str, Any]]],
+    num_embeddings: Mapping[str, int],
+    fields: Mapping[str, Any],
+) -> Dict[str, Any]:
+    """Count ids, write the frequencies, then the manifest (last: it marks the folder complete).
+
+    `shards[split]` lists `{"path": relative path, "rows": n}`; `fields` adds kind-specific keys.
+    """
+    frequencies, cardinality = count_ids(
+        data_dir, {s: [d["path"] for d in lst] for s, lst in shards.items()}, num_embeddings
+    )
+    write_frequencies(data_dir, frequencies)
+    manifest: Dict[str, Any] = {"format": FORMAT, **fields}
+    manifest["splits"] = {
+        split: {"rows": sum(d["rows"] for d in lst), "shards": lst} for split, lst in shards.items()
+    }
+    manifest["features"] = {
+        name: {"num_embeddings": int(num_embeddings[name]), "cardinality": cardinality[name]}
+        for name in CAT_NAMES
+    }
+    manifest["label"] = "int8 0/1"
+    manifest["dense"] = "float32 log(max(x, 0) + 1), missing -> 0"
+    manifest["frequencies"] = f"{FREQUENCIES}/<feature>.npy: int64 [num_embeddings], train split"
+    write_json_atomic(data_dir / MANIFEST, manifest)
+    return manifest
