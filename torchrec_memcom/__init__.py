@@ -1,38 +1,53 @@
-"""torchrec-memcom: compressed embedding tables for TorchRec."""
+"""torchrec-memcom: compressed embedding tables for TorchRec.
 
-from torchrec_memcom.compress import CompressionSpec, TableCompression, compress
-from torchrec_memcom.distributed.hash_embeddingbag import (
-    HashEmbeddingBagCollectionSharder,
-    ShardedHashEmbeddingBagCollection,
-)
-from torchrec_memcom.distributed.memcom_embeddingbag import (
-    MEmComEmbeddingBagCollectionSharder,
-    ShardedMEmComEmbeddingBagCollection,
-)
-from torchrec_memcom.distributed.qr_embeddingbag import (
-    QREmbeddingBagCollectionSharder,
-    ShardedQREmbeddingBagCollection,
-)
-from torchrec_memcom.modules.hash_embedding_bag import HashConfig, HashEmbeddingBagCollection
-from torchrec_memcom.modules.memcom_config import MEmComConfig
-from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
-from torchrec_memcom.modules.qr_embedding_bag import QRConfig, QREmbeddingBagCollection, qr_collection
+Exports resolve lazily, so `memcom data ...` never pays for importing torch and torchrec.
+"""
 
-__all__ = [
-    "HashConfig",
-    "HashEmbeddingBagCollection",
-    "HashEmbeddingBagCollectionSharder",
-    "ShardedHashEmbeddingBagCollection",
-    "QRConfig",
-    "QREmbeddingBagCollection",
-    "QREmbeddingBagCollectionSharder",
-    "ShardedQREmbeddingBagCollection",
-    "qr_collection",
-    "CompressionSpec",
-    "TableCompression",
-    "compress",
-    "MEmComConfig",
-    "MEmComEmbeddingBagCollection",
-    "MEmComEmbeddingBagCollectionSharder",
-    "ShardedMEmComEmbeddingBagCollection",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torchrec_memcom.compression import CompressionSpec, TableCompression, compress
+    from torchrec_memcom.distributed.hash_embeddingbag import (
+        HashEmbeddingBagCollectionSharder,
+        ShardedHashEmbeddingBagCollection,
+    )
+    from torchrec_memcom.distributed.memcom_embeddingbag import (
+        MEmComEmbeddingBagCollectionSharder,
+        ShardedMEmComEmbeddingBagCollection,
+    )
+    from torchrec_memcom.distributed.qr_embeddingbag import (
+        QREmbeddingBagCollectionSharder,
+        ShardedQREmbeddingBagCollection,
+    )
+    from torchrec_memcom.modules.hash_embedding_bag import HashConfig, HashEmbeddingBagCollection
+    from torchrec_memcom.modules.memcom_config import MEmComConfig
+    from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
+    from torchrec_memcom.modules.qr_embedding_bag import QRConfig, QREmbeddingBagCollection, qr_collection
+
+_EXPORTS = {
+    "CompressionSpec": "compression",
+    "TableCompression": "compression",
+    "compress": "compression",
+    "MEmComConfig": "modules.memcom_config",
+    "MEmComEmbeddingBagCollection": "modules.memcom_embedding_bag",
+    "MEmComEmbeddingBagCollectionSharder": "distributed.memcom_embeddingbag",
+    "ShardedMEmComEmbeddingBagCollection": "distributed.memcom_embeddingbag",
+    "HashConfig": "modules.hash_embedding_bag",
+    "HashEmbeddingBagCollection": "modules.hash_embedding_bag",
+    "HashEmbeddingBagCollectionSharder": "distributed.hash_embeddingbag",
+    "ShardedHashEmbeddingBagCollection": "distributed.hash_embeddingbag",
+    "QRConfig": "modules.qr_embedding_bag",
+    "QREmbeddingBagCollection": "modules.qr_embedding_bag",
+    "qr_collection": "modules.qr_embedding_bag",
+    "QREmbeddingBagCollectionSharder": "distributed.qr_embeddingbag",
+    "ShardedQREmbeddingBagCollection": "distributed.qr_embeddingbag",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from torchrec_memcom.compress import CompressionSpec
+from torchrec_memcom.compression import CompressionSpec
 
 
 @dataclasses.dataclass

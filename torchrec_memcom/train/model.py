@@ -12,7 +12,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from torchrec_memcom.compress import compress
+from torchrec_memcom.compression import compress
 from torchrec_memcom.data.schema import CAT_NAMES, INT_NAMES
 from torchrec_memcom.train.config import RunConfig
 
