@@ -1,7 +1,7 @@
 """Shared fixtures: small table configs and random KJTs with ragged and empty bags."""
 
 from pathlib import Path
-from typing import List
+from typing import Callable, Dict, List
 
 import pytest
 import torch
@@ -52,6 +52,33 @@ def batch_slice(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTen
     return KeyedJaggedTensor.from_lengths_sync(
         keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths)
     )
+
+
+def assert_matches_reference(
+    module: torch.nn.Module,
+    tables: List[EmbeddingBagConfig],
+    reference: Callable[[Dict[str, torch.Tensor], List[EmbeddingBagConfig], torch.nn.Module, KeyedJaggedTensor], Dict[str, torch.Tensor]],
+) -> None:
+    """Outputs and parameter gradients of ``module`` equal a plain-PyTorch ``reference`` built
+    from its own state dict, on random ids with ragged and empty bags."""
+    state = {k: v.detach().clone().requires_grad_(True) for k, v in module.state_dict().items()}
+    kjt = random_kjt(tables, batch=6, seed=1)
+    out = module(kjt).to_dict()
+    ref = reference(state, tables, module, kjt)
+    g = torch.Generator().manual_seed(2)
+    loss, ref_loss = torch.zeros(()), torch.zeros(())
+    for f in ref:
+        torch.testing.assert_close(out[f], ref[f])
+        weight = torch.randn(ref[f].shape, generator=g)
+        loss = loss + (out[f] * weight).sum()
+        ref_loss = ref_loss + (ref[f] * weight).sum()
+    assert any(bool((b == 0).all()) for f in out for b in out[f]), "no empty bag exercised"
+    loss.backward()
+    ref_loss.backward()
+    params = dict(module.named_parameters())
+    assert set(params) == set(state)
+    for k, p in params.items():
+        torch.testing.assert_close(p.grad, state[k].grad, msg=k)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import random_kjt, small_tables
+from conftest import assert_matches_reference, random_kjt, small_tables
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -45,25 +45,7 @@ def test_forward_and_gradients_match_reference(hash: str) -> None:
     module = HashEmbeddingBagCollection(
         tables, {"t0": HashConfig(ratio=4, hash=hash), "t1": HashConfig(num_hash_rows=37, hash=hash)}
     )
-    state = {k: v.detach().clone().requires_grad_(True) for k, v in module.state_dict().items()}
-    kjt = random_kjt(tables, batch=6, seed=1)
-
-    out = module(kjt).to_dict()
-    ref = reference_forward(state, tables, module, kjt)
-    g = torch.Generator().manual_seed(2)
-    loss, ref_loss = 0.0, 0.0
-    for f in ref:
-        torch.testing.assert_close(out[f], ref[f])
-        weight = torch.randn(ref[f].shape, generator=g)
-        loss = loss + (out[f] * weight).sum()
-        ref_loss = ref_loss + (ref[f] * weight).sum()
-    assert any(bool((b == 0).all()) for f in out for b in out[f]), "no empty bag exercised"
-    loss.backward()
-    ref_loss.backward()
-    params = dict(module.named_parameters())
-    assert set(params) == set(state)
-    for k, p in params.items():
-        torch.testing.assert_close(p.grad, state[k].grad, msg=k)
+    assert_matches_reference(module, tables, reference_forward)
 
 
 def test_state_dict_keys_and_shapes() -> None:
