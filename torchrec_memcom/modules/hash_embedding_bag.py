@@ -8,17 +8,16 @@ import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollection,
-    EmbeddingBagCollectionInterface,
     get_embedding_names_by_table,
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.modules.hashing import slots
 from torchrec_memcom.modules.memcom_config import HASHES
+from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.collection_checks import (
     check_ids,
     check_unweighted,
-    cost_report,
     feature_sizes,
     table_specs,
 )
@@ -104,7 +103,7 @@ class HashTable:
         return slots(ids, self.num_embeddings, self.hash) % self.hash_rows
 
 
-class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class HashEmbeddingBagCollection(CompressedCollection):
     """EmbeddingBagCollection with hashed tables: id ``i`` reads row ``h(i) mod m``.
 
     Built from the user's own ``EmbeddingBagConfig``s plus a ``HashConfig`` (one for all tables,
@@ -176,29 +175,3 @@ class HashEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             for cfg in self.hashed_configs():
                 assert cfg.init_fn is not None
                 cfg.init_fn(self.embedding_bags[cfg.name].weight)
-
-    def cost(self) -> Dict[str, Dict[str, float]]:
-        """Per table ``n, d, m``, parameter count and achieved ratio ``n/m``, plus ``total``."""
-        return cost_report(
-            {
-                t.name: {
-                    "n": t.num_embeddings,
-                    "d": t.embedding_dim,
-                    "m": t.hash_rows,
-                    "parameters": t.num_parameters,
-                    "uncompressed_parameters": t.num_embeddings * t.embedding_dim,
-                    "ratio": t.ratio,
-                }
-                for t in self.tables
-            }
-        )
-
-    def is_weighted(self) -> bool:
-        return False
-
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        return self._embedding_bag_configs
-
-    @property
-    def device(self) -> torch.device:
-        return self._device

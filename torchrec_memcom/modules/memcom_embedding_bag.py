@@ -9,15 +9,14 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollection,
-    EmbeddingBagCollectionInterface,
     get_embedding_names_by_table,
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.collection_checks import (
     check_ids,
     check_unweighted,
-    cost_report,
     feature_sizes,
     table_specs,
 )
@@ -82,7 +81,7 @@ def plan_tables(
     return out
 
 
-class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class MEmComEmbeddingBagCollection(CompressedCollection):
     """EmbeddingBagCollection with MEmCom tables: ``e_i = U[h(i)] * w[i]``, bags pooled with SUM.
 
     Built from the user's own ``EmbeddingBagConfig``s plus a ``MEmComConfig`` (one for all tables,
@@ -175,30 +174,3 @@ class MEmComEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 cfg.init_fn(self.embedding_bags[cfg.name].weight)
             for name, w in self.entity_weights.items():
                 w.fill_(self._init_weight[name])
-
-    def cost(self) -> Dict[str, Dict[str, float]]:
-        """Per table ``n, d, m``, parameter count and achieved ratio, plus a ``total`` row."""
-        return cost_report(
-            {
-                t.name: {
-                    "n": t.num_embeddings,
-                    "d": t.embedding_dim,
-                    "m": t.hash_rows,
-                    "parameters": t.num_parameters,
-                    "uncompressed_parameters": t.num_embeddings * t.embedding_dim,
-                    "ratio": t.ratio,
-                }
-                for t in self.tables
-            }
-        )
-
-    def is_weighted(self) -> bool:
-        """Inputs carry no weights: the per-entity scalars are the module's own."""
-        return False
-
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        return self._embedding_bag_configs
-
-    @property
-    def device(self) -> torch.device:
-        return self._device

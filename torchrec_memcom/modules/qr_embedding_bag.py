@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
 from torchrec.modules.embedding_modules import (
-    EmbeddingBagCollectionInterface,
     EmbeddingCollection,
     get_embedding_names_by_table,
 )
@@ -29,6 +28,7 @@ from torchrec_memcom.modules.hash_embedding_bag import (
     table_specs,
 )
 from torchrec_memcom.modules.collection_checks import check_ids
+from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
 
 OPERATIONS = ("mult", "add")
@@ -262,7 +262,7 @@ class QRLayout:
         )
 
 
-class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class QREmbeddingBagCollection(CompressedCollection):
     """EmbeddingBagCollection with quotient-remainder tables: ``e_i = Q[i // c] * R[i % c]``.
 
     Built from the user's own ``EmbeddingBagConfig``s (one dim for all) plus a ``QRConfig`` (one
@@ -281,6 +281,7 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ) -> None:
         super().__init__()
         self.layout = QRLayout(tables, compression)
+        self._embedding_bag_configs = self.layout.configs
         self.embeddings: nn.ModuleDict = EmbeddingCollection(
             self.layout.lookup_configs(), device=device
         ).embeddings
@@ -314,15 +315,6 @@ class QREmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def tables(self) -> List[QRTable]:
         return self.layout.tables
 
-    def is_weighted(self) -> bool:
-        return False
-
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        return self.layout.configs
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
 
 def qr_collection(
