@@ -26,12 +26,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
 from torchrec_memcom.distributed.stock_views import kjt_with, stock_view
 from torchrec_memcom.distributed.state import copy_full_tensor
-from torchrec_memcom.modules.hash_embedding_bag import (
-    HashEmbeddingBagCollection,
-    HashTable,
-    check_unweighted,
-)
-from torchrec_memcom.modules.collection_checks import check_ids
+from torchrec_memcom.modules.collection_checks import check_ids, check_unweighted
+from torchrec_memcom.modules.hash_embedding_bag import HashEmbeddingBagCollection, HashTable
 
 
 class ShardedHashEmbeddingBagCollection(ShardedEmbeddingBagCollection):

@@ -34,8 +34,7 @@ from torchrec.distributed.types import (
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_memcom.modules.hash_embedding_bag import check_unweighted
-from torchrec_memcom.modules.collection_checks import check_ids
+from torchrec_memcom.modules.collection_checks import check_ids, check_unweighted
 from torchrec_memcom.modules.qr_embedding_bag import QREmbeddingBagCollection, QRLayout, QRTable
 
 

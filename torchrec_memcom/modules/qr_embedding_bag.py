@@ -21,13 +21,13 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
-from torchrec_memcom.modules.hash_embedding_bag import (
+from torchrec_memcom.modules.collection_checks import (
+    check_ids,
     check_unweighted,
     cost_report,
     feature_sizes,
     table_specs,
 )
-from torchrec_memcom.modules.collection_checks import check_ids
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
 
