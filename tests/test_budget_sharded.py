@@ -151,6 +151,7 @@ def _assert_matches(dmp: DistributedModelParallel, full: Dict[str, torch.Tensor]
 
 
 def _sharded_equals_unsharded(rank: int, world_size: int, optimizer: EmbOptimType, kinds: List[str]) -> None:
+    torch.set_num_threads(1)
     tables = small_tables(DIM)
     for kind in kinds:
         dmp = _dmp(kind, optimizer, world_size)
@@ -206,6 +207,7 @@ def _bytes_held(rank: int, world_size: int, optimizers: List[EmbOptimType]) -> N
     """Across ranks, the sharded module's state and the fused optimizer's state hold exactly the
     bytes the budget counts (table-wise and row-wise plans: nothing replicated but the small
     projections and rank buffers, counted once)."""
+    torch.set_num_threads(1)
     for optimizer in optimizers:
         for kind in ("table_wise", "row_wise"):
             dmp = _dmp(kind, optimizer, world_size)

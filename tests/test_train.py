@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import pytest
 import torch
@@ -28,13 +28,13 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _config(tmp: Path, data: Path, **train: Any) -> Path:
+def _config(tmp: Path, data: Path, compression: Optional[Dict[str, Any]] = None, **train: Any) -> Path:
     config: Dict[str, Any] = {
         "data": {"path": str(data)},
         "model": {"dense_arch_layer_sizes": [16], "over_arch_layer_sizes": [16, 1]},
         "embeddings": {
             "dim": 8,
-            "compression": {"method": "memcom", "params": {"ratio": 4}, "min_rows": 100},
+            "compression": compression or {"method": "memcom", "params": {"ratio": 4}, "min_rows": 100},
         },
         "optimizer": {"sparse": {"type": "rowwise_adagrad", "lr": 0.1}, "dense": {"lr": 0.1}},
         "train": {"batch_size": 128, "run_dir": str(tmp / "run"), **train},
@@ -88,6 +88,23 @@ def test_two_process_run_trains_and_evaluates(tmp_path: Path, tiny_data: Path) -
     assert results["compression_ratio"] == pytest.approx(
         results["uncompressed_embedding_bytes"] / results["embedding_bytes"]
     )
+
+
+@pytest.mark.parametrize("method, params", [
+    ("hash", {"ratio": 4}),
+    ("qr", {"ratio": 4}),  # QR keeps small tables stock: a mixed collection in the pipeline
+    ("budgeted", {"budget_ratio": 3, "tail": True}),
+])
+def test_every_method_trains_in_the_pipeline(tmp_path: Path, tiny_data: Path, method: str, params: Dict[str, Any]) -> None:
+    """Each registered method goes through DMP, the planner and the sparse-dist train pipeline."""
+    if method == "budgeted":
+        params = {**params, "frequencies": str(tiny_data)}
+    compression = {"method": method, "params": params, "min_rows": 100}
+    assert launch(str(_config(tmp_path, tiny_data, compression, steps=30, eval_every=15)), 1) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    evals = results["evaluations"]
+    assert evals[-1]["train_loss"] < evals[0]["train_loss"]
+    assert results["compression_ratio"] > 1.5
 
 
 def _final_checkpoint(folder: Path, out: Path) -> Dict[str, torch.Tensor]:

@@ -8,6 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torchrec_memcom.compression import CompressionSpec, TableCompression, compress
+    from torchrec_memcom.distributed.budgeted_embeddingbag import (
+        BudgetedEmbeddingBagCollectionSharder,
+        ShardedBudgetedEmbeddingBagCollection,
+    )
     from torchrec_memcom.distributed.hash_embeddingbag import (
         HashEmbeddingBagCollectionSharder,
         ShardedHashEmbeddingBagCollection,
@@ -20,6 +24,8 @@ if TYPE_CHECKING:
         QREmbeddingBagCollectionSharder,
         ShardedQREmbeddingBagCollection,
     )
+    from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
+    from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
     from torchrec_memcom.modules.hash_embedding_bag import HashConfig, HashEmbeddingBagCollection
     from torchrec_memcom.modules.memcom_config import MEmComConfig
     from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
@@ -42,6 +48,12 @@ _EXPORTS = {
     "qr_collection": "modules.qr_embedding_bag",
     "QREmbeddingBagCollectionSharder": "distributed.qr_embeddingbag",
     "ShardedQREmbeddingBagCollection": "distributed.qr_embeddingbag",
+    "Allocation": "modules.budget_config",
+    "TableAllocation": "modules.budget_config",
+    "Tier": "modules.budget_config",
+    "BudgetedEmbeddingBagCollection": "modules.budgeted_embedding_bag",
+    "BudgetedEmbeddingBagCollectionSharder": "distributed.budgeted_embeddingbag",
+    "ShardedBudgetedEmbeddingBagCollection": "distributed.budgeted_embeddingbag",
 }
 
 __all__ = sorted(_EXPORTS)

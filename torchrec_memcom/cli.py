@@ -8,8 +8,10 @@ from typing import List, Optional
 # modules keep heavy imports inside their handlers so `memcom --help` stays quick.
 SUBCOMMANDS = {
     "data": "torchrec_memcom.data.cli",
+    "budget": "torchrec_memcom.budget.cli",
     "train": "torchrec_memcom.train.cli",
     "demo": "torchrec_memcom.train.cli",
+    "export": "torchrec_memcom.export.cli",
 }
 
 

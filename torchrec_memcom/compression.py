@@ -14,9 +14,11 @@ from torchrec.distributed.types import ModuleSharder
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.hash_embeddingbag import HashEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.memcom_embeddingbag import MEmComEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.qr_embeddingbag import QREmbeddingBagCollectionSharder
+from torchrec_memcom.modules.budgeted_embedding_bag import build_budgeted
 from torchrec_memcom.modules.hash_embedding_bag import HashConfig, HashEmbeddingBagCollection
 from torchrec_memcom.modules.memcom_config import MEmComConfig
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
@@ -67,6 +69,8 @@ METHODS: Dict[str, Method] = {
     ),
     # plain tables inside a QR collection would take its unpooled per-id path: keep them stock
     "qr": Method(_qr, lambda fused: QREmbeddingBagCollectionSharder(fused_params=fused)),
+    # one budget covers the whole collection; tables left out stay stock, outside the budget
+    "budgeted": Method(build_budgeted, lambda fused: BudgetedEmbeddingBagCollectionSharder(fused_params=fused)),
 }
 
 

@@ -13,7 +13,8 @@ class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """Routes each feature to the collection holding its table and joins their outputs.
 
     Used by ``compress`` when tables of one EBC get different methods; DMP shards each child
-    with its own sharder.
+    with its own sharder. Output keys and dims are fixed here, not read off the children's
+    outputs, so TorchRec's train pipeline can fx-trace it with sharded children as leaves.
     """
 
     def __init__(self, collections: List[EmbeddingBagCollectionInterface]) -> None:
@@ -23,6 +24,10 @@ class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             [f for cfg in c.embedding_bag_configs() for f in cfg.feature_names]
             for c in collections
         ]
+        self._keys = [f for feats in self._features for f in feats]
+        self._dims = [
+            cfg.embedding_dim for c in collections for cfg in c.embedding_bag_configs() for _ in cfg.feature_names
+        ]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         outputs = [
@@ -30,8 +35,8 @@ class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             for c, feats in zip(self.collections, self._features)
         ]
         return KeyedTensor(
-            keys=[k for o in outputs for k in o.keys()],
-            length_per_key=[n for o in outputs for n in o.length_per_key()],
+            keys=self._keys,
+            length_per_key=self._dims,
             values=torch.cat([o.values() for o in outputs], dim=1),
         )
 

@@ -1,0 +1,428 @@
+"""`export_checkpoint`: a trained checkpoint -> one TorchScript file for CPU inference, self-checked.
+
+The checkpoint (sharded by any number of ranks) is read unsharded into the model its
+`config.json` describes, rebuilt in plain TorchRec on this one process; its tables go into a
+`CompressedEmbeddings` row store in the precision asked for, its dense layers stay as they are,
+and the result is compiled with TorchScript so that `torch.jit.load` alone runs it. Before the
+file is moved into place, its predictions on held data are compared with the rebuilt model's.
+"""
+
+import copy
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torchrec.models.dlrm import InteractionArch, InteractionDCNArch
+
+from torchrec_memcom.data import CriteoParquetLoader, load_manifest, roc_auc
+from torchrec_memcom.data.manifest import VOCAB
+from torchrec_memcom.data.schema import CAT_NAMES, INT_NAMES
+from torchrec_memcom.export.inference import (
+    PRECISIONS,
+    FlatInteractionArch,
+    InferenceDLRM,
+    RawIdMap,
+    StackedLowRankCrossNet,
+    load_model,
+)
+from torchrec_memcom.export.tables import ExportError, TableExport, build_embeddings, collect_tables
+from torchrec_memcom.train.checkpoint import CONFIG, latest_checkpoint
+from torchrec_memcom.train.config import RunConfig, load_config
+from torchrec_memcom.train.model import build_model
+
+FORMAT = "torchrec-memcom-inference/1"
+
+# Default check tolerances per precision: the largest |P_exported - P_trained| over the check rows
+# and the largest |AUC_exported - AUC_trained|. Set from trained models (docs/export.md) with a
+# margin of 3-10x on the probabilities and over 50x on the AUC: a failure means something broke.
+TOLERANCES: Dict[str, Dict[str, float]] = {
+    "fp32": {"max_abs_diff": 1e-5, "auc_change": 1e-5},
+    "fp16": {"max_abs_diff": 5e-3, "auc_change": 5e-4},
+    "int8": {"max_abs_diff": 3e-2, "auc_change": 1e-3},
+}
+
+PathLike = Union[str, Path]
+
+
+class ExportCheckError(ExportError):
+    """The exported model's predictions are off by more than the tolerance; ``report`` says by how much."""
+
+    def __init__(self, message: str, report: Dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def resolve_checkpoint(path: PathLike) -> Path:
+    """A checkpoint folder (``step_N`` with ``config.json``), or a ``checkpoint_dir``'s latest one."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if (p / CONFIG).is_file():
+        return p
+    latest = latest_checkpoint(p) if p.is_dir() else None
+    if latest is None:
+        raise FileNotFoundError(
+            f"{p} is not a checkpoint: expected a step_N folder with {CONFIG} (written by memcom "
+            f"train), or a train.checkpoint_dir with a 'latest' pointer"
+        )
+    if not (latest / CONFIG).is_file():
+        raise FileNotFoundError(f"{latest} has no {CONFIG}: it was not written by memcom train")
+    return latest
+
+
+class TrainedModel:
+    """A checkpoint read back unsharded: its config, data folder and the rebuilt TorchRec model."""
+
+    def __init__(self, checkpoint: PathLike, data: Optional[PathLike] = None) -> None:
+        self.path = resolve_checkpoint(checkpoint)
+        self.config: RunConfig = load_config(self.path / CONFIG)
+        self.data_dir = Path(data or self.config.data.path)
+        try:
+            self.manifest = load_manifest(self.data_dir)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{e}. The checkpoint was trained on {self.config.data.path}: pass the data folder "
+                f"it was trained on (--data DIR), whose id mapping the export keeps"
+            ) from None
+        sizes = self.config.embeddings.num_embeddings
+        if sizes == "from_data":
+            sizes = [self.manifest["features"][f]["num_embeddings"] for f in CAT_NAMES]
+        self.num_embeddings: List[int] = list(sizes)
+        train, _ = build_model(self.config, self.num_embeddings, torch.device("cpu"))
+        # Only the tables start on `meta`; the dense layers are built real, with the buffers the
+        # checkpoint does not hold (DLRM's interaction indices). `to_empty` leaves the tables
+        # uninitialized, so all their state must come from the checkpoint.
+        sparse = train.model.sparse_arch
+        unsaved = sorted({name for name, _ in sparse.named_buffers()} - set(sparse.state_dict()))
+        if unsaved:
+            raise ExportError(f"the embedding collection's buffers {unsaved} are not checkpointed")
+        sparse.to_empty(device=torch.device("cpu"))
+        state: Dict[str, Any] = {"model": train.state_dict(), "progress": {"step": 0, "world_size": 0}}
+        try:
+            with warnings.catch_warnings():  # "no process group: loading in a single process", as meant
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.load(state, checkpoint_id=str(self.path), no_dist=True)
+        except Exception as e:  # DCP wraps every read error; say which checkpoint and model
+            raise ExportError(
+                f"{self.path}: cannot read the model the checkpoint's {CONFIG} describes "
+                f"(data folder {self.data_dir}): {e}"
+            ) from e
+        train.load_state_dict(state["model"])
+        self.progress: Dict[str, int] = state["progress"]
+        self.dlrm: nn.Module = train.model.eval()
+
+    @torch.no_grad()
+    def predict(self, dense: torch.Tensor, sparse: Any) -> torch.Tensor:
+        """P(click) of the trained model (float32, TorchRec's unsharded modules)."""
+        return torch.sigmoid(self.dlrm(dense, sparse).squeeze(-1))
+
+
+def raw_id_map(data_dir: Path, manifest: Dict[str, Any], num_embeddings: List[int]) -> Tuple[RawIdMap, str]:
+    """The raw-value -> id mapping the data folder was made with, and its mode."""
+    mode = manifest.get("mode")
+    empty = torch.zeros(0, dtype=torch.int64)
+    if mode == "mod":
+        modulus = [manifest["features"][f]["num_embeddings"] for f in CAT_NAMES]
+        for f, m, n in zip(CAT_NAMES, modulus, num_embeddings):
+            if m > n:
+                raise ExportError(f"{data_dir}: {f} has ids up to {m - 1}, but its table has {n} rows")
+        return RawIdMap("mod", torch.tensor(modulus, dtype=torch.int64), empty, empty.int()), mode
+    if mode == "frequency":
+        raw = [np.load(data_dir / VOCAB / f"{f}.npy").astype(np.uint64) for f in CAT_NAMES]
+        ids = [np.arange(1, len(r) + 1) for r in raw]
+    elif mode == "synthetic":
+        from torchrec_memcom.data.synth import ClickModel
+
+        g = manifest["generator"]
+        model = ClickModel(g["seed"], g["max_cardinality"], g["zipf_exponent"], g["base_ctr"])
+        raw, ids = [], []
+        for f, n in enumerate(model.cardinalities):
+            ids.append(np.arange(n))
+            strings = model.hex_strings(f, ids[-1]).fill_null("0").to_pylist()
+            raw.append(np.array([int(s, 16) for s in strings], dtype=np.uint64))
+    else:
+        raise ExportError(f"{data_dir}: unknown id mode {mode!r} (expected mod, frequency or synthetic)")
+    keys, values = [], []
+    for f, (r, i) in enumerate(zip(raw, ids)):
+        if len(r) and int(r.max()) >= 1 << 32:
+            raise ExportError(
+                f"{data_dir}: {CAT_NAMES[f]}'s id map holds raw values of more than 32 bits; export "
+                f"supports Criteo's 8-hex-digit values (convert such data in mod mode)"
+            )
+        key = (np.int64(f) << np.int64(32)) | r.astype(np.int64)
+        key, first = np.unique(key, return_index=True)  # a repeated raw value keeps its first id
+        keys.append(key)
+        values.append(i[first])
+    return RawIdMap(
+        "vocab",
+        torch.tensor(num_embeddings, dtype=torch.int64),
+        torch.from_numpy(np.concatenate(keys)),
+        torch.from_numpy(np.concatenate(values).astype(np.int32)),
+    ), mode
+
+
+def _table_info(t: TableExport) -> Dict[str, Any]:
+    info: Dict[str, Any] = {"method": t.method, "n": t.num_embeddings, "rows": t.weight.shape[0]}
+    if t.method in ("memcom", "hash"):
+        info["hash"] = t.hash
+    if t.method == "qr":
+        info.update(collisions=t.remainder.shape[0], operation=t.operation)
+    return info
+
+
+def build_inference_model(
+    trained: TrainedModel, precision: str, raw_ids: bool = True
+) -> Tuple[InferenceDLRM, List[TableExport]]:
+    """The (not yet scripted) inference module of a trained model, and the tables it holds;
+    ``raw_ids=False`` leaves the raw-value -> id map out (``score_raw`` then refuses)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    dlrm = trained.dlrm
+    features = list(dlrm.sparse_arch.sparse_feature_names)
+    if features != CAT_NAMES:
+        raise ExportError(f"the model's sparse features are {features}, expected {CAT_NAMES} in order")
+    tables = collect_tables(dlrm.sparse_arch.embedding_bag_collection)
+    if raw_ids:
+        id_map, mode = raw_id_map(trained.data_dir, trained.manifest, trained.num_embeddings)
+    else:
+        empty = torch.zeros(0, dtype=torch.int64)
+        id_map, mode = RawIdMap("none", torch.ones(len(CAT_NAMES), dtype=torch.int64), empty, empty), trained.manifest.get("mode")
+    metadata = {
+        "format": FORMAT,
+        "precision": precision,
+        "inputs": {
+            "forward": "dense float32 [B, 13] = log(max(x, 0) + 1), ids int64 [B, 26] (table ids)",
+            "score_raw": "raw_ints int64 [B, 13], raw_cats int64 [B, 26] (hex values; missing = 0)",
+        },
+        "dense_features": INT_NAMES,
+        "sparse_features": CAT_NAMES,
+        "id_map": {"kind": id_map.kind, "data_mode": mode, "data": str(trained.data_dir)},
+        "tables": {t.name: _table_info(t) for t in tables},
+        "arch": trained.config.model.arch,
+        "embedding_dim": tables[0].weight.shape[1],
+        "checkpoint": str(trained.path),
+        "step": int(trained.progress["step"]),
+    }
+    inter_arch = dlrm.inter_arch  # rewritten for TorchScript and speed, the same arithmetic
+    if isinstance(inter_arch, InteractionDCNArch):
+        inter_arch = copy.deepcopy(inter_arch)
+        inter_arch.crossnet = StackedLowRankCrossNet(inter_arch.crossnet)
+    elif isinstance(inter_arch, InteractionArch):
+        inter_arch = FlatInteractionArch(inter_arch.triu_indices, inter_arch.F)
+    else:
+        raise ExportError(f"unknown interaction {type(inter_arch).__name__}: export supports DLRM and DLRM_DCN")
+    module = InferenceDLRM(
+        build_embeddings(tables, CAT_NAMES, precision),
+        id_map,
+        dlrm.dense_arch,
+        inter_arch,
+        dlrm.over_arch,
+        len(INT_NAMES),
+        json.dumps(metadata, sort_keys=True),
+    )
+    return module, tables
+
+
+def script(module: nn.Module) -> torch.jit.ScriptModule:
+    """TorchScript of ``module`` (deprecation warning muted: see ``load_model``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(module)
+
+
+def save(module: torch.jit.ScriptModule, path: PathLike) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(module, str(path))
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def size_report(file: Path, module: torch.jit.ScriptModule, tables: List[TableExport],
+                num_embeddings: List[int]) -> Dict[str, Any]:
+    """The file's real size, what its tensors take, and the fp32 models it replaces."""
+    state = module.state_dict()
+    groups = {
+        "tables": ["embeddings.rows", "embeddings.scale_bias"],
+        "entity_scalars": ["embeddings.scalars"],
+        "id_map": [k for k in state if k.startswith("id_map.")],
+        "dense_layers": [k for k in state if k.split(".")[0] in ("dense_arch", "inter_arch", "over_arch")],
+    }
+    grouped = {name: _tensor_bytes(state[k] for k in keys) for name, keys in groups.items()}
+    grouped["feature_index"] = _tensor_bytes(state.values()) - sum(grouped.values())
+    file_bytes = file.stat().st_size
+    dense_fp32 = sum(p.numel() * 4 for k, p in state.items() if k in groups["dense_layers"] and p.is_floating_point())
+    dim = tables[0].weight.shape[1]
+    uncompressed = sum(n * dim * 4 for n in num_embeddings) + dense_fp32
+    compressed = sum(t.fp32_bytes for t in tables) + dense_fp32
+    return {
+        "file_bytes": file_bytes,
+        "tensor_bytes": grouped,
+        "format_overhead_bytes": file_bytes - sum(grouped.values()),
+        "fp32_uncompressed_bytes": uncompressed,
+        "fp32_trained_bytes": compressed,
+        "ratio_vs_fp32_uncompressed": uncompressed / file_bytes,
+        "ratio_vs_fp32_trained": compressed / file_bytes,
+    }
+
+
+@torch.no_grad()
+def compare(exported: torch.jit.ScriptModule, trained: TrainedModel, data_dir: Path, split: str,
+            max_rows: Optional[int], batch_size: int = 4096) -> Dict[str, Any]:
+    """Predictions of the exported file and of the trained model on ``max_rows`` rows of a split."""
+    loader = CriteoParquetLoader(data_dir, split, batch_size, shuffle=False, drop_last=False)
+    ours, theirs, labels = [], [], []
+    rows = 0
+    for batch in loader:
+        kjt = batch.sparse_features
+        b = batch.dense_features.shape[0]
+        if kjt.keys() != CAT_NAMES or not bool((kjt.lengths() == 1).all()):
+            raise ExportError(f"{data_dir}: expected one id per feature {CAT_NAMES}")
+        ids = kjt.values().view(len(CAT_NAMES), b).t()
+        ours.append(exported(batch.dense_features, ids))
+        theirs.append(trained.predict(batch.dense_features, kjt))
+        labels.append(batch.labels)
+        rows += b
+        if max_rows and rows >= max_rows:
+            break
+    if not rows:
+        raise ExportError(f"{data_dir}: split {split!r} is empty, nothing to check on")
+    p_exp, p_ref = torch.cat(ours)[:max_rows], torch.cat(theirs)[:max_rows]
+    y = torch.cat(labels)[:max_rows].numpy()
+    diff = (p_exp - p_ref).abs()
+    auc_exp, auc_ref = roc_auc(p_exp.double().numpy(), y), roc_auc(p_ref.double().numpy(), y)
+    return {
+        "data": str(data_dir),
+        "split": split,
+        "rows": int(p_exp.numel()),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "auc_trained": auc_ref,
+        "auc_exported": auc_exp,
+        "auc_change": auc_exp - auc_ref,
+    }
+
+
+def _check_folder(check_dir: Path, trained: TrainedModel) -> None:
+    """A check folder must hold the training folder's ids (same mode, ids within the tables)."""
+    manifest = load_manifest(check_dir)
+    if manifest.get("mode") != trained.manifest.get("mode"):
+        raise ExportError(
+            f"{check_dir}: ids are in mode {manifest.get('mode')!r}, the model's data in "
+            f"{trained.manifest.get('mode')!r}: check on data converted like the training data"
+        )
+    for f, n in zip(CAT_NAMES, trained.num_embeddings):
+        if manifest["features"][f]["num_embeddings"] > n:
+            raise ExportError(
+                f"{check_dir}: {f} has {manifest['features'][f]['num_embeddings']} ids, the model's "
+                f"table {n} rows: check on data converted like the training data"
+            )
+
+
+def export_checkpoint(
+    checkpoint: PathLike,
+    out_file: PathLike,
+    precision: str = "int8",
+    check_data: Optional[PathLike] = None,
+    *,
+    data: Optional[PathLike] = None,
+    check_split: Optional[str] = None,
+    check_rows: Optional[int] = 100_000,
+    check: bool = True,
+    raw_ids: bool = True,
+    max_abs_diff: Optional[float] = None,
+    auc_change: Optional[float] = None,
+) -> Dict[str, Any]:
+    """Export a ``memcom train`` checkpoint as one TorchScript file; returns the report.
+
+    checkpoint: a ``step_N`` folder or a ``checkpoint_dir`` (its latest); any world size.
+    precision: the tables' storage, ``int8`` (row-wise, fp16 scale and bias), ``fp16`` or
+        ``fp32``; MEmCom's per-entity scalars are fp16 (fp32 with ``fp32``), dense layers fp32.
+    data: the folder the model was trained on (default: the config's ``data.path``); its id
+        mapping goes into the file for ``score_raw`` (``raw_ids=False``: left out).
+    check_data / check_split / check_rows: held data to compare predictions on (default: the
+        training folder's eval split, first 100,000 rows; ``None`` rows: all).
+    max_abs_diff / auc_change: tolerances (default ``TOLERANCES[precision]``); when exceeded
+        the file is not written and ``ExportCheckError`` (with the report) is raised.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    out = Path(out_file)
+    trained = TrainedModel(checkpoint, data)
+    module, tables = build_inference_model(trained, precision, raw_ids)
+    scripted = script(module)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save(scripted, tmp)
+    try:
+        report: Dict[str, Any] = {
+            "checkpoint": str(trained.path),
+            "step": int(trained.progress["step"]),
+            "out": str(out),
+            "precision": precision,
+            "methods": {t.name: t.method for t in tables},
+            **size_report(tmp, scripted, tables, trained.num_embeddings),
+            "check": None,
+        }
+        if check:
+            check_dir = Path(check_data) if check_data else trained.data_dir
+            if check_data:
+                _check_folder(check_dir, trained)
+            tolerance = {
+                "max_abs_diff": TOLERANCES[precision]["max_abs_diff"] if max_abs_diff is None else max_abs_diff,
+                "auc_change": TOLERANCES[precision]["auc_change"] if auc_change is None else auc_change,
+            }
+            result = compare(load_model(tmp), trained, check_dir, check_split or trained.config.data.eval_split, check_rows)
+            result["tolerance"] = tolerance
+            result["passed"] = result["max_abs_diff"] <= tolerance["max_abs_diff"] and not (
+                abs(result["auc_change"]) > tolerance["auc_change"]  # NaN AUC (one class): not judged
+            )
+            report["check"] = result
+            if not result["passed"]:
+                raise ExportCheckError(
+                    f"exported model differs from the trained one beyond the tolerance: max "
+                    f"|dP| {result['max_abs_diff']:.3g} (allowed {tolerance['max_abs_diff']:.3g}), "
+                    f"AUC change {result['auc_change']:+.3g} (allowed {tolerance['auc_change']:.3g}); "
+                    f"{out} was not written",
+                    report,
+                )
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return report
+
+
+def describe(report: Dict[str, Any]) -> str:
+    """A few lines for people: sizes, and the check."""
+    mb = 2**20
+    lines = [
+        f"exported {report['checkpoint']} (step {report['step']}) -> {report['out']} ({report['precision']})",
+        f"  file {report['file_bytes'] / mb:.3f} MiB: {report['ratio_vs_fp32_uncompressed']:.1f}x smaller than "
+        f"the uncompressed fp32 model ({report['fp32_uncompressed_bytes'] / mb:.3f} MiB), "
+        f"{report['ratio_vs_fp32_trained']:.1f}x smaller than the trained fp32 model "
+        f"({report['fp32_trained_bytes'] / mb:.3f} MiB)",
+        "  tensors: " + ", ".join(f"{k} {v / mb:.3f} MiB" for k, v in report["tensor_bytes"].items()),
+    ]
+    c = report["check"]
+    if c is None:
+        lines.append("  not checked (--no-check)")
+    else:
+        t = c["tolerance"]
+        lines.append(
+            f"  check on {c['data']} [{c['split']}], {c['rows']} rows: max |dP| {c['max_abs_diff']:.2e} "
+            f"(tolerance {t['max_abs_diff']:.0e}), mean |dP| {c['mean_abs_diff']:.2e}; AUC "
+            f"{c['auc_trained']:.5f} -> {c['auc_exported']:.5f} ({c['auc_change']:+.5f}, tolerance "
+            f"{t['auc_change']:.0e}): {'passed' if c['passed'] else 'FAILED'}"
+        )
+    if c is not None and math.isnan(c["auc_change"]):
+        lines.append("  (AUC undefined: the check rows hold one class only)")
+    return "\n".join(lines)

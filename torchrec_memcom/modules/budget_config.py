@@ -1,0 +1,365 @@
+"""Budgets and allocations of budgeted embedding tables, and the byte arithmetic of both.
+
+A table's ids are ordered by frequency rank (most frequent first) and cut into tiers of
+consecutive ranks; tier ``j`` stores its ids at ``dim_j`` (non-increasing in ``j``) and is
+projected to the model dim by a bias-free ``dim_j -> d`` matrix (none when ``dim_j == d``). The
+last tier may instead be a MEmCom tier: ``hash_rows`` shared rows plus one scalar per id.
+
+Bytes, everything fp32 but the remap: a tier stores ``rows * dim`` (MEmCom: ``hash_rows * dim +
+rows``), its projection ``dim * d``; a table whose frequency ranks do not follow its id order
+keeps the rank of every id (int32, ``4 * n`` bytes). The sparse optimizer's state, when the
+budget counts it: row-wise Adagrad one float per stored row, Adagrad one per parameter, SGD
+none; a MEmCom tier's scalars one float each under both Adagrads. Projections are dense
+parameters: the dense optimizer's state of these few ``dim * d`` matrices is not counted.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+FP32_BYTES = 4
+INDEX_BYTES = 4  # the int32 rank of each id
+SIZE_STEP = 4  # tier dims are multiples of this (or the model dim)
+# Optimizer state the budget can count, in floats: (per stored row, per parameter).
+OPTIMIZER_STATE = {"sgd": (0, 0), "rowwise_adagrad": (1, 0), "adagrad": (0, 1)}
+FORMAT = "torchrec-memcom-allocation/1"
+
+
+def candidate_dims(model_dim: int) -> List[int]:
+    """Sizes a tier may take: multiples of ``SIZE_STEP`` up to the model dim, and the model dim."""
+    return sorted({*range(SIZE_STEP, model_dim + 1, SIZE_STEP), model_dim})
+
+
+def optimizer_name(optimizer: Any) -> Optional[str]:
+    """``None``, a name of ``OPTIMIZER_STATE`` or an FBGEMM ``EmbOptimType`` -> the name."""
+    if optimizer is None:
+        return None
+    name = getattr(optimizer, "name", optimizer)
+    name = {"EXACT_SGD": "sgd", "EXACT_ROWWISE_ADAGRAD": "rowwise_adagrad", "EXACT_ADAGRAD": "adagrad"}.get(
+        name, name
+    )
+    if name not in OPTIMIZER_STATE:
+        raise ValueError(
+            f"budget optimizer must be one of {sorted(OPTIMIZER_STATE)} (or None: parameters "
+            f"only), got {optimizer!r}"
+        )
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Tier:
+    """``rows`` consecutive frequency ranks stored at ``dim``; a MEmCom tier if ``hash_rows``."""
+
+    rows: int
+    dim: int
+    hash_rows: Optional[int] = None
+
+    @property
+    def stored_rows(self) -> int:
+        return self.rows if self.hash_rows is None else self.hash_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class TableAllocation:
+    """The tiers of one table, most popular first."""
+
+    tiers: Tuple[Tier, ...]
+
+    @property
+    def starts(self) -> List[int]:
+        """First rank of every tier."""
+        out, at = [], 0
+        for t in self.tiers:
+            out.append(at)
+            at += t.rows
+        return out
+
+    def validate(self, table: str, num_embeddings: int, model_dim: int) -> None:
+        """Raise naming the table unless the tiers cover its ids with sizes BET allows."""
+        where = f"allocation of table {table!r}"
+        if not self.tiers:
+            raise ValueError(f"{where}: no tiers")
+        if sum(t.rows for t in self.tiers) != num_embeddings:
+            raise ValueError(
+                f"{where}: tiers cover {sum(t.rows for t in self.tiers)} ids, the table has "
+                f"{num_embeddings}"
+            )
+        allowed = candidate_dims(model_dim)
+        for j, t in enumerate(self.tiers):
+            if t.rows < 1:
+                raise ValueError(f"{where}: tier {j} has {t.rows} rows")
+            if t.dim not in allowed:
+                raise ValueError(f"{where}: tier {j} has dim {t.dim}; allowed: {allowed}")
+            if j and t.dim > self.tiers[j - 1].dim:
+                raise ValueError(
+                    f"{where}: tier {j} (dim {t.dim}) is larger than the more popular tier "
+                    f"{j - 1} (dim {self.tiers[j - 1].dim}); sizes must not grow with rank"
+                )
+            if t.hash_rows is not None:
+                if j != len(self.tiers) - 1:
+                    raise ValueError(f"{where}: only the last (rarest) tier may be a MEmCom tier")
+                if not 1 <= t.hash_rows <= t.rows:
+                    raise ValueError(f"{where}: MEmCom tier needs 1 <= hash_rows <= {t.rows}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """A table-level action: the tiers of every table at once; ``meta`` rides along in files."""
+
+    tables: Mapping[str, TableAllocation]
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "format": FORMAT,
+            **self.meta,
+            "tables": {
+                name: {
+                    "tiers": [
+                        {k: v for k, v in dataclasses.asdict(t).items() if v is not None}
+                        for t in a.tiers
+                    ]
+                }
+                for name, a in self.tables.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "Allocation":
+        if obj.get("format") != FORMAT:
+            raise ValueError(f"not an allocation: format {obj.get('format')!r}, expected {FORMAT!r}")
+        tables = {
+            name: TableAllocation(tuple(Tier(**t) for t in a["tiers"]))
+            for name, a in obj["tables"].items()
+        }
+        return cls(tables, {k: v for k, v in obj.items() if k not in ("format", "tables")})
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Allocation":
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: cannot read allocation: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A hard memory budget: ``bytes``, or ``ratio`` (uncompressed bytes / budget, >= 1).
+
+    optimizer: also count this sparse optimizer's state (and measure ``ratio`` against
+    uncompressed tables with the same state); None counts parameters only.
+    """
+
+    bytes: Optional[int] = None
+    ratio: Optional[float] = None
+    optimizer: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if (self.bytes is None) == (self.ratio is None):
+            raise ValueError("a budget needs exactly one of bytes or ratio")
+        if self.bytes is not None and self.bytes < 1:
+            raise ValueError(f"budget bytes must be positive, got {self.bytes}")
+        if self.ratio is not None and self.ratio < 1.0:
+            raise ValueError(f"budget ratio must be >= 1 (uncompressed / budget), got {self.ratio}")
+        object.__setattr__(self, "optimizer", optimizer_name(self.optimizer))
+
+    def resolve(self, shapes: Mapping[str, Tuple[int, int]]) -> int:
+        """The budget in bytes for tables of these ``(num_embeddings, dim)``."""
+        if self.bytes is not None:
+            return int(self.bytes)
+        full = sum(uncompressed_bytes(n, d, self.optimizer) for n, d in shapes.values())
+        return int(full / self.ratio)  # type: ignore[operator]
+
+
+@dataclasses.dataclass(frozen=True)
+class TableBytes:
+    """Where a table's bytes go."""
+
+    tables: int = 0
+    scalars: int = 0
+    projections: int = 0
+    remap: int = 0
+    optimizer: int = 0
+
+    @property
+    def parameters(self) -> int:
+        """All of the module's state: everything but the optimizer's."""
+        return self.tables + self.scalars + self.projections + self.remap
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.optimizer
+
+
+def table_bytes(
+    allocation: TableAllocation, model_dim: int, remap: bool, optimizer: Optional[str]
+) -> TableBytes:
+    """Bytes of one table under ``allocation`` (``remap``: it keeps the rank of every id)."""
+    per_row, per_param = OPTIMIZER_STATE[optimizer] if optimizer else (0, 0)
+    tables = scalars = projections = state = 0
+    for t in allocation.tiers:
+        tables += t.stored_rows * t.dim
+        state += t.stored_rows * per_row + t.stored_rows * t.dim * per_param
+        if t.hash_rows is not None:
+            scalars += t.rows
+            state += t.rows if optimizer in ("rowwise_adagrad", "adagrad") else 0
+        if t.dim != model_dim:
+            projections += t.dim * model_dim
+    n = sum(t.rows for t in allocation.tiers)
+    return TableBytes(
+        tables=FP32_BYTES * tables,
+        scalars=FP32_BYTES * scalars,
+        projections=FP32_BYTES * projections,
+        remap=INDEX_BYTES * n if remap else 0,
+        optimizer=FP32_BYTES * state,
+    )
+
+
+def uncompressed_bytes(num_embeddings: int, dim: int, optimizer: Optional[str]) -> int:
+    """A plain table of the same shape, under the same accounting."""
+    return table_bytes(TableAllocation((Tier(num_embeddings, dim),)), dim, False, optimizer).total
+
+
+def cheapest_table(
+    num_embeddings: int,
+    model_dim: int,
+    optimizer: Optional[str],
+    tail: bool,
+    sizes: Optional[Sequence[int]] = None,
+) -> TableAllocation:
+    """The cheapest allocation of a table: one tier at some size (the smallest size is not
+    always cheapest: a tiny table pays more for a projection than for full-dim rows) or, with
+    ``tail``, one MEmCom tier of a single shared row. ``sizes``: the sizes allowed."""
+    options = [
+        TableAllocation((Tier(num_embeddings, dim, 1 if memcom else None),))
+        for dim in (sizes or candidate_dims(model_dim))
+        for memcom in ((False, True) if tail else (False,))
+    ]
+    return min(options, key=lambda a: table_bytes(a, model_dim, False, optimizer).total)
+
+
+def smallest_feasible_bytes(
+    shapes: Mapping[str, Tuple[int, int]],
+    optimizer: Optional[str],
+    tail: bool,
+    sizes: Optional[Mapping[str, Sequence[int]]] = None,
+) -> int:
+    """The least any allocation of these tables can cost (one tier per table needs no remap)."""
+    return sum(
+        table_bytes(cheapest_table(n, d, optimizer, tail, (sizes or {}).get(name)), d, False, optimizer).total
+        for name, (n, d) in shapes.items()
+    )
+
+
+# ---- frequency ranks -------------------------------------------------------------------------
+
+
+def frequency_ranks(counts: torch.Tensor) -> torch.Tensor:
+    """Rank of every id (0 = most frequent), int64.
+
+    Ids whose counts never increase from id 1 on keep their order, id 0 first (rank = id): that
+    is the data path's ``--mode frequency``, whose id 0 collects the rare and unseen ids (and is
+    looked up for every one of them, however few times it occurred in training). Otherwise a
+    stable sort by count, ties in id order.
+    """
+    counts = counts.to(torch.int64)
+    if bool((counts[1:-1] >= counts[2:]).all()):
+        return torch.arange(counts.numel())
+    order = torch.sort(counts, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), dtype=order.dtype)
+    return ranks
+
+
+def clean_cuts(ranks: torch.Tensor) -> torch.Tensor:
+    """``clean[c]`` (``c`` in ``[0, n]``): ids ``< c`` are exactly the ranks ``< c``.
+
+    A tier boundary at a clean cut separates ids by id as well as by rank, so a table whose
+    cuts are all clean needs no remap (all cuts are clean for frequency-ranked ids; some are for
+    ids only partly in frequency order).
+    """
+    n = ranks.numel()
+    prefix_max = torch.cummax(ranks, dim=0).values
+    clean = torch.ones(n + 1, dtype=torch.bool)
+    clean[1:] = prefix_max == torch.arange(n, dtype=ranks.dtype)
+    return clean
+
+
+def needs_remap(allocation: TableAllocation, clean: torch.Tensor) -> bool:
+    """Whether some tier boundary of ``allocation`` is not a clean cut."""
+    return any(not bool(clean[s]) for s in allocation.starts[1:])
+
+
+def allocation_bytes(
+    allocation: Allocation,
+    shapes: Mapping[str, Tuple[int, int]],
+    clean: Mapping[str, torch.Tensor],
+    optimizer: Optional[str],
+) -> Dict[str, TableBytes]:
+    """Bytes per table of ``allocation`` for tables of ``shapes`` with these clean cuts."""
+    return {
+        name: table_bytes(allocation.tables[name], d, needs_remap(allocation.tables[name], clean[name]), optimizer)
+        for name, (n, d) in shapes.items()
+    }
+
+
+def check_budget(
+    allocation: Allocation,
+    shapes: Mapping[str, Tuple[int, int]],
+    clean: Mapping[str, torch.Tensor],
+    budget: Budget,
+    tail: bool = False,
+) -> Dict[str, TableBytes]:
+    """Validate ``allocation`` for these tables and hold it to ``budget``; its bytes per table.
+
+    The error for an allocation over budget says the smallest feasible budget when the budget
+    itself is below it (``tail``: MEmCom tails are allowed).
+    """
+    missing = sorted(set(shapes) - set(allocation.tables))
+    if missing:
+        raise ValueError(f"allocation lacks tables {missing}")
+    unknown = sorted(set(allocation.tables) - set(shapes))
+    if unknown:
+        raise ValueError(f"allocation names unknown tables {unknown}")
+    for name, (n, d) in shapes.items():
+        allocation.tables[name].validate(name, n, d)
+    limit = budget.resolve(shapes)
+    per_table = allocation_bytes(allocation, shapes, clean, budget.optimizer)
+    total = sum(b.total for b in per_table.values())
+    if total > limit:
+        tail = tail or _uses_tail(allocation)
+        raise_over_budget(limit, total, smallest_feasible_bytes(shapes, budget.optimizer, tail), budget.optimizer, tail)
+    return per_table
+
+
+def raise_over_budget(limit: int, needed: int, floor: int, optimizer: Optional[str], tail: bool) -> None:
+    """The error for ``needed > limit`` bytes: the smallest feasible budget ``floor`` if the
+    budget is below it, else by how much the allocation is over."""
+    what = "parameters and " + optimizer + " state" if optimizer else "parameters"
+    if limit < floor:
+        raise ValueError(
+            f"budget of {limit} bytes ({what}) is too small: the smallest feasible budget for "
+            f"these tables is {floor} bytes (every table in its cheapest single tier"
+            + (", or one MEmCom tier of one shared row" if tail else "")
+            + ")"
+        )
+    raise ValueError(
+        f"allocation needs {needed} bytes ({what}), over the budget of {limit} bytes by "
+        f"{needed - limit}; search one for this budget (`memcom budget search`) or use the "
+        f"heuristic one"
+    )
+
+
+def _uses_tail(allocation: Allocation) -> bool:
+    return any(t.hash_rows is not None for a in allocation.tables.values() for t in a.tiers)
+
+
+def shapes_of(tables: Sequence[Any]) -> Dict[str, Tuple[int, int]]:
+    """``{name: (num_embeddings, embedding_dim)}`` of EmbeddingBagConfigs."""
+    return {t.name: (t.num_embeddings, t.embedding_dim) for t in tables}

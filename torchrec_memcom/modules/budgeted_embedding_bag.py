@@ -1,0 +1,417 @@
+"""`BudgetedEmbeddingBagCollection`: tables held to a hard memory budget, sized by popularity.
+
+After BET (Qu et al., WSDM 2024): each table's ids are cut by frequency rank into tiers; a tier
+stores its ids at its own dim and a bias-free projection brings it to the model dim. Because
+the projection is linear, a SUM-pooled bag is the sum over tiers of the projected per-tier
+pools, so the tiers are ordinary tables (``T@tier0``, ``T@tier1``, ...) that stock TorchRec
+kernels look up, each fed the ids of its tier.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_memcom.modules.budget_config import (
+    FP32_BYTES,
+    Allocation,
+    Budget,
+    TableAllocation,
+    TableBytes,
+    Tier,
+    check_budget,
+    clean_cuts,
+    frequency_ranks,
+    needs_remap,
+    shapes_of,
+    uncompressed_bytes,
+)
+from torchrec_memcom.modules.collection_checks import check_ids, check_unweighted, cost_report, feature_sizes
+from torchrec_memcom.modules.compressed_collection import CompressedCollection
+from torchrec_memcom.modules.memcom_config import MEmComConfig
+from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
+
+
+def tier_key(name: str, tier: int) -> str:
+    """Name of tier ``tier`` of a table or of a feature: ``name@tier<j>``."""
+    return f"{name}@tier{tier}"
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetedTable:
+    """One user table and the tiers it became; ``remap``: it keeps the rank of every id."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    feature_names: Tuple[str, ...]
+    tiers: Tuple[Tier, ...]
+    remap: bool
+    bytes: TableBytes
+
+    @property
+    def starts(self) -> List[int]:
+        return TableAllocation(self.tiers).starts
+
+
+def table_counts(
+    tables: Sequence[EmbeddingBagConfig], frequencies: Mapping[str, Any]
+) -> Dict[str, torch.Tensor]:
+    """Per table, the count of each id: ``frequencies[table]``, else the sum over its features."""
+    out = {}
+    for t in tables:
+        if t.name in frequencies:
+            counts = torch.as_tensor(frequencies[t.name])
+        elif all(f in frequencies for f in t.feature_names):
+            counts = sum(torch.as_tensor(frequencies[f]) for f in t.feature_names)  # type: ignore[assignment]
+        else:
+            raise ValueError(
+                f"frequencies lack table {t.name!r} (give it by table name or for all of its "
+                f"features {list(t.feature_names)})"
+            )
+        if tuple(counts.shape) != (t.num_embeddings,):
+            raise ValueError(
+                f"frequencies of table {t.name!r}: expected shape ({t.num_embeddings},), got "
+                f"{tuple(counts.shape)}"
+            )
+        out[t.name] = counts.to(torch.int64)
+    return out
+
+
+def split_by_tier(
+    features: KeyedJaggedTensor,
+    feature_tables: Mapping[str, BudgetedTable],
+    ranks: Mapping[str, torch.Tensor],
+) -> KeyedJaggedTensor:
+    """Ids of feature ``f`` -> rows of features ``f@tier<j>`` (every bag split by tier).
+
+    The rank of an id is ``ranks[table][id]`` for remapped tables, the id itself otherwise; its
+    tier is the last one starting at or before that rank, its row the rank minus that start.
+    """
+    if features.variable_stride_per_key():
+        raise ValueError("budgeted tables take KJTs with one batch size for all features")
+    batch = features.stride()
+    values = features.values()
+    device = values.device
+    keys: List[str] = []
+    rows, slots = [], []
+    for key, ids, lengths in zip(
+        features.keys(), values.split(features.length_per_key()), features.lengths().split(batch)
+    ):
+        t = feature_tables[key]
+        rank = ranks[t.name][ids].to(torch.int64) if t.remap else ids.to(torch.int64)
+        example = torch.repeat_interleave(torch.arange(batch, device=device), lengths.to(torch.int64))
+        if len(t.tiers) == 1:
+            tier = torch.zeros_like(rank)
+            rows.append(rank)
+        else:
+            starts = torch.tensor(t.starts, device=device)
+            tier = torch.bucketize(rank, starts[1:], right=True)
+            rows.append(rank - starts[tier])
+        slots.append((len(keys) + tier) * batch + example)
+        keys += [tier_key(key, j) for j in range(len(t.tiers))]
+    slot = torch.cat(slots) if slots else values
+    order = torch.sort(slot, stable=True).indices
+    lengths = torch.bincount(slot, minlength=len(keys) * batch).to(features.lengths().dtype)
+    return KeyedJaggedTensor(
+        keys=keys, values=torch.cat(rows)[order] if rows else values, lengths=lengths, stride=batch
+    )
+
+
+def combine_tiers(
+    tables: Sequence[BudgetedTable], projections: nn.ModuleDict, pooled: Mapping[str, torch.Tensor]
+) -> KeyedTensor:
+    """Per user feature, the sum over its tiers of the projected per-tier pools.
+
+    One matmul per table: the tiers' pools side by side times the projections side by side
+    (the identity for a tier at the model dim); the features of a table share it.
+    """
+    out = []
+    for t in tables:
+        d = t.embedding_dim
+        weight: Optional[torch.Tensor] = None
+        if len(t.tiers) > 1 or t.tiers[0].dim != d:
+            some = next(iter(pooled.values()))
+            weight = torch.cat(
+                [
+                    projections[tier_key(t.name, j)].weight
+                    if tier.dim != d
+                    else torch.eye(d, dtype=some.dtype, device=some.device)
+                    for j, tier in enumerate(t.tiers)
+                ],
+                dim=1,
+            )
+        for f in t.feature_names:
+            parts = [pooled[tier_key(f, j)] for j in range(len(t.tiers))]
+            out.append(parts[0] if weight is None else F.linear(torch.cat(parts, dim=1), weight))
+    return KeyedTensor(
+        keys=[f for t in tables for f in t.feature_names],
+        length_per_key=[t.embedding_dim for t in tables for _ in t.feature_names],
+        values=torch.cat(out, dim=1),  # type: ignore[arg-type]
+    )
+
+
+@torch.no_grad()
+def identity_init(projection: nn.Linear) -> None:
+    """``[I; 0]``: a tier's vector starts as the leading coordinates of the model-dim vector."""
+    projection.weight.zero_()
+    projection.weight.fill_diagonal_(1.0)
+
+
+class RankBuffers(nn.Module):
+    """The rank of every id (int32) of each remapped table, as buffers ``T`` (key ``remap.T``)."""
+
+    def __init__(self, ranks: Mapping[str, torch.Tensor], device: Optional[torch.device]) -> None:
+        super().__init__()
+        for name, r in ranks.items():
+            self.register_buffer(name, r.to(device=device, dtype=torch.int32))
+
+    def as_dict(self) -> Dict[str, torch.Tensor]:
+        return dict(self.named_buffers())
+
+
+def budgeted_cost(tables: Sequence[BudgetedTable], limit: int, optimizer: Optional[str]) -> Dict[str, Dict[str, Any]]:
+    """The shared cost report (parameters, ratio) plus, per table, its tiers and the budget's
+    bytes by kind, and in ``total`` the bytes against the budget."""
+    rows: Dict[str, Dict[str, Any]] = {}
+    for t in tables:
+        b = t.bytes
+        rows[t.name] = {
+            "n": t.num_embeddings,
+            "d": t.embedding_dim,
+            "tiers": [dataclasses.asdict(x) for x in t.tiers],
+            "remap": t.remap,
+            "parameters": (b.tables + b.scalars + b.projections) // FP32_BYTES,
+            "uncompressed_parameters": t.num_embeddings * t.embedding_dim,
+            "ratio": t.num_embeddings * t.embedding_dim * FP32_BYTES / (b.tables + b.scalars + b.projections),
+            **{f"{kind}_bytes": v for kind, v in dataclasses.asdict(b).items()},
+            "bytes": b.total,
+            "uncompressed_bytes": uncompressed_bytes(t.num_embeddings, t.embedding_dim, optimizer),
+        }
+    report = cost_report(rows)
+    report["total"].update(
+        bytes=sum(r["bytes"] for r in rows.values()),
+        uncompressed_bytes=sum(r["uncompressed_bytes"] for r in rows.values()),
+        budget_bytes=limit,
+        optimizer=optimizer,
+    )
+    return report
+
+
+class BudgetedEmbeddingBagCollection(CompressedCollection):
+    """EmbeddingBagCollection whose tables fit a hard memory budget, sizes by id popularity.
+
+    tables: the user's ``EmbeddingBagConfig``s (SUM pooling); all of them are budgeted.
+    budget_bytes / budget_ratio: the budget, in bytes or as uncompressed bytes / budget.
+    frequencies: per table (or per feature, summed over a table's features) the count of each
+        id, e.g. ``torchrec_memcom.data.load_frequencies(dir)``; ids are ranked by it.
+    allocation: an ``Allocation`` (or a file from ``memcom budget search|heuristic``); None
+        builds the quick popularity heuristic for the budget.
+    optimizer: also count this sparse optimizer's state ("sgd", "rowwise_adagrad", "adagrad").
+    tail / sizes: for the heuristic: the rarest ids may share a MEmCom tier; the tier dims to use.
+
+    Construction fails unless the allocation fits the budget. State dict:
+    ``embedding_bags.T@tier<j>.weight`` (rows of tier ``j`` by rank within the tier),
+    ``entity_weights.T@tier<j>`` (per-id scalars of a MEmCom tier), ``projections.T@tier<j>.weight``
+    (``d x dim_j``, only where ``dim_j < d``) and ``remap.T`` (int32 rank of each id, only for
+    tables whose ids are not already in frequency order at the tier cuts).
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        budget_bytes: Optional[int] = None,
+        frequencies: Optional[Mapping[str, Any]] = None,
+        allocation: Union[None, Allocation, str, Path] = None,
+        *,
+        budget_ratio: Optional[float] = None,
+        optimizer: Optional[str] = None,
+        tail: bool = False,
+        sizes: Optional[Sequence[int]] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self._num_embeddings = feature_sizes(tables)  # each feature reads one table
+        for t in tables:
+            if t.pooling != PoolingType.SUM:
+                raise ValueError(
+                    f"table {t.name!r}: budgeted tables pool with SUM (the per-tier pools add up "
+                    f"to the bag only then); got pooling {t.pooling.name}"
+                )
+        if frequencies is None:
+            raise ValueError("budgeted tables need frequencies: per table, the count of each id")
+        self._embedding_bag_configs = tables
+        self.budget = Budget(bytes=budget_bytes, ratio=budget_ratio, optimizer=optimizer)
+        shapes = shapes_of(tables)
+        counts = table_counts(tables, frequencies)
+        if allocation is None:
+            from torchrec_memcom.budget.space import AllocationSpace
+
+            allocation = AllocationSpace(tables, counts, self.budget, tail=tail, sizes=sizes).heuristic()
+        elif not isinstance(allocation, Allocation):
+            allocation = Allocation.load(allocation)
+        ranks = {name: frequency_ranks(c) for name, c in counts.items()}
+        clean = {name: clean_cuts(r) for name, r in ranks.items()}
+        per_table = check_budget(allocation, shapes, clean, self.budget, tail)
+        self.allocation = allocation
+        self.budget_limit = self.budget.resolve(shapes)
+        self.tables: List[BudgetedTable] = [
+            BudgetedTable(
+                name=t.name,
+                num_embeddings=t.num_embeddings,
+                embedding_dim=t.embedding_dim,
+                feature_names=tuple(t.feature_names),
+                tiers=allocation.tables[t.name].tiers,
+                remap=needs_remap(allocation.tables[t.name], clean[t.name]),
+                bytes=per_table[t.name],
+            )
+            for t in tables
+        ]
+        # The tier tables as a MEmCom collection (MEmCom tiers compressed, the others plain);
+        # this module adopts its modules, so the state dict shows them at `embedding_bags.*` /
+        # `entity_weights.*`, and keeps the collection itself out of the module tree.
+        tier_configs, memcom = [], {}
+        for cfg, t in zip(tables, self.tables):
+            for j, tier in enumerate(t.tiers):
+                tier_configs.append(
+                    dataclasses.replace(
+                        cfg,
+                        name=tier_key(t.name, j),
+                        num_embeddings=tier.rows,
+                        embedding_dim=tier.dim,
+                        feature_names=[tier_key(f, j) for f in t.feature_names],
+                        init_fn=cfg.init_fn,  # the whole table's init range, not the tier's
+                    )
+                )
+                if tier.hash_rows is not None:
+                    memcom[tier_key(t.name, j)] = MEmComConfig(num_hash_rows=tier.hash_rows)
+        tiers = MEmComEmbeddingBagCollection(tier_configs, memcom, device=device)
+        object.__setattr__(self, "_tiers", tiers)
+        self.embedding_bags = tiers.embedding_bags
+        self.entity_weights = tiers.entity_weights
+        self._device = tiers.device
+        self.projections = nn.ModuleDict(
+            {
+                tier_key(t.name, j): nn.Linear(tier.dim, t.embedding_dim, bias=False, device=self._device)
+                for t in self.tables
+                for j, tier in enumerate(t.tiers)
+                if tier.dim != t.embedding_dim
+            }
+        )
+        remapped = {t.name: ranks[t.name] for t in self.tables if t.remap}
+        self.remap = RankBuffers(remapped, self._device)
+        # A meta module holds no values: keep the ranks for the sharder to place.
+        self._meta_ranks = remapped if self._device.type == "meta" else {}
+        self._feature_tables = {f: t for t in self.tables for f in t.feature_names}
+        if self._device.type != "meta":
+            for p in self.projections.values():
+                identity_init(p)
+
+    @property
+    def tier_collection(self) -> MEmComEmbeddingBagCollection:
+        """The tier tables as a MEmComEmbeddingBagCollection sharing this module's parameters."""
+        return self._tiers  # type: ignore[return-value]
+
+    def ranks(self) -> Dict[str, torch.Tensor]:
+        """Rank of every id of each remapped table (held on the host for a meta module)."""
+        return dict(self._meta_ranks) or self.remap.as_dict()
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        check_unweighted(features, "budgeted")
+        check_ids(features, self._num_embeddings)
+        tiered = split_by_tier(features, self._feature_tables, self.remap.as_dict())
+        return combine_tiers(self.tables, self.projections, self.tier_collection(tiered).to_dict())
+
+    def reset_parameters(self) -> None:
+        """Tier rows by their table's ``init_fn``, MEmCom scalars to 1, projections ``[I; 0]``."""
+        if any(p.is_meta for p in self.parameters()):
+            return
+        with torch.no_grad():
+            for cfg in self.tier_collection.hashed_configs():
+                assert cfg.init_fn is not None
+                cfg.init_fn(self.embedding_bags[cfg.name].weight)
+            for name, w in self.entity_weights.items():
+                w.fill_(self.tier_collection._init_weight[name])
+        for p in self.projections.values():
+            identity_init(p)
+
+    def parameter_bytes(self) -> int:
+        """Bytes of the module's state: tier tables, MEmCom scalars, projections, remap."""
+        return sum(t.bytes.parameters for t in self.tables)
+
+    def optimizer_bytes(self) -> int:
+        """Bytes of the sparse optimizer's state the budget counts (0 if it counts none)."""
+        return sum(t.bytes.optimizer for t in self.tables)
+
+    def cost(self) -> Dict[str, Dict[str, Any]]:  # type: ignore[override]
+        """The shared report plus tiers and bytes per table; ``total`` has the budget."""
+        return budgeted_cost(self.tables, self.budget_limit, self.budget.optimizer)
+
+
+# Parameters of `compress()`'s "budgeted" method (the same for every table of a collection).
+BUILD_PARAMS = ("allocation", "budget_bytes", "budget_ratio", "optimizer", "tail", "sizes", "frequencies")
+
+
+def collection_params(params: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """The parameters all budgeted tables of a collection share: the budget is the collection's."""
+    distinct = {json.dumps(dict(p), sort_keys=True, default=str) for p in params.values()}
+    if len(distinct) > 1:
+        raise ValueError(
+            "budgeted tables share one budget and allocation: give their params once, as the "
+            "compression spec's default params, not per table"
+        )
+    out = dict(next(iter(params.values()), {}))
+    unknown = sorted(set(out) - set(BUILD_PARAMS))
+    if unknown:
+        raise ValueError(f"unknown params of budgeted tables {unknown}; known: {list(BUILD_PARAMS)}")
+    return out
+
+
+def build_budgeted(
+    tables: List[EmbeddingBagConfig], params: Mapping[str, Mapping[str, Any]], device: torch.device
+) -> BudgetedEmbeddingBagCollection:
+    """``compress()``'s builder of the "budgeted" method.
+
+    params (the same for every table): ``allocation`` (a file of ``memcom budget search`` or
+    ``heuristic``; without it, the heuristic), ``budget_bytes`` or ``budget_ratio`` and
+    ``optimizer`` (default: the budget the allocation file records), ``frequencies`` (a data
+    folder; default: the folder the allocation was made on), ``tail`` and ``sizes`` (heuristic).
+    """
+    p = collection_params(params)
+    allocation = Allocation.load(p["allocation"]) if "allocation" in p else None
+    recorded = dict(allocation.meta) if allocation is not None else {}
+    budget = dict(recorded.get("budget", {}))
+    if "budget_bytes" in p or "budget_ratio" in p:
+        budget = {"bytes": p.get("budget_bytes"), "ratio": p.get("budget_ratio")}
+    if "optimizer" in p:
+        budget["optimizer"] = p["optimizer"]
+    if budget.get("bytes") is None and budget.get("ratio") is None:
+        raise ValueError(
+            "budgeted tables need a budget: params `budget_bytes` or `budget_ratio`, or an "
+            "`allocation` file that records one"
+        )
+    data = p.get("frequencies") or recorded.get("data")
+    if data is None:
+        raise ValueError(
+            "budgeted tables rank ids by frequency: give params `frequencies` (a data folder of "
+            "`memcom data convert|synth`) or an `allocation` file made on one"
+        )
+    from torchrec_memcom.data import load_frequencies
+
+    return BudgetedEmbeddingBagCollection(
+        tables,
+        budget_bytes=budget.get("bytes"),
+        frequencies=load_frequencies(data),
+        allocation=allocation,
+        budget_ratio=budget.get("ratio"),
+        optimizer=budget.get("optimizer"),
+        tail=bool(p.get("tail", False)),
+        sizes=p.get("sizes"),
+        device=device,
+    )
