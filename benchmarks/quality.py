@@ -228,6 +228,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every run")
     parser.add_argument("--out", default=str(REPO / "docs"))
+    parser.add_argument("--name", default="quality_results", help="stem of the JSON and PNG written into --out")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the plot and tables of a results file")
     args = parser.parse_args(argv)
     if args.replot:
@@ -249,6 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     result: Dict[str, Any] = {
+        "command": " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]]),
         "smoke": args.smoke,
         "machine": {**machine(), "torch_threads": args.threads},
         "methods": names,
@@ -333,7 +335,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 entry["auc_standard_error_of_eval_set"] = hanley_mcneil_se(auc, positives, negatives)
             result["datasets"][dataset] = entry
     result["seconds"] = time.time() - started
-    name = "quality_smoke" if args.smoke else "quality_results"
+    name = "quality_smoke" if args.smoke else args.name
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     plot(result, out / f"{name}.png")
     print(table(result))

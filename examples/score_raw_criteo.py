@@ -69,8 +69,8 @@ def main(argv: List[str]) -> int:
                 first, batch = first + len(batch), []
         if batch:
             print("\n".join(f"{p:.6f}" for p in score(model, batch, source, first)))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, RuntimeError) as e:  # a bad line, or a model that refuses (e.g. no id map)
+        print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 1
     return 0
 

@@ -360,6 +360,13 @@ def test_unknown_precision_is_refused(tmp_path: Path, checkpoint: Path, capsys: 
     assert exit_.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
 
 
+def test_bad_check_rows_are_refused_before_any_work(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ValueError, match="check_rows must be a positive number of rows or None"):
+        export_checkpoint(checkpoint, tmp_path / "m.pt", check_rows=0)
+    assert memcom(["export", str(checkpoint), "--out", str(tmp_path / "m.pt"), "--check-rows", "-3"]) == 1
+    assert "got -3" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def test_missing_data_folder_names_the_option(tmp_path: Path, checkpoint: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"pass the data folder it was trained on \(--data DIR\)"):
         export_checkpoint(checkpoint, tmp_path / "m.pt", data=tmp_path / "gone")

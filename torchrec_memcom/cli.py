@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "train": "torchrec_memcom.train.cli",
     "demo": "torchrec_memcom.train.cli",
     "export": "torchrec_memcom.export.cli",
+    "score": "torchrec_memcom.export.cli",
 }
 
 

@@ -356,6 +356,8 @@ def export_checkpoint(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    if check_rows is not None and check_rows < 1:
+        raise ValueError(f"check_rows must be a positive number of rows or None (all), got {check_rows}")
     out = Path(out_file)
     trained = TrainedModel(checkpoint, data)
     module, tables = build_inference_model(trained, precision, raw_ids)
@@ -401,15 +403,20 @@ def export_checkpoint(
     return report
 
 
+def _versus(ratio: float) -> str:
+    """``ratio`` = reference bytes / file bytes, in words that stay true below 1."""
+    return f"{ratio:.1f}x smaller than" if ratio >= 1 else f"{1 / ratio:.1f}x larger than"
+
+
 def describe(report: Dict[str, Any]) -> str:
     """A few lines for people: sizes, and the check."""
     mb = 2**20
     lines = [
         f"exported {report['checkpoint']} (step {report['step']}) -> {report['out']} ({report['precision']})",
-        f"  file {report['file_bytes'] / mb:.3f} MiB: {report['ratio_vs_fp32_uncompressed']:.1f}x smaller than "
+        f"  file {report['file_bytes'] / mb:.3f} MiB: {_versus(report['ratio_vs_fp32_uncompressed'])} "
         f"the uncompressed fp32 model ({report['fp32_uncompressed_bytes'] / mb:.3f} MiB), "
-        f"{report['ratio_vs_fp32_trained']:.1f}x smaller than the trained fp32 model "
-        f"({report['fp32_trained_bytes'] / mb:.3f} MiB)",
+        f"{_versus(report['ratio_vs_fp32_trained'])} the trained fp32 model "
+        f"({report['fp32_trained_bytes'] / mb:.3f} MiB; neither counts the raw-value id map)",
         "  tensors: " + ", ".join(f"{k} {v / mb:.3f} MiB" for k, v in report["tensor_bytes"].items()),
     ]
     c = report["check"]
