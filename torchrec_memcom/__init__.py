@@ -3,8 +3,9 @@
 Exports resolve lazily, so `memcom data ...` never pays for importing torch and torchrec.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from torchrec_memcom.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from torchrec_memcom.compression import CompressionSpec, TableCompression, compress
@@ -58,8 +59,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -5,8 +5,9 @@ imports nothing heavy until a name is used; the loader imports torch and torchre
 builds batches.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from torchrec_memcom.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .converter import CriteoFormatError, convert
@@ -32,8 +33,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -3,8 +3,9 @@
 Names resolve lazily, so the `memcom` CLI does not load the export machinery until it runs.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from torchrec_memcom.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .export import TOLERANCES, ExportCheckError, describe, export_checkpoint
@@ -26,8 +27,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
