@@ -65,6 +65,24 @@ def test_bad_line_exit_code_and_message(tmp_path: Path, capsys: pytest.CaptureFi
     assert load_manifest(tmp_path / "out")["rows_skipped"] == 1
 
 
+def test_unreadable_and_empty_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A truncated gzip is one line naming the file (no traceback), under either --on-bad-line; an empty file is 0 rows."""
+    whole = tmp_path / "whole.gz"
+    assert main(["data", "synth", "--rows", "2000", "--out", str(whole), "--format", "tsv", "--quiet"]) == 0
+    cut = tmp_path / "cut.gz"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    for on_bad_line in ("error", "skip"):
+        assert main(["data", "convert", str(cut), "--out", str(tmp_path / "out"), "--split", "none", "--quiet",
+                     "--on-bad-line", on_bad_line]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"memcom data convert: error: {cut}: cannot be read") and "Truncated" in err
+        assert len(err.splitlines()) == 1
+    empty = tmp_path / "empty.tsv"
+    empty.write_bytes(b"")
+    assert main(["data", "convert", str(empty), "--out", str(tmp_path / "e"), "--on-bad-line", "skip", "--quiet"]) == 0
+    assert "0 rows written" in capsys.readouterr().out
+
+
 def test_days_options(tmp_path: Path) -> None:
     for day in range(3):
         assert main(["data", "synth", "--rows", "700", "--seed", str(day), "--format", "tsv",

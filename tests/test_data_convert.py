@@ -1,4 +1,5 @@
-"""Converter tests: the real Criteo sample, gzip, day folders, both id modes, bad lines, resume."""
+"""Converter tests: the real Criteo sample, gzip, day folders, both id modes, bad lines, unreadable
+and empty files, resume."""
 
 import gzip
 import math
@@ -16,7 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from torchrec_memcom.data import CriteoFormatError, convert, kaggle_split, load_frequencies, load_manifest
+from torchrec_memcom.data import (
+    CriteoFormatError, CriteoReadError, convert, kaggle_split, load_frequencies, load_manifest,
+)
 from torchrec_memcom.data import shards as shards_module
 from torchrec_memcom.data.schema import CAT_NAMES, INT_NAMES
 
@@ -263,6 +266,59 @@ def test_error_then_resume_with_skip(sample_rows: List[List[str]], tmp_path: Pat
     manifest = convert(path, tmp_path / "out", split="none", rows_per_shard=1000, on_bad_line="skip", progress=False)
     assert manifest["rows_skipped"] == 1 and manifest["rows_written"] == 4999
     assert {p: p.stat().st_mtime_ns for p in finished} == stamps
+
+
+# --- unreadable and empty files --------------------------------------------------------------
+
+
+def test_empty_file_is_zero_rows(sample_rows: List[List[str]], tmp_path: Path) -> None:
+    """An empty input converts to no rows; an empty day in a folder of days is just a day without rows."""
+    empty = tmp_path / "empty.tsv"
+    empty.write_bytes(b"")
+    for on_bad_line in ("error", "skip"):
+        for split in ("kaggle", "none"):
+            manifest = convert(empty, tmp_path / f"out_{split}_{on_bad_line}", split=split, on_bad_line=on_bad_line,
+                               progress=False)
+            assert manifest["rows_read"] == manifest["rows_written"] == manifest["rows_skipped"] == 0
+    days = tmp_path / "days"
+    days.mkdir()
+    write_lines(days / "day_0", sample_rows[:300])
+    (days / "day_1").write_bytes(b"")
+    gzip.open(days / "day_2.gz", "wb").close()  # an empty gzip stream
+    write_lines(days / "day_3", sample_rows[300:500])
+    for mode in ("mod", "frequency"):
+        manifest = convert(days, tmp_path / f"days_{mode}", mode=mode, rows_per_shard=100, progress=False)
+        assert {s: v["rows"] for s, v in manifest["splits"].items()} == {"train": 300, "val": 100, "test": 100}
+        assert manifest["rows_read"] == 500
+        np.testing.assert_array_equal(read_split(tmp_path / f"days_{mode}", "train")["label"],
+                                      [int(r[0]) for r in sample_rows[:300]])
+
+
+def test_truncated_gzip_names_file_and_keeps_finished_shards(sample_rows: List[List[str]], tmp_path: Path) -> None:
+    whole = write_lines(tmp_path / "whole.tsv.gz", sample_rows[:5000])
+    path = tmp_path / "cut.tsv.gz"
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 4])  # cut inside the deflate stream
+    out = tmp_path / "out"
+    for on_bad_line in ("error", "skip"):
+        with pytest.raises(CriteoReadError) as error:
+            convert(path, out, split="none", rows_per_shard=100, block_size=1 << 16, on_bad_line=on_bad_line,
+                    progress=False)
+        assert str(error.value).startswith(f"{path}: cannot be read past line ")
+        assert "Truncated compressed stream" in str(error.value) and error.value.path == str(path)
+        assert 0 < error.value.line < 5000  # the reader reads ahead: the error comes some blocks early
+        # Every shard filled by the lines read is kept; the second run redoes none of them.
+        finished = sorted((out / "train").glob("part-*.parquet"))
+        assert len(finished) == error.value.line // 100 >= 2
+        if on_bad_line == "error":
+            stamps = {p: p.stat().st_mtime_ns for p in finished}
+        else:
+            assert {p: p.stat().st_mtime_ns for p in finished} == stamps
+        assert not (out / "manifest.json").exists()
+    labels = pq.read_table(finished, columns=["label"]).column(0).to_numpy()
+    np.testing.assert_array_equal(labels, [int(r[0]) for r in sample_rows[: len(finished) * 100]])
+    # The Kaggle split counts lines first: the counting pass names the file too.
+    with pytest.raises(CriteoReadError, match=f"{path}: cannot be read.*Truncated compressed stream"):
+        convert(path, tmp_path / "kaggle", progress=False)
 
 
 # --- resume and atomicity --------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Loader tests: Batch/KJT format, rank partitioning, equal batch counts, per-epoch shuffling."""
+"""Loader tests: Batch/KJT format, rank partitioning, equal batch counts, per-epoch shuffling, prefetch."""
 
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List
@@ -142,11 +143,48 @@ def test_no_shuffle_is_file_order(data: Path) -> None:
     np.testing.assert_array_equal(labels, split_rows(data, "val")["label"])
 
 
+def test_prefetch_gives_the_same_batches(data: Path) -> None:
+    """The background thread changes when batches are built, never which: same rows, same order."""
+    inline = CriteoParquetLoader(data, "train", 1000, seed=5, drop_last=False, prefetch=0)
+    ahead = CriteoParquetLoader(data, "train", 1000, seed=5, drop_last=False, prefetch=3)
+    for loader in (inline, ahead):
+        loader.set_epoch(2)
+    pairs = list(zip(inline, ahead, strict=True))
+    assert len(pairs) == len(inline)
+    for a, b in pairs:
+        torch.testing.assert_close(a.dense_features, b.dense_features)
+        torch.testing.assert_close(a.labels, b.labels)
+        assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
+
+
+def prefetch_threads() -> List[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "CriteoParquetLoader-prefetch"]
+
+
+def test_prefetch_thread_stops_and_passes_errors(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loader = CriteoParquetLoader(data, "train", 100, prefetch=2)
+    batches = iter(loader)
+    next(batches)
+    assert len(prefetch_threads()) == 1
+    batches.close()  # what `break` out of a for loop does once the iterator is dropped
+    assert not prefetch_threads()
+
+    def fail(self: CriteoParquetLoader, *args: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(CriteoParquetLoader, "_batch", fail)
+    with pytest.raises(OSError, match="disk gone"):
+        next(iter(loader))
+    assert not prefetch_threads()
+
+
 def test_bad_arguments(data: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="too few"):
         CriteoParquetLoader(data, "val", 1000, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         CriteoParquetLoader(data, "train", 10, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="prefetch"):
+        CriteoParquetLoader(data, "train", 10, prefetch=-1)
     with pytest.raises(ValueError, match="no split"):
         CriteoParquetLoader(data, "holdout", 10)
     with pytest.raises(FileNotFoundError, match="manifest.json"):

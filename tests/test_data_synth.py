@@ -91,3 +91,21 @@ def test_other_data_is_not_overwritten(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--overwrite"):
         synthesize(2000, tmp_path, seed=2, **small)
     assert synthesize(2000, tmp_path, seed=2, overwrite=True, **small)["config"]["seed"] == 2
+
+
+def test_unfinished_conversion_is_not_overwritten(tmp_path: Path) -> None:
+    """synth into a folder holding an unfinished conversion refuses, and deletes nothing, unless overwrite."""
+    tsv = tmp_path / "in.tsv"
+    write_synthetic_tsv(tsv, 3000, seed=1, max_cardinality=500, progress=False)
+    tsv.write_text(tsv.read_text() + "not a criteo line\n")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="in.tsv:3001"):
+        convert(tsv, out, split="none", rows_per_shard=1000, progress=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert len(list(out.glob("train/part-*.parquet"))) == 3 and (out / ".convert_state.json").is_file()
+    with pytest.raises(ValueError, match="unfinished conversion.*--overwrite"):
+        synthesize(2000, out, seed=1, max_cardinality=500, progress=False)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    manifest = synthesize(2000, out, seed=1, max_cardinality=500, overwrite=True, progress=False)
+    assert manifest["kind"] == "synth" and not (out / ".convert_state.json").exists()
+    assert len(list(out.glob("train/part-*.parquet"))) == 1

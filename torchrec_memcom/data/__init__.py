@@ -14,11 +14,13 @@ if TYPE_CHECKING:
     from .loader import CriteoParquetLoader
     from .manifest import load_frequencies, load_manifest
     from .schema import CAT_NAMES, INT_NAMES, LABEL_NAME, kaggle_split
+    from .sources import CriteoReadError
     from .synth import roc_auc, synthesize, write_synthetic_tsv
 
 _EXPORTS = {
     "convert": "converter",
     "CriteoFormatError": "converter",
+    "CriteoReadError": "sources",
     "CriteoParquetLoader": "loader",
     "load_manifest": "manifest",
     "load_frequencies": "manifest",

@@ -79,12 +79,12 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _guarded(command: Any) -> Any:
-    """Report data and option errors as one line on stderr with exit code 1, not a traceback."""
+    """Report data, option and file errors as one line on stderr with exit code 1, not a traceback."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
-        except (ValueError, FileNotFoundError, EOFError) as e:
+        except (ValueError, OSError, EOFError) as e:
             print(f"memcom data {args.data_command}: error: {e}", file=sys.stderr)
             return 1
 

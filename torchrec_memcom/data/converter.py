@@ -36,7 +36,7 @@ from .parse import (
 )
 from .schema import CAT_NAMES, COLUMN_NAMES, INT_NAMES, PARQUET_SCHEMA, SPLITS, kaggle_split
 from .shards import ShardFile, temporary_files
-from .sources import PathLike, Source, count_lines, discover, open_at_line, open_stream
+from .sources import CriteoReadError, PathLike, Source, count_lines, discover, open_at_line, open_stream
 
 DEFAULT_NUM_EMBEDDINGS = 100_000  # TorchRec's DLRM example default
 DEFAULT_MIN_COUNT = 3  # TorchRec's FREQUENCY_THRESHOLD
@@ -72,31 +72,51 @@ class _Lines:
     end: int  # every line <= end has been accounted for
 
 
+def _open_csv(stream: pa.NativeFile, options: Tuple[Any, Any, Any]) -> Optional[pacsv.CSVStreamingReader]:
+    """pyarrow's streaming reader, or None for an empty stream (an empty file has 0 rows).
+
+    pyarrow refuses an empty stream with ArrowInvalid("Empty CSV file") and has no way to peek, so
+    that one message is recognized; any other error propagates.
+    """
+    try:
+        return pacsv.open_csv(stream, *options)
+    except pa.ArrowInvalid as e:
+        if "Empty CSV file" in str(e):
+            return None
+        raise
+
+
 def _read_lines(path: str, start_line: int, block_size: int) -> Iterator[_Lines]:
-    """Stream a file from `start_line`, numbering every row with its physical line."""
+    """Stream a file from `start_line`, numbering every row with its physical line.
+
+    A read error (truncated or corrupt compressed data, I/O error) raises CriteoReadError naming
+    the file and the last line read intact.
+    """
     pending: List[Tuple[int, int, str]] = []  # the handler runs ahead of the batches
 
     def on_invalid(row: pacsv.InvalidRow) -> str:
         heapq.heappush(pending, (row.number + start_line - 1, row.actual_columns, row.text[:120]))
         return "skip"
 
-    stream = open_stream(path) if start_line == 1 else open_at_line(path, start_line)
-    read, parse, convert = csv_reader_options(block_size, on_invalid)
     next_line = start_line
-    with stream:
-        for batch in pacsv.open_csv(stream, read, parse, convert):
-            if not batch.num_rows:
-                continue
-            end = next_line + batch.num_rows - 1
-            dropped = []
-            while pending and pending[0][0] <= end:
-                dropped.append(heapq.heappop(pending))
-                end += 1
-            lines = np.arange(next_line, end + 1, dtype=np.int64)
-            if dropped:
-                lines = lines[~np.isin(lines, [d[0] for d in dropped])]
-            yield _Lines(lines, batch, parse_batch(batch), dropped, end)
-            next_line = end + 1
+    try:
+        with open_stream(path) if start_line == 1 else open_at_line(path, start_line) as stream:
+            reader = _open_csv(stream, csv_reader_options(block_size, on_invalid))
+            for batch in reader if reader is not None else ():
+                if not batch.num_rows:
+                    continue
+                end = next_line + batch.num_rows - 1
+                dropped = []
+                while pending and pending[0][0] <= end:
+                    dropped.append(heapq.heappop(pending))
+                    end += 1
+                lines = np.arange(next_line, end + 1, dtype=np.int64)
+                if dropped:
+                    lines = lines[~np.isin(lines, [d[0] for d in dropped])]
+                yield _Lines(lines, batch, parse_batch(batch), dropped, end)
+                next_line = end + 1
+    except (OSError, pa.ArrowException) as e:
+        raise CriteoReadError(path, next_line - 1, e) from e
     dropped = sorted(pending)
     yield _Lines(np.zeros(0, np.int64), None, None, dropped, dropped[-1][0] if dropped else next_line - 1)
 

@@ -10,11 +10,16 @@ world_size * batch_size - 1 rows sit out the epoch (different ones each epoch); 
 row is read, ranks' parts are padded to equal size by wrapping around to the first rows (at most
 world_size - 1 repeated rows, as torch's DistributedSampler does) and the last batch of every rank
 has the same, smaller size.
+
+Batches are built `prefetch` ahead in a background thread (pyarrow decoding and numpy copies
+release the GIL), so building the next batches overlaps the training step on the current one.
 """
 
 import math
+import queue
+import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -47,17 +52,21 @@ class CriteoParquetLoader:
         shuffle: bool = True,
         drop_last: bool = True,
         shuffle_window: int = 1 << 19,
+        prefetch: int = 2,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if batch_size < 1 or shuffle_window < 1:
             raise ValueError("batch_size and shuffle_window must be positive")
+        if prefetch < 0:
+            raise ValueError("prefetch must be 0 (no background thread) or more batches")
         manifest = load_manifest(data_dir)
         if split not in manifest["splits"]:
             raise ValueError(f"{data_dir} has no split {split!r}; it has {sorted(manifest['splits'])}")
         self.data_dir, self.split, self.batch_size = Path(data_dir), split, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.drop_last, self.shuffle_window = shuffle, drop_last, shuffle_window
+        self.prefetch = prefetch
         self.epoch = 0
         self.keys: List[str] = list(CAT_NAMES)
         self._lengths_offsets: Dict[int, Tuple["torch.Tensor", "torch.Tensor"]] = {}
@@ -140,6 +149,10 @@ class CriteoParquetLoader:
                 window, rows = [], 0
 
     def __iter__(self) -> Iterator["Batch"]:
+        batches = self._batches()
+        return _prefetched(batches, self.prefetch) if self.prefetch else batches
+
+    def _batches(self) -> Iterator["Batch"]:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.world_size])
         carry = None  # rows of the previous window that did not fill a batch
         emitted = 0
@@ -185,3 +198,45 @@ class CriteoParquetLoader:
             sparse_features=kjt,
             labels=torch.from_numpy(labels[rows]),
         )
+
+
+def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
+    """`items`, produced by a background thread at most `depth` ahead of the consumer.
+
+    The producer's exceptions are re-raised in the consumer; when the consumer stops early (break,
+    garbage collection) the producer is stopped and joined.
+    """
+    slots: "queue.Queue[Tuple[str, Any]]" = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: Tuple[str, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as error:  # handed to the consumer
+            put(("error", error))
+
+    thread = threading.Thread(target=produce, name="CriteoParquetLoader-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join()

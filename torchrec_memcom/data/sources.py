@@ -21,6 +21,18 @@ _COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
 _CHUNK = 16 << 20
 
 
+class CriteoReadError(ValueError):
+    """An input file that cannot be read (truncated or corrupt compressed data, an I/O error).
+
+    Names the file and the last line read intact (0: none), as bad-line errors do.
+    """
+
+    def __init__(self, path: str, line: int, error: Exception) -> None:
+        where = f" past line {line:,}" if line else ""
+        super().__init__(f"{path}: cannot be read{where}: {error}")
+        self.path, self.line = path, line
+
+
 @dataclass(frozen=True)
 class Source:
     """One input file and its day number (from a `day_N` name, else its position in the list)."""
@@ -81,10 +93,13 @@ def open_stream(path: str) -> pa.NativeFile:
 def count_lines(path: str) -> int:
     """Number of physical lines (a last line without newline counts) without parsing them."""
     lines, last = 0, b"\n"
-    with open_stream(path) as stream:
-        while chunk := stream.read(_CHUNK):
-            lines += chunk.count(b"\n")
-            last = chunk[-1:]
+    try:
+        with open_stream(path) as stream:
+            while chunk := stream.read(_CHUNK):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+    except OSError as e:
+        raise CriteoReadError(path, lines, e) from e
     return lines + (last != b"\n")
 
 

@@ -220,6 +220,9 @@ def synthesize(
         if existing.get("config") == config:
             return existing
         raise ValueError(f"{out} already holds data from other inputs or options; use --overwrite")
+    if (out / mf.STATE).is_file() and not overwrite:
+        raise ValueError(f"{out} holds an unfinished conversion ({mf.STATE}): finish it by re-running the "
+                         "same `memcom data convert`, write elsewhere, or use --overwrite to discard it")
     mf.clear(out)
     splits = _split_of_rows(rows)
     shards: Dict[str, list] = {s: [] for s in splits}
