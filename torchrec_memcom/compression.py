@@ -167,3 +167,34 @@ def compress(
                 used += [m for m in methods if m not in used]
     sharders: List[ModuleSharder] = [METHODS[m].sharder(fused_params) for m in used]
     return model, sharders + get_default_sharders()
+
+
+# The per-table config each method builds from its params ("budgeted" takes collection params).
+PARAM_CONFIGS: Dict[str, type] = {"memcom": MEmComConfig, "hash": HashConfig, "qr": QRConfig}
+
+
+def check_spec(spec: CompressionSpec, key: str = "compression") -> None:
+    """Reject now, naming the key (``key.params.ratoi``), params a method would only reject when
+    it builds its tables, inside every rank of a job: unknown names, and the values the
+    method's config refuses (budgeted: the names; its files are read when it builds)."""
+    from torchrec_memcom.modules.budgeted_embedding_bag import BUILD_PARAMS
+
+    if spec.min_rows < 0:
+        raise ValueError(f"{key}.min_rows: must be >= 0, got {spec.min_rows}")
+    choices = [(key, TableCompression(spec.method, spec.params))]
+    choices += [(f"{key}.tables.{name}", t) for name, t in spec.tables.items()]
+    for where, choice in choices:
+        if choice.method == "none":
+            if choice.params:
+                raise ValueError(f"{where}.params: method none takes no params, got {choice.params}")
+            continue
+        config = PARAM_CONFIGS.get(choice.method)
+        known = [f.name for f in dataclasses.fields(config)] if config else list(BUILD_PARAMS)
+        unknown = sorted(set(choice.params) - set(known))
+        if unknown:
+            raise ValueError(f"{where}.params.{unknown[0]}: unknown key (known: {known})")
+        if config:
+            try:
+                config(**choice.params)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{where}.params: {e}") from None

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import List
 
+# The repository's configs/, beside the package of an editable install (install.sh's).
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -22,6 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--configs", nargs="+", default=[
         str(REPO_CONFIGS / "synthetic_uncompressed.yaml"), str(REPO_CONFIGS / "synthetic_memcom.yaml"),
     ])
+    demo.add_argument("--steps", type=int, help="train this many steps (default: the configs' epochs)")
+    demo.add_argument("--rows", type=int, help="synthesize this many rows (default: the configs'), into "
+                      "a data folder of their own")
+    demo.add_argument("--out", help="folder for the runs and the --rows data (default: the configs' folders)")
     demo.set_defaults(func=_demo)
 
 
@@ -39,17 +44,49 @@ def _train(args: argparse.Namespace) -> int:
     return launch(args.config, args.nproc)
 
 
+def _demo_config(path: str, args: argparse.Namespace) -> str:
+    """``path``; or, with the demo's --steps/--rows/--out, a copy so changed in its run folder."""
+    import yaml
+
+    from torchrec_memcom.train.config import as_dict, load_config
+
+    if args.steps is None and args.rows is None and args.out is None:
+        return path
+    config, name = load_config(path), Path(path).stem
+    train, data = config.train, config.data
+    if args.out is not None:
+        train.run_dir = str(Path(args.out) / name)
+        if train.checkpoint_dir:
+            train.checkpoint_dir = str(Path(args.out) / name / "checkpoints")
+    if args.steps is not None:
+        train.steps = args.steps
+    if args.rows is not None:
+        if data.synthetic is None:
+            raise ValueError(f"{path}: --rows needs synthetic data (a data.synthetic block)")
+        folder = Path(args.out) / "data" if args.out is not None else Path(data.path).parent
+        new_path = str(folder / f"{Path(data.path).name}_{args.rows}rows")
+        params = config.embeddings.compression.params
+        if params.get("frequencies") == data.path:  # budgeted tables rank ids on the same data
+            params["frequencies"] = new_path
+        data.path, data.synthetic.rows = new_path, args.rows
+    out = Path(train.run_dir) / "config.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(as_dict(config), sort_keys=False))
+    return str(out)  # launch() checks it (e.g. --steps 0 fails there, naming train.steps)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from torchrec_memcom.train.config import load_config
 
     rows = []
-    for config in args.configs:
+    for path in args.configs:
+        config = _demo_config(path, args)
         print(f"== memcom train --config {config} --nproc {args.nproc}", flush=True)
         code = launch(config, args.nproc)
         if code:
             return code
         run_dir = Path(load_config(config).train.run_dir)
-        rows.append((Path(config).stem, json.loads((run_dir / "results.json").read_text())))
+        rows.append((Path(path).stem, json.loads((run_dir / "results.json").read_text())))
     header = f"{'run':<28}{'AUC':>8}{'logloss':>9}{'emb. MB':>10}{'ratio':>8}{'examples/s':>12}"
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in rows:

@@ -7,7 +7,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from torchrec_memcom.compression import CompressionSpec
+from torchrec_memcom.compression import CompressionSpec, check_spec
+from torchrec_memcom.data.schema import CAT_NAMES
 
 
 @dataclasses.dataclass
@@ -42,11 +43,17 @@ class ModelConfig:
             raise ValueError(f"model.arch: expected DLRM or DLRM_DCN, got {self.arch!r}")
         if self.over_arch_layer_sizes[-1:] != [1]:
             raise ValueError("model.over_arch_layer_sizes: the last layer must have size 1")
+        for key in ("dense_arch_layer_sizes", "over_arch_layer_sizes", "dcn_num_layers", "dcn_low_rank_dim"):
+            value = getattr(self, key)
+            if any(n < 1 for n in (value if isinstance(value, list) else [value])):
+                raise ValueError(f"model.{key}: sizes must be >= 1, got {value}")
 
 
 @dataclasses.dataclass
 class EmbeddingsConfig:
-    """``num_embeddings``: 26 per-feature sizes, or ``from_data`` (the data's id spaces)."""
+    """``num_embeddings``: 26 per-feature sizes, or ``from_data`` (the data's id spaces);
+    ``compression`` is checked here, so that a typo in its params stops the launcher, not
+    every rank of the job."""
 
     dim: int = 16
     num_embeddings: Union[str, List[int]] = "from_data"
@@ -57,8 +64,21 @@ class EmbeddingsConfig:
             raise ValueError(
                 f"embeddings.num_embeddings: expected 'from_data' or a list, got {self.num_embeddings!r}"
             )
+        if isinstance(self.num_embeddings, list):
+            if len(self.num_embeddings) != len(CAT_NAMES):
+                raise ValueError(
+                    f"embeddings.num_embeddings: expected {len(CAT_NAMES)} sizes (one per feature "
+                    f"cat_0 .. cat_25), got {len(self.num_embeddings)}"
+                )
+            if min(self.num_embeddings) < 1:
+                raise ValueError(f"embeddings.num_embeddings: sizes must be >= 1, got {self.num_embeddings}")
         if self.dim < 1 or self.dim % 4:
             raise ValueError(f"embeddings.dim: must be a positive multiple of 4, got {self.dim}")
+        tables = {f"t_{f}" for f in CAT_NAMES}
+        unknown = sorted(set(self.compression.tables) - tables)
+        if unknown:
+            raise ValueError(f"embeddings.compression.tables.{unknown[0]}: no such table (t_cat_0 .. t_cat_25)")
+        check_spec(self.compression, "embeddings.compression")
 
 
 @dataclasses.dataclass
@@ -74,6 +94,9 @@ class SparseOptimizerConfig:
             raise ValueError(
                 f"optimizer.sparse.type: expected sgd, adagrad or rowwise_adagrad, got {self.type!r}"
             )
+        for key in ("lr", "eps"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"optimizer.sparse.{key}: must be > 0, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass
@@ -84,6 +107,8 @@ class DenseOptimizerConfig:
     def __post_init__(self) -> None:
         if self.type not in ("sgd", "adagrad", "adam"):
             raise ValueError(f"optimizer.dense.type: expected sgd, adagrad or adam, got {self.type!r}")
+        if not self.lr > 0:
+            raise ValueError(f"optimizer.dense.lr: must be > 0, got {self.lr}")
 
 
 @dataclasses.dataclass
@@ -95,7 +120,8 @@ class OptimizerConfig:
 @dataclasses.dataclass
 class TrainConfig:
     """``steps`` (if set) overrides ``epochs``; ``eval_every``: steps between evaluations
-    (0: at the end only); ``eval_batches``: cap per evaluation (None: the whole split)."""
+    (0: at the end only); ``eval_batches``: cap per evaluation (None: the whole split);
+    ``checkpoint_every``: steps between checkpoints (0: at the end only), needs ``checkpoint_dir``."""
 
     batch_size: int = 512
     epochs: int = 1
@@ -111,8 +137,14 @@ class TrainConfig:
         for key in ("batch_size", "epochs"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"train.steps: must be >= 1, got {self.steps}")
+        for key in ("steps", "eval_batches"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("eval_every", "checkpoint_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("train.checkpoint_every: set train.checkpoint_dir, where the checkpoints go")
 
 
 @dataclasses.dataclass

@@ -150,11 +150,21 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
                 f"{world} ranks (train.batch_size={cfg.batch_size})"
             )
     total_steps = cfg.steps or cfg.epochs * len(train_data)
-    progress = {"step": 0, "epoch": 0, "batch": 0, "world_size": world}
+    # The position and, as JSON (one value each, the same on every rank), every rank's training
+    # loss sum since the last evaluation and the evaluations so far: all a resumed run needs to
+    # continue the uninterrupted run's metrics exactly.
+    progress: Dict[str, Any] = {
+        "step": 0, "epoch": 0, "batch": 0, "world_size": world, "loss_sums": "[]", "history": "[]",
+    }
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's, since the last evaluation
+    history: List[Dict[str, Any]] = []
 
     checkpoints = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
 
     def state() -> Dict[str, Any]:
+        sums = [torch.zeros_like(loss_sum) for _ in range(world)]
+        dist.all_gather(sums, loss_sum)
+        progress.update(loss_sums=json.dumps([s.tolist() for s in sums]), history=json.dumps(history))
         return {"model": dmp.state_dict(), "optimizer": optimizer.state_dict(), "progress": dict(progress)}
 
     resumed = checkpoints and latest_checkpoint(checkpoints)
@@ -172,20 +182,31 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
         dmp.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
         progress.update(loaded["progress"])
+        loss_sum.copy_(torch.tensor(json.loads(progress["loss_sums"])[rank], dtype=torch.float64))
+        history = json.loads(progress["history"])
+        if progress["step"] > total_steps:
+            raise ValueError(f"{resumed} is at step {progress['step']}, past this run's {total_steps} steps")
         if rank == 0:
             print(f"resumed from {resumed} at step {progress['step']}", flush=True)
 
     run_dir = Path(cfg.run_dir)
+    if history and history[-1]["step"] == total_steps:  # resumed a finished run: nothing to do
+        if rank == 0:
+            print(f"the run finished at step {total_steps}; results in {run_dir / 'results.json'}", flush=True)
+            _write_results(run_dir, config, history, world)
+        return _final(history)
     evaluator = Evaluator(device)
-    history: List[Dict[str, Any]] = _earlier_evaluations(run_dir, progress["step"]) if resumed else []
     examples, train_seconds = 0, 0.0
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # since the last evaluation
     total_bytes, full_bytes = sum(bytes_per_table.values()), sum(uncompressed.values())
 
     def evaluate() -> None:
-        dist.all_reduce(loss_sum)
-        train_loss = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] else None
+        sums = loss_sum.clone()
+        dist.all_reduce(sums)
+        train_loss = float(sums[0] / sums[1]) if sums[1] else None
         loss_sum.zero_()
+        slowest = torch.tensor([train_seconds], dtype=torch.float64, device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # the same on every rank, like the history
+        seconds = float(slowest)
         limit = cfg.eval_batches or len(eval_data)
         eval_data.set_epoch(0)
         metrics = evaluator.run(pipeline, islice(iter(eval_data), limit))
@@ -193,7 +214,7 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
             "step": progress["step"],
             **metrics,
             "train_loss": train_loss,
-            "examples_per_s": examples / train_seconds if train_seconds else None,
+            "examples_per_s": examples / seconds if seconds else None,
             "embedding_bytes": total_bytes,
             "embedding_bytes_per_table": bytes_per_table,
             "uncompressed_embedding_bytes": full_bytes,
@@ -205,6 +226,10 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
             print(json.dumps({k: v for k, v in record.items() if k != "embedding_bytes_per_table"}), flush=True)
             _write_results(run_dir, config, history, world)
 
+    def save() -> None:
+        if checkpoints:
+            save_checkpoint(checkpoints, progress["step"], state(), as_dict(config))
+
     bar = tqdm(total=total_steps, initial=progress["step"], disable=rank != 0, unit="step", dynamic_ncols=True)
     while progress["step"] < total_steps:
         train_data.set_epoch(progress["epoch"])
@@ -213,7 +238,7 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
             # Train up to the next evaluation, checkpoint, end of epoch or end of run, so that
             # the pipeline has drained whenever we evaluate or save.
             bounds = [total_steps, progress["step"] + len(train_data) - progress["batch"]]
-            for every in (cfg.eval_every, cfg.checkpoint_every if checkpoints else 0):
+            for every in (cfg.eval_every, cfg.checkpoint_every):
                 if every:
                     bounds.append((progress["step"] // every + 1) * every)
             todo = min(bounds) - progress["step"]
@@ -235,16 +260,19 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
             if progress["batch"] >= len(train_data):
                 progress["epoch"] += 1
                 progress["batch"] = 0
-            if cfg.eval_every and progress["step"] % cfg.eval_every == 0 and progress["step"] < total_steps:
+            if progress["step"] == total_steps:  # evaluated and saved once, below
+                break
+            if cfg.eval_every and progress["step"] % cfg.eval_every == 0:
                 evaluate()
-            if checkpoints and cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0:
-                save_checkpoint(checkpoints, progress["step"], state(), as_dict(config))
+            if cfg.checkpoint_every and progress["step"] % cfg.checkpoint_every == 0:
+                save()
             if progress["batch"] == 0:
                 break
     bar.close()
-    evaluate()
-    if checkpoints:
-        save_checkpoint(checkpoints, progress["step"], state(), as_dict(config))
+    evaluate()  # before the last save, so that the last checkpoint holds the final evaluation
+    if rank == 0:
+        print(_bytes_table(bytes_per_table, uncompressed), flush=True)
+    save()
     return _final(history)
 
 
@@ -259,12 +287,13 @@ def _peak_memory(device: torch.device) -> int:
     return int(value)
 
 
-def _earlier_evaluations(run_dir: Path, step: int) -> List[Dict[str, Any]]:
-    """Evaluations a resumed run already made (those up to the checkpoint it resumes from)."""
-    path = run_dir / "results.json"
-    if not path.exists():
-        return []
-    return [e for e in json.loads(path.read_text())["evaluations"] if e["step"] <= step]
+def _bytes_table(actual: Dict[str, int], uncompressed: Dict[str, int]) -> str:
+    """Embedding parameter bytes per table and in total, against the uncompressed tables."""
+    lines = [f"{'table':<10}{'bytes':>14}{'uncompressed':>14}{'ratio':>8}"]
+    rows = [(name, size, uncompressed[name]) for name, size in actual.items()]
+    for name, size, full in rows + [("total", sum(actual.values()), sum(uncompressed.values()))]:
+        lines.append(f"{name:<10}{size:>14,}{full:>14,}{full / size:>7.1f}x")
+    return "\n".join(lines)
 
 
 def _final(history: List[Dict[str, Any]]) -> Dict[str, Any]:
