@@ -324,6 +324,52 @@ def profile(names: List[str], data: Path, a: argparse.Namespace, sizes: List[int
     return report
 
 
+def kernel_costs(a: argparse.Namespace, sizes: List[int], device: "torch.device", iters: int = 200) -> Dict[str, Any]:
+    """FBGEMM's table-batched kernel alone, forward + backward with the fused row-wise Adagrad,
+    on MEmCom's shared tables at ``--ratio``: unweighted (a stock lookup) against weighted with
+    per-sample weights that need a gradient (MEmCom's lookup). Interleaved; medians in ms."""
+    import torch
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        PoolingMode,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    from torchrec_memcom.modules.memcom_config import MEmComConfig
+
+    torch.set_num_threads(a.threads)
+    rows = [MEmComConfig(ratio=a.ratio).hash_rows(n, a.dim, f"cat_{i}") if n >= a.min_rows else n
+            for i, n in enumerate(sizes)]
+    cuda = device.type == "cuda"
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(r, a.dim, EmbeddingLocation.DEVICE if cuda else EmbeddingLocation.HOST,
+          ComputeDevice.CUDA if cuda else ComputeDevice.CPU) for r in rows],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01, pooling_mode=PoolingMode.SUM,
+        device=device,
+    )
+    g = torch.Generator().manual_seed(0)
+    ids = torch.cat([torch.randint(0, r, (a.batch_size,), generator=g) for r in rows]).to(device)
+    offsets = torch.arange(ids.numel() + 1, device=device)  # Criteo: one id per feature and bag
+    times: Dict[str, List[float]] = {"unweighted": [], "weighted": []}
+    for i in range(2 * iters + 20):
+        arm = "weighted" if i % 2 else "unweighted"
+        w = torch.rand(ids.numel(), device=device, requires_grad=True) if arm == "weighted" else None
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        tbe(ids, offsets, per_sample_weights=w).sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 20:  # warm-up
+            times[arm].append((time.perf_counter() - t) * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"tables": len(rows), "rows": rows, "ids_per_step": ids.numel(), "iters": iters,
+            "unweighted_ms": med["unweighted"], "weighted_ms": med["weighted"],
+            "weighted_over_unweighted": med["weighted"] / med["unweighted"]}
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -407,6 +453,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             first = samples[m][nprocs[0]][0]  # the run that saved a checkpoint
             models[m] = eager_model(Path(first["config_path"]), work / "ckpt" / m, work)
         latency = measure_latency(models, data, a)
+        kernel = kernel_costs(a, sizes, torch.device("cuda" if gpus else "cpu"), iters=20 if a.smoke else 200)
     result = {
         "smoke": a.smoke,
         "machine": machine(),
@@ -422,6 +469,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "ratios": {m: blocks[m][0] for m in names},
         "training": training,
         "inference": latency,
+        "kernel": kernel,
         "seconds": time.time() - started,
     }
     out = Path(a.out)
@@ -468,6 +516,10 @@ def tables(result: Dict[str, Any]) -> str:
                 f"| {m} | {r['compression_ratio']:.2f}x | {nproc} | {r['examples_per_s']:.0f} | "
                 f"{r['throughput_ratio_vs_stock']:.3f} ({min(r['throughput_ratio_all']):.3f}-{max(r['throughput_ratio_all']):.3f}) | "
                 f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['peak_memory_ratio_vs_stock']:.3f} |")
+    k = result["kernel"]
+    lines += ["", f"FBGEMM kernel alone ({k['tables']} tables, {k['ids_per_step']} ids, forward + backward): "
+                  f"unweighted {k['unweighted_ms']:.3f} ms, weighted {k['weighted_ms']:.3f} ms "
+                  f"({k['weighted_over_unweighted']:.2f}x)"]
     if result["inference"]:
         lines += ["", "| method | batch | p50 ms | p99 ms | p50 vs stock | p99 vs stock |", "|---|---|---|---|---|---|"]
         for m, per in result["inference"]["methods"].items():

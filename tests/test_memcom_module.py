@@ -1,5 +1,7 @@
 """Unsharded MEmCom collection: forward and gradients against a plain-PyTorch reference."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import assert_matches_reference, random_kjt, small_tables
@@ -60,6 +62,18 @@ def test_state_dict_keys_and_shapes() -> None:
     again.load_state_dict(module.state_dict())
     kjt = random_kjt(small_tables(), 4, seed=3)
     torch.testing.assert_close(again(kjt).values(), module(kjt).values())
+
+
+def test_shared_tables_keep_a_users_init_fn() -> None:
+    """A user's init_fn initialises the shared table; TorchRec's default is redone for m rows."""
+    tables = small_tables()
+    tables[0] = dataclasses.replace(tables[0], init_fn=lambda w: torch.nn.init.constant_(w, 0.25))
+    module = MEmComEmbeddingBagCollection(tables, MEmComConfig(ratio=4, min_rows=100))
+    assert torch.all(module.embedding_bags["t0"].weight == 0.25)
+    m = module.tables[1].hash_rows
+    bound = (1 / m) ** 0.5  # TorchRec's default bound for a table of m rows
+    w1 = module.embedding_bags["t1"].weight
+    assert w1.abs().max() <= bound and w1.abs().max() > (1 / 400) ** 0.5
 
 
 @pytest.mark.parametrize("ratio", [1.5, 2, 4, 7.9, 16, 30])

@@ -8,8 +8,13 @@ from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstimator
 from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from torchrec_memcom import MEmComConfig, MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder
+from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
+from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
+from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 from torchrec_memcom.distributed.planner import EntityWeightStorageEstimator, memcom_planner
 
 TABLES = [
@@ -21,7 +26,9 @@ TABLES = [
 def _options(optimizer: EmbOptimType):
     """Every sharding option the enumerator makes, with stock storage, then with ours."""
     module = MEmComEmbeddingBagCollection(TABLES, MEmComConfig(ratio=8, min_rows=1000), device=torch.device("meta"))
-    sharder = MEmComEmbeddingBagCollectionSharder(fused_params={"optimizer": optimizer, "learning_rate": 0.1})
+    sharder = MEmComEmbeddingBagCollectionSharder(
+        fused_params={"optimizer": optimizer, "learning_rate": 0.1}, column_wise=True
+    )
     topology = Topology(world_size=2, local_world_size=2, compute_device="cpu")
     enumerator = EmbeddingEnumerator(topology, batch_size=32, estimator=[EmbeddingStorageEstimator(topology)])
     options = enumerator.enumerate(module, [sharder])
@@ -65,3 +72,46 @@ def test_memcom_planner_plans_memcom_tables_on_cpu() -> None:
     )
     plan = memcom_planner(Topology(world_size=2, local_world_size=2, compute_device="cpu"), 32).plan(module, [sharder])
     assert set(plan.plan[""]) == {"t0", "t1", "t2"}
+    # column-wise would replicate the scalars on every column-shard holder: not offered by default
+    offered = sharder.sharding_types("cpu")
+    assert ShardingType.COLUMN_WISE.value not in offered and ShardingType.ROW_WISE.value in offered
+    assert all(p.sharding_type in offered for p in plan.plan[""].values())
+
+
+@pytest.mark.parametrize("optimizer, copies", [(torch.optim.SGD, 1), (RowWiseAdagrad, 2), (torch.optim.Adagrad, 2)])
+def test_storage_reads_the_optimizer_applied_in_backward(optimizer: type, copies: int) -> None:
+    """With no fused params on the sharder (the training app's case), the optimizer that
+    apply_optimizer_in_backward attached to each weight decides whether Adagrad state counts."""
+    module = MEmComEmbeddingBagCollection(TABLES, MEmComConfig(ratio=8, min_rows=1000), device=torch.device("meta"))
+    apply_optimizer_in_backward(optimizer, list(module.embedding_bags.parameters()), {"lr": 0.1})
+    sharder = MEmComEmbeddingBagCollectionSharder()
+    topology = Topology(world_size=2, local_world_size=2, compute_device="cpu")
+    enumerator = EmbeddingEnumerator(topology, batch_size=32, estimator=[EmbeddingStorageEstimator(topology)])
+    options = [o for o in enumerator.enumerate(module, [sharder]) if o.sharding_type == ShardingType.TABLE_WISE.value]
+    stock = [o.shards[0].storage.ddr for o in options]
+    EntityWeightStorageEstimator(topology).estimate(options, enumerator._sharder_data_map)
+    for option, before in zip(options, stock):
+        table = next(t for t in module.tables if t.name == option.name)
+        scalars = table.num_embeddings if table.compressed else 0
+        assert option.shards[0].storage.ddr - before == scalars * 4 * copies
+
+
+def test_storage_counts_the_scalars_of_budgeted_memcom_tails() -> None:
+    """A budgeted table's MEmCom tail tier holds per-id scalars the stock estimator cannot see."""
+    tables = [EmbeddingBagConfig(name="t0", embedding_dim=16, num_embeddings=1000, feature_names=["f0"])]
+    allocation = Allocation({"t0": TableAllocation((Tier(100, 16), Tier(300, 8), Tier(600, 4, hash_rows=37)))})
+    module = BudgetedEmbeddingBagCollection(
+        tables, budget_ratio=1.5, frequencies={"t0": torch.arange(1000, 0, -1)}, allocation=allocation,
+        device=torch.device("meta"),
+    )
+    sharder = BudgetedEmbeddingBagCollectionSharder(
+        fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.1}
+    )
+    topology = Topology(world_size=2, local_world_size=2, compute_device="cpu")
+    enumerator = EmbeddingEnumerator(topology, batch_size=32, estimator=[EmbeddingStorageEstimator(topology)])
+    options = [o for o in enumerator.enumerate(module, [sharder]) if o.sharding_type == ShardingType.TABLE_WISE.value]
+    stock = {o.name: o.shards[0].storage.ddr for o in options}
+    EntityWeightStorageEstimator(topology).estimate(options, enumerator._sharder_data_map)
+    added = {o.name: o.shards[0].storage.ddr - stock[o.name] for o in options}
+    # the tail's 600 ids in ceil(600 / 37) = 17 slot blocks of 37 rows: scalars + Adagrad state
+    assert added == {"t0@tier0": 0, "t0@tier1": 0, "t0@tier2": 17 * 37 * 4 * 2}

@@ -26,7 +26,9 @@ from torchrec_memcom import (
     MEmComEmbeddingBagCollection,
     MEmComEmbeddingBagCollectionSharder,
 )
+from torchrec_memcom.distributed.entity_weights import table_layout
 from torchrec_memcom.distributed.state import load_full_state_dict
+from torchrec_memcom.distributed.stock_views import kjt_with
 
 BATCH, LR, EPS = 4, 0.1, 1e-8
 # Each plan mixes the type under test (on the big compressed table t0) with table-wise tables.
@@ -49,7 +51,8 @@ def _fused(generator):  # type: ignore[no-untyped-def]
         return sharding
 
     return fused
-COMPRESSION = {"t0": MEmComConfig(ratio=4), "t1": MEmComConfig(num_hash_rows=50, hash="mix")}
+# t0: 128 rows do not divide its 1000 ids, so its last slot block is partial (104 of 128).
+COMPRESSION = {"t0": MEmComConfig(num_hash_rows=128), "t1": MEmComConfig(num_hash_rows=50, hash="mix")}
 
 
 class Wrapper(nn.Module):
@@ -150,6 +153,12 @@ def _sharded_equals_unsharded(rank: int, world_size: int, optimizer: EmbOptimTyp
         _assert_matches(dmp, full, f"{kind} after load")
 
         kjt = random_kjt(tables, BATCH * world_size, seed=1)
+        if kind == kinds[0]:  # a bad id is caught before input_dist, naming its feature
+            bad = batch_slice(kjt, rank * BATCH, (rank + 1) * BATCH)
+            values = bad.values().clone()
+            values[-1] = 10**6  # outside every table
+            with pytest.raises(ValueError, match=r"feature 'f\d': id 1000000 is outside"):
+                dmp(kjt_with(bad, values, None))
         out = dmp(batch_slice(kjt, rank * BATCH, (rank + 1) * BATCH))
         ref_out = ref(kjt).to_dict()
         g = torch.Generator().manual_seed(2)
@@ -183,3 +192,22 @@ def _sharded_equals_unsharded(rank: int, world_size: int, optimizer: EmbOptimTyp
 @pytest.mark.parametrize("optimizer", [EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ROWWISE_ADAGRAD])
 def test_sharded_equals_unsharded(optimizer: EmbOptimType) -> None:
     run_multiprocess(_sharded_equals_unsharded, 2, optimizer, list(PLANS))
+
+
+def test_optimizer_options_the_scalars_cannot_follow_are_refused() -> None:
+    """A weight decay (or momentum...) on the table would train its rows and its scalars
+    differently: refuse at sharding time, naming the table, instead of ignoring it."""
+    meta = MEmComEmbeddingBagCollection(small_tables(), COMPRESSION, device=torch.device("meta"))
+    sharding = construct_module_sharding_plan(
+        meta,
+        {t.name: table_wise(rank=0, compute_kernel=FUSED) for t in small_tables()},
+        sharder=MEmComEmbeddingBagCollectionSharder(),
+        local_size=2,
+        world_size=2,
+        device_type="cpu",
+    )["t0"]
+    t0 = meta.tables[0]
+    plain = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1, "weight_decay": 0.0}
+    assert table_layout(t0, sharding, 2, torch.device("cpu"), plain).optimizer == plain
+    with pytest.raises(ValueError, match="'t0'.*weight_decay"):
+        table_layout(t0, sharding, 2, torch.device("cpu"), {**plain, "weight_decay": 0.01})

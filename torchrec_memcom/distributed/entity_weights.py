@@ -52,6 +52,12 @@ SUPPORTED_SHARDING_TYPES = sorted(COLUMN_SHARDED | ROW_SHARDED | {ShardingType.D
 # row-wise Adagrad and exact Adagrad are the same update.
 ADAGRAD = {EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD}
 SUPPORTED_OPTIMIZERS = ADAGRAD | {EmbOptimType.EXACT_SGD}
+# Optimizer options the scalar update does not implement, with the value that makes them no-ops:
+# a table configured otherwise is refused rather than trained differently from its rows.
+NEUTRAL_OPTIONS = {
+    "weight_decay": 0.0, "momentum": 0.0, "lr_decay": 0.0, "initial_accumulator_value": 0.0,
+    "nesterov": False, "maximize": False,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +146,12 @@ def table_layout(
             f"table {table.name!r}: MEmCom per-entity scalars are trained in backward with SGD or "
             f"(row-wise) Adagrad; the table's fused optimizer is {opt}"
         )
+    unsupported = {k: v for k, v in optimizer.items() if k in NEUTRAL_OPTIONS and v != NEUTRAL_OPTIONS[k]}
+    if unsupported:
+        raise ValueError(
+            f"table {table.name!r}: the in-backward update of MEmCom per-entity scalars implements "
+            f"plain SGD/Adagrad (lr, eps) only; unsupported optimizer options {unsupported}"
+        )
     return TableLayout(table, sharding.sharding_type, blocks, optimizer)
 
 
@@ -163,7 +175,7 @@ class _FusedLookup(torch.autograd.Function):
     ) -> Tuple[torch.Tensor, ...]:
         ctx.owner, ctx.scales = owner, scales
         ctx.save_for_backward(*indices)
-        return (anchor.new_zeros(()), *[owner.fused.detach()[idx] for idx in indices])
+        return (anchor.new_zeros(()), *[owner.fused.detach().index_select(0, idx) for idx in indices])
 
     @staticmethod
     def backward(ctx: Any, _anchor_grad: torch.Tensor, *grads: torch.Tensor) -> Tuple[None, ...]:
@@ -281,17 +293,18 @@ class ShardedEntityWeights(nn.Module):
         """Sum gradients per touched entry (across replicas too) and update those entries."""
         if self._sync_group is not None:
             idx, grad = self._sync_replicas(idx, grad)
-        unique, inverse = torch.unique(idx, return_inverse=True)
-        summed = torch.zeros(unique.numel(), dtype=self.fused.dtype, device=self.fused.device)
-        summed.index_add_(0, inverse, grad.to(summed.dtype))
         lr = self._optimizer.param_groups[0]["lr"]
         w = self.fused.data
-        if self.momentum is not None:
-            state = self.momentum[unique] + summed * summed
-            self.momentum[unique] = state
-            w[unique] -= lr * summed / (state.sqrt() + self._params.get("eps", 1e-8))
-        else:
-            w[unique] -= lr * summed
+        grad = grad.to(w.dtype)
+        if self.momentum is None:  # SGD: index_add_ sums duplicates itself, no dedup needed
+            w.index_add_(0, idx, grad, alpha=-lr)
+            return
+        # Adagrad needs each entry's summed gradient before its state update.
+        unique, inverse = torch.unique(idx, return_inverse=True)
+        summed = torch.zeros(unique.numel(), dtype=w.dtype, device=w.device).index_add_(0, inverse, grad)
+        state = self.momentum.index_select(0, unique).addcmul_(summed, summed)
+        self.momentum.index_copy_(0, unique, state)
+        w.index_add_(0, unique, summed.div_(state.sqrt_().add_(self._params.get("eps", 1e-8))), alpha=-lr)
 
     def _sync_replicas(self, idx: torch.Tensor, grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """All-gather (table, entry, grad) of replicated tables; keep what this rank holds."""

@@ -33,6 +33,7 @@ from torchrec_memcom.distributed.collection_sharder import CollectionSharder
 from torchrec_memcom.distributed.state import copy_full_tensor
 from torchrec_memcom.distributed.stock_views import kjt_with, stock_view
 from torchrec_memcom.distributed.entity_weights import (
+    COLUMN_SHARDED,
     SUPPORTED_SHARDING_TYPES,
     ShardedEntityWeights,
     table_layout,
@@ -88,8 +89,9 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         self.entity_weights = ShardedEntityWeights(
             layouts, env.rank, env.world_size, device, env.process_group
         )
-        # Per lookup: where each feature's scalars sit, as per-feature tensors (see _scalars).
-        self._lookup_addresses: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]] = []
+        # Per lookup: [feature, (start, rows)] of each feature's scalars, which features have
+        # scalars, and whether any is data-parallel (see _scalars).
+        self._lookup_addresses: List[Tuple[torch.Tensor, torch.Tensor, bool]] = []
         for lookup in self._lookups:
             names = [
                 table.name if self._tables[table.name].compressed else None
@@ -100,8 +102,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             addresses = [self.entity_weights.address(n) for n in names]
             self._lookup_addresses.append(
                 (
-                    torch.tensor([a[0] for a in addresses], dtype=torch.int64, device=device),
-                    torch.tensor([a[1] for a in addresses], dtype=torch.int64, device=device),
+                    torch.tensor([a[:2] for a in addresses], dtype=torch.int64, device=device).view(-1, 2),
                     torch.tensor([n is not None for n in names], device=device),
                     any(a[2] for a in addresses),
                 )
@@ -147,14 +148,14 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     # ---- forward ------------------------------------------------------------------------------
 
     def _remap(self, keys: List[str]) -> Tuple[torch.Tensor, List[int]]:
-        """Shared rows per feature of this key order (``n`` for plain tables: row = id, k = 0),
-        and the positions of features hashed with "mix"."""
+        """Per feature of this key order: ``[n, shared rows]`` (``m = n`` for plain tables:
+        row = id, k = 0), and the positions of features hashed with "mix"."""
         key = tuple(keys)
         if key not in self._remaps:
             tables = [self._feature_table[k] for k in keys]
-            rows = torch.tensor([t.hash_rows if t.compressed else t.num_embeddings for t in tables])
+            sizes = torch.tensor([[t.num_embeddings, t.hash_rows if t.compressed else t.num_embeddings] for t in tables])
             mixed = [i for i, t in enumerate(tables) if t.compressed and t.hash == "mix"]
-            self._remaps[key] = (rows.to(self.entity_weights.fused.device), mixed)
+            self._remaps[key] = (sizes.to(self.entity_weights.fused.device), mixed)
         return self._remaps[key]
 
     def input_dist(
@@ -164,17 +165,18 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         if features.weights_or_none() is not None:
             raise ValueError("MEmCom inputs carry no weights: the per-entity scalars are its own")
         with torch.no_grad():
-            check_ids(features, self._num_embeddings)
-            rows_per_feature, mixed = self._remap(features.keys())
+            sizes, mixed = self._remap(features.keys())
             lengths = features.length_per_key()
             slot = features.values()
+            n, m = torch.repeat_interleave(sizes, torch.tensor(lengths, device=slot.device), dim=0).unbind(1)
+            if bool(((slot < 0) | (slot >= n)).any()):
+                check_ids(features, self._num_embeddings)  # raises, naming the feature
             if mixed:
                 parts = list(slot.split(lengths))
                 for i in mixed:
                     t = self._feature_table[features.keys()[i]]
                     parts[i] = slots(parts[i], t.num_embeddings, t.hash)
                 slot = torch.cat(parts)
-            m = torch.repeat_interleave(rows_per_feature, torch.tensor(lengths, device=slot.device))
             rows, blocks = slot % m, (slot // m).to(torch.float32)
         return super().input_dist(ctx, kjt_with(features, rows, blocks))
 
@@ -182,12 +184,12 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         """Replace each KJT's ``k`` weights by the per-entity scalars (1 for plain tables)."""
         out: List[Optional[torch.Tensor]] = [None] * len(dist_input)
         fused, fused_at, scales = [], [], []
-        for g, (kjt, (start, rows, compressed, dense)) in enumerate(zip(dist_input, self._lookup_addresses)):
+        for g, (kjt, (address, compressed, dense)) in enumerate(zip(dist_input, self._lookup_addresses)):
             if not bool(compressed.any()):
                 out[g] = torch.ones_like(kjt.weights())
                 continue
             lengths = torch.tensor(kjt.length_per_key(), device=kjt.values().device)
-            start, rows = (torch.repeat_interleave(t, lengths) for t in (start, rows))
+            start, rows = torch.repeat_interleave(address, lengths, dim=0).unbind(1)
             idx = start + kjt.weights().long() * rows + kjt.values()
             mask = None if bool(compressed.all()) else torch.repeat_interleave(compressed, lengths)
             if mask is not None:  # plain tables have no scalars: their weight is 1
@@ -260,11 +262,20 @@ def _unwrap(lookup: nn.Module) -> nn.Module:
 
 
 class MEmComEmbeddingBagCollectionSharder(CollectionSharder):
-    """Shards ``MEmComEmbeddingBagCollection``; pass it to DMP/the planner with the stock ones."""
+    """Shards ``MEmComEmbeddingBagCollection``; pass it to DMP/the planner with the stock ones.
+
+    ``column_wise``: offer column-wise and table-column-wise to the planner. Off by default:
+    every rank holding a column shard keeps a replica of the table's per-entity scalars, which
+    the scalars' sharding exists to avoid. A hand-written plan may use them either way.
+    """
 
     unsharded = MEmComEmbeddingBagCollection
     sharded = ShardedMEmComEmbeddingBagCollection
 
+    def __init__(self, *args: Any, column_wise: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._column_wise = column_wise
+
     def sharding_types(self, compute_device_type: str) -> List[str]:
-        """Row-wise too on CPU: MEmCom routes slots by shared row, which row-wise needs."""
-        return list(SUPPORTED_SHARDING_TYPES)
+        """Row-wise too on CPU (MEmCom routes slots by shared row); column-wise only if asked."""
+        return [t for t in SUPPORTED_SHARDING_TYPES if self._column_wise or t not in COLUMN_SHARDED]

@@ -2,6 +2,7 @@
 
 from typing import Dict, Optional
 
+import torch
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import (
@@ -11,12 +12,14 @@ from torchrec.distributed.planner.shard_estimators import (
 from torchrec.distributed.planner.types import (
     ParameterConstraints,
     ShardEstimator,
+    SharderData,
     SharderDataMap,
     ShardingOption,
     Storage,
 )
 from torchrec.distributed.planner.utils import sharder_name
 from torchrec.distributed.types import ShardingType
+from torchrec.optim import RowWiseAdagrad
 
 from torchrec_memcom.distributed.entity_weights import ADAGRAD, COLUMN_SHARDED
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
@@ -25,7 +28,8 @@ FP32_BYTES = 4
 
 
 class EntityWeightStorageEstimator(ShardEstimator):
-    """Adds each MEmCom shard's per-entity scalars (and Adagrad state) to its storage.
+    """Adds each MEmCom shard's per-entity scalars (and Adagrad state) to its storage; the
+    MEmCom tail tiers of budgeted tables too.
 
     The stock estimator sees only the shared ``m x d`` table. A row shard of ``r`` rows also
     holds ``K * r`` scalars (``K = ceil(n/m)``); a column shard or a data-parallel copy holds
@@ -41,15 +45,15 @@ class EntityWeightStorageEstimator(ShardEstimator):
         self, sharding_options: list[ShardingOption], sharder_data_map: Optional[SharderDataMap] = None
     ) -> None:
         for option in sharding_options:
-            module = option.module[1]
+            # budgeted tables hold their tiers (a MEmCom tail among them) as a MEmCom collection
+            owner = option.module[1]
+            module = getattr(owner, "tier_collection", owner)
             if not isinstance(module, MEmComEmbeddingBagCollection):
                 continue
             table = next(t for t in module.tables if t.name == option.name)
             if not table.compressed:
                 continue
-            fused = (sharder_data_map or {}).get(sharder_name(type(module)))
-            optimizer = (fused.fused_params or {}).get("optimizer") if fused else None
-            copies = 2 if optimizer in ADAGRAD else 1
+            copies = 2 if _adagrad(option, (sharder_data_map or {}).get(sharder_name(type(owner)))) else 1
             for shard in option.shards:
                 if option.sharding_type in COLUMN_SHARDED or (
                     option.sharding_type == ShardingType.DATA_PARALLEL.value
@@ -63,6 +67,17 @@ class EntityWeightStorageEstimator(ShardEstimator):
                 shard.storage = shard.storage + Storage(
                     hbm=extra if on_hbm else 0, ddr=0 if on_hbm else extra
                 )
+
+
+def _adagrad(option: ShardingOption, sharder: Optional[SharderData]) -> bool:
+    """Whether the table trains with (row-wise) Adagrad, whose state is one more float per
+    scalar: from the sharder's fused params, else from the optimizer that
+    ``apply_optimizer_in_backward`` attached to the weight (what TorchRec's estimator reads)."""
+    optimizer = (sharder.fused_params or {}).get("optimizer") if sharder else None
+    if optimizer is not None:
+        return optimizer in ADAGRAD
+    classes = getattr(option.tensor, "_optimizer_classes", [None])
+    return classes[0] in (torch.optim.Adagrad, RowWiseAdagrad)
 
 
 def memcom_planner(

@@ -1,5 +1,7 @@
 """Checks and reports every compressed collection shares (MEmCom, hash, QR, budgeted)."""
 
+import dataclasses
+import functools
 from typing import Dict, List, Mapping, Optional, TypeVar, Union
 
 import torch
@@ -66,3 +68,15 @@ def cost_report(rows: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]
     params = sum(r["parameters"] for r in rows.values())
     full = sum(r["uncompressed_parameters"] for r in rows.values())
     return {**rows, "total": {"parameters": params, "uncompressed_parameters": full, "ratio": full / params}}
+
+
+def with_rows(config: EmbeddingBagConfig, rows: int) -> EmbeddingBagConfig:
+    """``config`` for a table of ``rows`` rows: a user's own ``init_fn`` is kept; TorchRec's
+    default (uniform in +-sqrt(1/n), set when none is given) is recomputed for ``rows``."""
+    fn = config.init_fn
+    default = (
+        isinstance(fn, functools.partial)
+        and fn.func is torch.nn.init.uniform_
+        and fn.keywords == {"a": config.get_weight_init_min(), "b": config.get_weight_init_max()}
+    )
+    return dataclasses.replace(config, num_embeddings=rows, init_fn=None if default else fn)

@@ -18,6 +18,7 @@ from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.collection_checks import (
     check_ids,
     check_unweighted,
+    with_rows,
     feature_sizes,
     table_specs,
 )
@@ -145,7 +146,7 @@ class HashEmbeddingBagCollection(CompressedCollection):
     def hashed_configs(self) -> List[EmbeddingBagConfig]:
         """The configs of the hashed tables (``m`` rows) as a stock EBC would take them."""
         return [
-            dataclasses.replace(cfg, num_embeddings=t.hash_rows, init_fn=None) if t.compressed else cfg
+            with_rows(cfg, t.hash_rows) if t.compressed else cfg
             for cfg, t in zip(self._embedding_bag_configs, self.tables)
         ]
 
@@ -168,7 +169,7 @@ class HashEmbeddingBagCollection(CompressedCollection):
         )
 
     def reset_parameters(self) -> None:
-        """Every table by its config's ``init_fn`` (hashed ones: TorchRec's default for ``m`` rows)."""
+        """Every table by its config's ``init_fn`` (hashed ones: TorchRec's default recomputed for ``m`` rows unless the user gave one)."""
         if self._device.type == "meta":
             return
         with torch.no_grad():

@@ -17,6 +17,7 @@ from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.collection_checks import (
     check_ids,
     check_unweighted,
+    with_rows,
     feature_sizes,
     table_specs,
 )
@@ -128,7 +129,7 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
     def hashed_configs(self) -> List[EmbeddingBagConfig]:
         """The configs of the shared tables (``m`` rows) as a stock EBC would take them."""
         return [
-            dataclasses.replace(cfg, num_embeddings=t.hash_rows, init_fn=None)
+            with_rows(cfg, t.hash_rows)
             if t.compressed
             else cfg
             for cfg, t in zip(self._embedding_bag_configs, self.tables)
@@ -165,7 +166,8 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
         )
 
     def reset_parameters(self) -> None:
-        """Shared rows by each config's ``init_fn``; per-entity scalars to ``init_weight``."""
+        """Shared rows by each config's ``init_fn`` (TorchRec's default recomputed for ``m`` rows
+        unless the user gave one); per-entity scalars to ``init_weight``."""
         if self._device.type == "meta":
             return
         with torch.no_grad():
