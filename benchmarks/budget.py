@@ -1,24 +1,27 @@
 """Budgeted tables against uniform smaller dims and MEmCom at equal bytes; writes docs/budget_*.
 
     .venv/bin/python benchmarks/budget.py            # about 5-10 minutes on 2 cores
+    .venv/bin/python benchmarks/budget.py --smoke    # what CI runs: tiny, checks structure; writes
+                                                     # budget_smoke.* to a temporary folder
 
 Per dataset (synthetic data of `memcom data synth`, the real Criteo sample converted by
 `memcom data convert --mode frequency`) and per budget (what uniform dim-8 or dim-4 tables with
 their projections to the model dim 32 cost: about 4x and 8x smaller than the uncompressed
 tables): uniform tables at that dim; MEmCom with the shared rows that fit; budgeted tables by the
 heuristic, with and without a MEmCom tail, and by the search (MEmCom tails allowed, labels on
-the validation split).
+the validation split), all with the tier dims of ``LADDER``.
 Every method trains the same DLRM on the same batches for the same steps, 3 seeds each, and is
 scored on the test split; the uncompressed tables train alongside as the ceiling.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -40,6 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 CRITEO_SAMPLE = REPO.parent / "shared" / "data" / "criteo_kaggle_sample_8k.tsv"
 DIM = 32
 UNIFORM_DIMS = (8, 4)  # the budgets: what uniform tables of these dims cost
+# Tier dims of the budgeted methods, pinned: the doubling ladder docs/budget_benchmark.json was
+# made with, whatever size_ladder's default.
+LADDER = (4, 8, 16, 32)
 DATASETS = {
     # name: (batch size, training steps, search label steps, Adagrad lr); the real sample is
     # 6,858 training rows: one epoch, after which every method overfits
@@ -48,10 +54,26 @@ DATASETS = {
 }
 
 
-def prepare(name: str, work: Path) -> Path:
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """How much a run does: synthetic rows and their cardinality cap, training steps (None: each
+    dataset's own, ``DATASETS``), validation and test batches, and the search."""
+
+    synthetic_rows: int
+    max_cardinality: int
+    steps: Optional[int]
+    eval_batches: int
+    search: SearchSettings
+
+
+FULL = Scale(200_000, 20_000, None, 64, SearchSettings(rounds=3, initial=3, per_round=2, pool=500, seed=0))
+SMOKE = Scale(3_000, 300, 3, 2, SearchSettings(rounds=1, initial=2, per_round=1, pool=20, seed=0))
+
+
+def prepare(name: str, work: Path, scale: Scale) -> Path:
     out = work / name
     if name == "synthetic":
-        synthesize(200_000, out, seed=0, max_cardinality=20_000, progress=False)
+        synthesize(scale.synthetic_rows, out, seed=0, max_cardinality=scale.max_cardinality, progress=False)
     else:
         convert(CRITEO_SAMPLE, out, mode="frequency", min_count=1, progress=False)
     return out
@@ -76,28 +98,34 @@ def memcom_rows(tables: List[EmbeddingBagConfig], budget: int) -> Dict[str, int]
     return rows(lo)
 
 
-def state_bytes(module: nn.Module) -> int:
-    return sum(v.numel() * v.element_size() for v in module.state_dict().values())
+def state_bytes(state: Union[nn.Module, Dict[str, torch.Tensor]]) -> int:
+    """Bytes of a module's state dict (or of a part of one)."""
+    values = state.state_dict().values() if isinstance(state, nn.Module) else state.values()
+    return sum(v.numel() * v.element_size() for v in values)
 
 
-def run_dataset(name: str, work: Path, seeds: List[int], log: Callable[[str], None]) -> Dict[str, Any]:
-    data = prepare(name, work)
+def run_dataset(name: str, work: Path, seeds: List[int], scale: Scale, log: Callable[[str], None]) -> Dict[str, Any]:
+    data = prepare(name, work, scale)
     batch_size, steps, label_steps, lr = DATASETS[name]
+    steps, label_steps = (scale.steps, scale.steps) if scale.steps else (steps, label_steps)
     manifest = load_manifest(data)
     tables = table_configs(DIM, [manifest["features"][f]["num_embeddings"] for f in CAT_NAMES])
     counts = table_counts(tables, load_frequencies(data))
     full_bytes = sum(4 * t.num_embeddings * t.embedding_dim for t in tables)
     train = load_batches(str(data), "train", batch_size, steps, seed=0)
-    val = load_batches(str(data), "val", batch_size, 64)
-    test = load_batches(str(data), "test", batch_size, 64)
+    val = load_batches(str(data), "val", batch_size, scale.eval_batches)
+    test = load_batches(str(data), "test", batch_size, scale.eval_batches)
 
     def evaluate(build: Callable[[], nn.Module], budget: int) -> Dict[str, Any]:
         runs = [train_and_evaluate(build, train, test, TrainSettings(steps=steps, lr=lr, seed=s)) for s in seeds]
         auc = np.array([r["auc"] for r in runs])
         logloss = np.array([r["logloss"] for r in runs])
-        size = state_bytes(build())
+        module = build()
+        size = state_bytes(module)
+        remap = {k: v for k, v in module.state_dict().items() if k.startswith("remap.")}
         return {
             "bytes": size,
+            "remap_bytes": state_bytes(remap),
             "within_budget": size <= budget,
             "auc": auc.tolist(),
             "auc_mean": float(auc.mean()),
@@ -120,7 +148,7 @@ def run_dataset(name: str, work: Path, seeds: List[int], log: Callable[[str], No
         log(f"{name}, budget of uniform dim {dim}: {budget_bytes} bytes ({full_bytes / budget_bytes:.2f}x smaller)")
         problem = Problem(
             data=str(data), budgeted=tables, plain=[], counts=counts, budget=Budget(bytes=budget_bytes),
-            tail=True, sizes=None, batch_size=batch_size, lr=lr,
+            tail=True, sizes=list(LADDER), batch_size=batch_size, lr=lr,
             dense_arch_layer_sizes=list(TrainSettings.dense_arch_layer_sizes),
             over_arch_layer_sizes=list(TrainSettings.over_arch_layer_sizes),
         )
@@ -129,14 +157,15 @@ def run_dataset(name: str, work: Path, seeds: List[int], log: Callable[[str], No
         searched, labelled = search(
             problem.space(),
             lambda a: train_and_evaluate(lambda: problem.collection(a), train, val, label_settings),
-            SearchSettings(rounds=3, initial=3, per_round=2, pool=500, seed=0),
+            scale.search,
             log=lambda line: log(f"  search {line}"),
         )
         search_seconds = time.perf_counter() - start
 
         def budgeted(allocation: Any = None, tail: bool = False) -> Callable[[], nn.Module]:
             return lambda: BudgetedEmbeddingBagCollection(
-                tables, budget_bytes=budget_bytes, frequencies=counts, allocation=allocation, tail=tail
+                tables, budget_bytes=budget_bytes, frequencies=counts, allocation=allocation, tail=tail,
+                sizes=LADDER,
             )
 
         rows = memcom_rows(tables, budget_bytes)
@@ -174,6 +203,7 @@ def run_dataset(name: str, work: Path, seeds: List[int], log: Callable[[str], No
                  "best_auc": manifest.get("best_auc")},
         "tables": {t.name: t.num_embeddings for t in tables},
         "dim": DIM,
+        "sizes": list(LADDER),
         "batch_size": batch_size,
         "steps": steps,
         "lr": lr,
@@ -209,32 +239,42 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "torchrec_memcom_bench_budget"),
-                        help="where the data folders go (outside the repo: one is converted from the shared sample)")
-    parser.add_argument("--out", default=str(REPO / "docs"), help="where budget_benchmark.json/png go")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    args = parser.parse_args()
+    parser.add_argument("--work", help="where the data folders go (default: a folder in the system's temporary "
+                        "one, outside the repo: one is converted from the shared sample)")
+    parser.add_argument("--out", help="where budget_benchmark.json/png go (default docs/; with --smoke, "
+                        "budget_smoke.json/png in a temporary folder)")
+    parser.add_argument("--seeds", type=int, help="training seeds per method (default 3; 1 with --smoke)")
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS),
+                        help="default: all (synthetic only with --smoke)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny run for CI: one seed, 3,000 synthetic rows, 3 steps, a 3-label search")
+    args = parser.parse_args(argv)
+    name = "budget_smoke" if args.smoke else "budget_benchmark"
+    work = Path(args.work or Path(tempfile.gettempdir()) / f"torchrec_memcom_bench_{name}")
+    out = Path(args.out or (tempfile.mkdtemp(prefix="budget_smoke_") if args.smoke else REPO / "docs"))
+    seeds = list(range(args.seeds or (1 if args.smoke else 3)))
+    datasets = args.datasets or (["synthetic"] if args.smoke else list(DATASETS))
+    scale = SMOKE if args.smoke else FULL
     torch.set_num_threads(1)
     start = time.perf_counter()
 
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - start:5.0f}s] {line}", flush=True)
 
-    results = {name: run_dataset(name, Path(args.work), list(range(args.seeds)), log) for name in args.datasets}
-    out = Path(args.out)
+    results = {d: run_dataset(d, work, seeds, scale, log) for d in datasets}
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": "python benchmarks/budget.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/budget.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "smoke": args.smoke,
         "seconds": time.perf_counter() - start,
         "torch_threads": 1,
         "results": results,
     }
-    (out / "budget_benchmark.json").write_text(json.dumps(record, indent=1) + "\n")
-    plot(results, out / "budget_benchmark.png")
-    log(f"wrote {out / 'budget_benchmark.json'} and {out / 'budget_benchmark.png'}")
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    plot(results, out / f"{name}.png")
+    log(f"wrote {out / f'{name}.json'} and {out / f'{name}.png'}")
     return 0
 
 

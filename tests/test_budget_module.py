@@ -342,3 +342,23 @@ def test_budgets_at_the_floor_give_valid_allocations(tail: bool, slack: float) -
     assert heuristic.parameter_bytes() + heuristic.optimizer_bytes() <= budget.bytes
     if slack == 0:  # only the cheapest allocation fits
         assert heuristic.parameter_bytes() + heuristic.optimizer_bytes() == floor
+
+
+def test_too_small_without_a_tail_names_the_lower_floor_of_a_tail() -> None:
+    """Without a tail, a budget below the floor is told the smaller floor a MEmCom tail reaches,
+    and that floor is exact: with a tail the heuristic fits it to the byte."""
+    tables = [EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=5000, feature_names=["f"])]
+    counts = {"t": torch.arange(5000, 0, -1)}
+
+    def floors(budget: int, tail: bool) -> List[int]:
+        with pytest.raises(ValueError, match="too small") as e:
+            _build(tables, counts, Budget(bytes=budget, optimizer="rowwise_adagrad"), tail)
+        return [int(x) for x in re.findall(r"(?:is|to) (\d+) bytes", str(e.value))]
+
+    floor, tail_floor = floors(1, tail=False)
+    assert tail_floor < floor
+    with pytest.raises(ValueError, match=f"goes down to {tail_floor} bytes, which this budget meets"):
+        _build(tables, counts, Budget(bytes=tail_floor, optimizer="rowwise_adagrad"), False)
+    module = _build(tables, counts, Budget(bytes=tail_floor, optimizer="rowwise_adagrad"), True)
+    assert module.parameter_bytes() + module.optimizer_bytes() == tail_floor
+    assert floors(tail_floor - 1, tail=True) == [tail_floor]  # with a tail, nothing lower to name

@@ -1,7 +1,8 @@
-"""Sharded budgeted tables equal unsharded ones: outputs, one optimizer step, state dict, and the
-bytes the sharded module holds equal the budget's arithmetic; on 2 gloo ranks."""
+"""Sharded budgeted tables equal unsharded ones under every sharding type and sparse optimizer
+(SGD, row-wise Adagrad, Adagrad): outputs, one optimizer step, state dict; and the bytes the
+sharded module holds equal the budget's arithmetic; on 2 gloo ranks."""
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 import torch
@@ -13,13 +14,15 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
 from torchrec.distributed.sharding_plan import (
+    ParameterShardingGenerator,
     column_wise,
     construct_module_sharding_plan,
     data_parallel,
     row_wise,
+    table_row_wise,
     table_wise,
 )
-from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.state import load_full_state_dict
@@ -34,7 +37,24 @@ PLANS = {
     "row_wise": lambda: row_wise(compute_kernel=FUSED),
     "column_wise": lambda: column_wise(ranks=[0, 1], compute_kernel=FUSED),
     "data_parallel": data_parallel,
+    "table_row_wise": lambda: _as(table_row_wise(host_index=0)),
+    "table_column_wise": lambda: _as(column_wise(ranks=[0, 1]), ShardingType.TABLE_COLUMN_WISE),
 }
+
+
+def _as(generator: ParameterShardingGenerator, sharding_type: Optional[ShardingType] = None) -> ParameterShardingGenerator:
+    """A plan generator whose shards use the fused kernel (table_row_wise takes no kernel), as
+    ``sharding_type`` if given: TorchRec has no table-column-wise generator, and a table-column-wise
+    plan is column shards on the ranks of one host (here both ranks)."""
+
+    def generate(*args, **kwargs):  # type: ignore[no-untyped-def]
+        sharding = generator(*args, **kwargs)
+        sharding.compute_kernel = FUSED
+        if sharding_type is not None:
+            sharding.sharding_type = sharding_type.value
+        return sharding
+
+    return generate
 ALLOCATION = Allocation(
     {
         "t0": TableAllocation((Tier(100, 16), Tier(300, 8), Tier(600, 8, hash_rows=50))),
@@ -88,11 +108,13 @@ def _reference(seed: int) -> BudgetedEmbeddingBagCollection:
     return ref
 
 
-def _dmp(kind: str, optimizer: EmbOptimType, world_size: int) -> DistributedModelParallel:
+def _dmp(kind: str, optimizer: EmbOptimType, world_size: int, budget_optimizer: Optional[str] = None) -> DistributedModelParallel:
+    """DMP over the module on meta, sharded by the plan ``kind``; the budget counts the fused
+    optimizer's state unless ``budget_optimizer`` says otherwise."""
     sharder = BudgetedEmbeddingBagCollectionSharder(
         fused_params={"optimizer": optimizer, "learning_rate": LR, "eps": EPS}
     )
-    meta = _module(torch.device("meta"), OPTIMIZER_NAMES[optimizer])
+    meta = _module(torch.device("meta"), budget_optimizer or OPTIMIZER_NAMES[optimizer])
     specs = {name: table_wise(rank=i % world_size, compute_kernel=FUSED) for i, name in enumerate(meta.embedding_bags)}
     specs.update({name: PLANS[kind]() for name in meta.embedding_bags if name.startswith("t0@")})
     plan = construct_module_sharding_plan(
@@ -117,8 +139,10 @@ def _expected_step(ref: nn.Module, kind: str, optimizer: EmbOptimType, world_siz
             dense = name.startswith("projections.") or (kind == "data_parallel" and t0)
             if dense or optimizer == EmbOptimType.EXACT_SGD:
                 p -= LR * g
+            elif optimizer == EmbOptimType.EXACT_ADAGRAD:  # per element, however it is sharded
+                p -= LR * g / ((g * g).sqrt() + EPS)
             elif p.dim() == 2:  # row-wise Adagrad of a tier table, per column shard
-                shards = world_size if kind == "column_wise" and t0 else 1
+                shards = world_size if kind in ("column_wise", "table_column_wise") and t0 else 1
                 for cols, grad in zip(p.chunk(shards, dim=1), g.chunk(shards, dim=1)):
                     state = (grad * grad).mean(dim=1, keepdim=True)
                     cols -= LR * grad / (state.sqrt() + EPS)
@@ -191,7 +215,7 @@ def _sharded_equals_unsharded(rank: int, world_size: int, optimizer: EmbOptimTyp
             torch.testing.assert_close(v, dmp(mine_probe)[f], msg=f"{kind}: reloaded output {f}")
 
 
-@pytest.mark.parametrize("optimizer", [EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ROWWISE_ADAGRAD])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZER_NAMES))
 def test_sharded_equals_unsharded(optimizer: EmbOptimType) -> None:
     run_multiprocess(_sharded_equals_unsharded, 2, optimizer, list(PLANS))
 
@@ -206,7 +230,8 @@ def _local_bytes(value: object) -> int:
 def _bytes_held(rank: int, world_size: int, optimizers: List[EmbOptimType]) -> None:
     """Across ranks, the sharded module's state and the fused optimizer's state hold exactly the
     bytes the budget counts (table-wise and row-wise plans: nothing replicated but the small
-    projections and rank buffers, counted once)."""
+    projections and rank buffers, counted once); a budget counting another optimizer's state
+    than the fused one is refused."""
     torch.set_num_threads(1)
     for optimizer in optimizers:
         for kind in ("table_wise", "row_wise"):
@@ -228,6 +253,9 @@ def _bytes_held(rank: int, world_size: int, optimizers: List[EmbOptimType]) -> N
             assert int(totals[0]) == module.parameter_bytes(), what
             assert int(totals[1]) == module.optimizer_bytes(), what
             assert module.parameter_bytes() + module.optimizer_bytes() <= module.budget_limit, what
+    # a budget that counts other state than the fused optimizer keeps is refused at sharding
+    with pytest.raises(ValueError, match="budget counts adagrad state .* train with rowwise_adagrad"):
+        _dmp("table_wise", EmbOptimType.EXACT_ROWWISE_ADAGRAD, world_size, budget_optimizer="adagrad")
 
 
 def test_sharded_bytes_equal_the_budget_arithmetic() -> None:

@@ -39,8 +39,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="count this sparse optimizer's state in the budget too")
         p.add_argument("--tail", action="store_true", default=None,
                        help="the rarest ids may share rows of a MEmCom tier")
-        p.add_argument("--sizes", help="tier dims, comma-separated multiples of 4 (default 4, 8, 16, "
-                       "... doubling, and the dim)")
+        p.add_argument("--sizes", help="tier dims, comma-separated multiples of 4 up to the dim (BET's candidate "
+                       "set; default: 4, 8, 16, ... doubling, and the dim: every size is a tier)")
         p.add_argument("--out", required=True, help="allocation file to write (JSON)")
     search.add_argument("--rounds", type=int, default=3, help="predictor rounds (default 3)")
     search.add_argument("--initial", type=int, default=3,
@@ -112,7 +112,7 @@ class Problem:
 def problem_from_args(args: argparse.Namespace) -> Problem:
     """Resolve the config (if any) and the flags, which win, into a ``Problem``."""
     from torchrec_memcom.data import CAT_NAMES, load_frequencies, load_manifest, synthesize
-    from torchrec_memcom.modules.budget_config import Budget
+    from torchrec_memcom.modules.budget_config import Budget, check_training_optimizer
     from torchrec_memcom.modules.budgeted_embedding_bag import collection_params, table_counts
     from torchrec_memcom.train.model import table_configs
 
@@ -148,6 +148,11 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
     if params.get("budget_bytes") is None and params.get("budget_ratio") is None:
         raise SystemExit("memcom budget: give --budget-bytes or --budget-ratio (or budgeted params in the config)")
     budget = Budget(bytes=params.get("budget_bytes"), ratio=params.get("budget_ratio"), optimizer=params.get("optimizer"))
+    if config:
+        try:
+            check_training_optimizer(budget.optimizer, config.optimizer.sparse.type)
+        except ValueError as e:
+            raise ValueError(f"{args.config}: {e}") from None
     names = {t.name for t in budgeted}
     return Problem(
         data=str(Path(data).resolve()),

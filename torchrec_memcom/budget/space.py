@@ -40,11 +40,13 @@ HEURISTIC_TAIL_SHARING = 16
 
 
 def size_ladder(model_dim: int, sizes: Optional[Sequence[int]] = None) -> List[int]:
-    """Tier dims for a table of dim ``model_dim``: ``sizes`` (those it allows), by default
-    4, 8, 16, ... doubling up to the model dim, and the model dim.
+    """Tier dims for a table of dim ``model_dim``: ``sizes`` (any multiples of 4 up to the model
+    dim, BET's candidate set), by default 4, 8, 16, ... doubling up to the model dim, and the
+    model dim.
 
-    Every tier costs a lookup and a projection, so the default keeps about log2(d / 4) + 1
-    sizes rather than all d / 4 multiples of 4; pass ``sizes`` for a finer ladder.
+    Every distinct size is a tier, and every tier costs a lookup and, below the model dim, a
+    projection: the default keeps about log2(d / 4) + 1 sizes rather than all d / 4 (at d = 32
+    the finer set gave most tables 8 tiers and a tail); pass ``sizes`` for a finer ladder.
     """
     allowed = candidate_dims(model_dim)
     if sizes is None:
@@ -107,8 +109,7 @@ class AllocationSpace:
     """Allocations of ``tables`` with these id ``counts`` that fit ``budget``.
 
     grid: segments per table (the cuts an allocation may use); tail: the rarest ids may form a
-    MEmCom tier; sizes: the tier dims to use (multiples of 4; default ``size_ladder``). Raises,
-    naming the smallest feasible budget, if no allocation fits.
+    MEmCom tier; sizes: the tier dims to use (multiples of 4; default ``size_ladder``'s). Raises, naming the smallest feasible budget, if no allocation fits.
     """
 
     def __init__(
@@ -134,9 +135,11 @@ class AllocationSpace:
             self.ladder[i, : len(ladder)] = ladder
         self.ladder_len = np.array([len(x) for x in ladders])
         self.min_dim = self.ladder[:, 0].copy()
-        floor = smallest_feasible_bytes(shapes, budget.optimizer, tail, dict(zip(self.names, ladders)))
+        by_table = dict(zip(self.names, ladders))
+        floor = smallest_feasible_bytes(shapes, budget.optimizer, tail, by_table)
         if self.limit < floor:
-            raise_over_budget(self.limit, floor, floor, budget.optimizer, tail)
+            tail_floor = None if tail else smallest_feasible_bytes(shapes, budget.optimizer, True, by_table)
+            raise_over_budget(self.limit, floor, floor, budget.optimizer, tail, tail_floor)
         # The cheapest allocation as arrays (per table one size, or a one-row MEmCom tier): what
         # `fit` falls back to where nothing larger fits.
         self.floor_size = np.zeros(len(tables), dtype=np.int64)  # 0: a one-row MEmCom tier

@@ -6,10 +6,12 @@ MEmCom tiers' scalars sharded with their rows). Around it: ``input_dist`` first 
 bag of feature ``f`` into bags of ``f@tier<j>`` holding rows of tier ``j`` (the rank buffers are
 replicated on every rank); after ``output_dist`` a callback on the awaitable projects each tier's
 pooled vector to the model dim and sums the tiers. The projections are dense parameters that
-DMP's DDP averages, like a data-parallel table.
+DMP's DDP averages, like a data-parallel table. A budget that counts optimizer state must count
+the optimizer the tier tables train with (``apply_optimizer_in_backward``'s or the sharder's
+fused one): sharding checks it.
 """
 
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import torch
 from torch import nn
@@ -22,13 +24,14 @@ from torchrec.distributed.types import (
     QuantizedCommCodecs,
     ShardingEnv,
 )
-from torchrec.distributed.utils import append_prefix
+from torchrec.distributed.utils import append_prefix, optimizer_type_to_emb_opt_type
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.distributed.memcom_embeddingbag import (
     MEmComEmbeddingBagCollectionSharder,
     ShardedMEmComEmbeddingBagCollection,
 )
+from torchrec_memcom.modules.budget_config import check_training_optimizer
 from torchrec_memcom.modules.budgeted_embedding_bag import (
     BudgetedEmbeddingBagCollection,
     BudgetedTable,
@@ -39,6 +42,22 @@ from torchrec_memcom.modules.budgeted_embedding_bag import (
     split_by_tier,
 )
 from torchrec_memcom.modules.collection_checks import check_ids, check_unweighted
+
+
+def training_optimizers(module: BudgetedEmbeddingBagCollection, fused_params: Optional[Dict[str, Any]]) -> Set[Any]:
+    """The sparse optimizers the tier tables will train with, as TorchRec's sharding reads them:
+    the one ``apply_optimizer_in_backward`` put on a weight, else ``fused_params["optimizer"]``."""
+    found = set()
+    for bag in module.embedding_bags.values():
+        optimizer_class = getattr(bag.weight, "_optimizer_classes", [None])[0]
+        kwargs = getattr(bag.weight, "_optimizer_kwargs", [{}])[0]
+        if "optimizer" in kwargs:
+            found.add(kwargs["optimizer"])
+        elif optimizer_class is not None:
+            found.add(optimizer_type_to_emb_opt_type(optimizer_class))
+        elif (fused_params or {}).get("optimizer") is not None:
+            found.add(fused_params["optimizer"])  # type: ignore[index]
+    return found
 
 
 class ShardedBudgetedEmbeddingBagCollection(ShardedMEmComEmbeddingBagCollection):
@@ -54,6 +73,9 @@ class ShardedBudgetedEmbeddingBagCollection(ShardedMEmComEmbeddingBagCollection)
         qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
         module_fqn: Optional[str] = None,
     ) -> None:
+        if module.budget.optimizer is not None:
+            for trained in training_optimizers(module, fused_params):
+                check_training_optimizer(module.budget.optimizer, trained)
         super().__init__(
             module.tier_collection,
             table_name_to_parameter_sharding,

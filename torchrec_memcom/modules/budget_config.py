@@ -26,6 +26,7 @@ SIZE_STEP = 4  # tier dims are multiples of this (or the model dim)
 # Optimizer state the budget can count, in floats: (per stored row, per parameter).
 OPTIMIZER_STATE = {"sgd": (0, 0), "rowwise_adagrad": (1, 0), "adagrad": (0, 1)}
 FORMAT = "torchrec-memcom-allocation/1"
+FBGEMM_NAMES = {"EXACT_SGD": "sgd", "EXACT_ROWWISE_ADAGRAD": "rowwise_adagrad", "EXACT_ADAGRAD": "adagrad"}
 
 
 def candidate_dims(model_dim: int) -> List[int]:
@@ -38,15 +39,34 @@ def optimizer_name(optimizer: Any) -> Optional[str]:
     if optimizer is None:
         return None
     name = getattr(optimizer, "name", optimizer)
-    name = {"EXACT_SGD": "sgd", "EXACT_ROWWISE_ADAGRAD": "rowwise_adagrad", "EXACT_ADAGRAD": "adagrad"}.get(
-        name, name
-    )
+    name = FBGEMM_NAMES.get(name, name)
     if name not in OPTIMIZER_STATE:
         raise ValueError(
             f"budget optimizer must be one of {sorted(OPTIMIZER_STATE)} (or None: parameters "
             f"only), got {optimizer!r}"
         )
     return name
+
+
+def check_training_optimizer(counted: Optional[str], trained: Any) -> None:
+    """Raise unless a budget that counts optimizer state counts the state the tables train with.
+
+    counted: the budget's optimizer (None: parameters only, nothing to check); trained: the
+    sparse optimizer as a name of ``OPTIMIZER_STATE`` or an FBGEMM ``EmbOptimType`` (None:
+    unknown). Otherwise the budget would hold bytes the training does not, or miss some.
+    """
+    if counted is None or trained is None:
+        return
+    name = getattr(trained, "name", trained)
+    name = FBGEMM_NAMES.get(name, name)
+    if name != counted:
+        raise ValueError(
+            f"budgeted tables: the budget counts {counted} state (budgeted params `optimizer`, "
+            f"`memcom budget --optimizer`, or the budget an allocation file records) but the tables train with "
+            f"{name} (run config `optimizer.sparse.type`, or the sharder's fused_params "
+            f"`optimizer`): make the two the same, or leave `optimizer` out of the budget to "
+            f"count parameters only"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,20 +354,33 @@ def check_budget(
     total = sum(b.total for b in per_table.values())
     if total > limit:
         tail = tail or _uses_tail(allocation)
-        raise_over_budget(limit, total, smallest_feasible_bytes(shapes, budget.optimizer, tail), budget.optimizer, tail)
+        floor = smallest_feasible_bytes(shapes, budget.optimizer, tail)
+        tail_floor = None if tail else smallest_feasible_bytes(shapes, budget.optimizer, True)
+        raise_over_budget(limit, total, floor, budget.optimizer, tail, tail_floor)
     return per_table
 
 
-def raise_over_budget(limit: int, needed: int, floor: int, optimizer: Optional[str], tail: bool) -> None:
+def raise_over_budget(
+    limit: int, needed: int, floor: int, optimizer: Optional[str], tail: bool, tail_floor: Optional[int] = None
+) -> None:
     """The error for ``needed > limit`` bytes: the smallest feasible budget ``floor`` if the
-    budget is below it, else by how much the allocation is over."""
+    budget is below it (and ``tail_floor``, the smaller one a MEmCom tail reaches, when tails
+    were not allowed), else by how much the allocation is over."""
     what = "parameters and " + optimizer + " state" if optimizer else "parameters"
     if limit < floor:
+        lower = ""
+        if tail_floor is not None and tail_floor < floor:
+            lower = (
+                f"; a MEmCom tail for the rarest ids (`tail=True`, `--tail`, params `tail: true`) "
+                f"goes down to {tail_floor} bytes"
+                + (", which this budget meets" if limit >= tail_floor else "")
+            )
         raise ValueError(
             f"budget of {limit} bytes ({what}) is too small: the smallest feasible budget for "
             f"these tables is {floor} bytes (every table in its cheapest single tier"
             + (", or one MEmCom tier of one shared row" if tail else "")
             + ")"
+            + lower
         )
     raise ValueError(
         f"allocation needs {needed} bytes ({what}), over the budget of {limit} bytes by "

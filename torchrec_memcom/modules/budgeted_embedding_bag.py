@@ -213,8 +213,10 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         id, e.g. ``torchrec_memcom.data.load_frequencies(dir)``; ids are ranked by it.
     allocation: an ``Allocation`` (or a file from ``memcom budget search|heuristic``); None
         builds the quick popularity heuristic for the budget.
-    optimizer: also count this sparse optimizer's state ("sgd", "rowwise_adagrad", "adagrad").
-    tail / sizes: for the heuristic: the rarest ids may share a MEmCom tier; the tier dims to use.
+    optimizer: also count this sparse optimizer's state ("sgd", "rowwise_adagrad", "adagrad");
+        it must be the one the tables train with (the sharder checks the fused optimizer).
+    tail / sizes: for the heuristic: the rarest ids may share a MEmCom tier; the tier dims to use
+        (default: every multiple of 4 up to the dim, BET's candidate set).
 
     Construction fails unless the allocation fits the budget. State dict:
     ``embedding_bags.T@tier<j>.weight`` (rows of tier ``j`` by rank within the tier),
@@ -380,8 +382,9 @@ def build_budgeted(
 
     params (the same for every table): ``allocation`` (a file of ``memcom budget search`` or
     ``heuristic``; without it, the heuristic), ``budget_bytes`` or ``budget_ratio`` and
-    ``optimizer`` (default: the budget the allocation file records), ``frequencies`` (a data
-    folder; default: the folder the allocation was made on), ``tail`` and ``sizes`` (heuristic).
+    ``optimizer`` (default: the budget the allocation file records; when set, it must be the
+    training's sparse optimizer, which sharding checks), ``frequencies`` (a data folder; default:
+    the folder the allocation was made on), ``tail`` and ``sizes`` (heuristic).
     """
     p = collection_params(params)
     allocation = Allocation.load(p["allocation"]) if "allocation" in p else None
