@@ -1,9 +1,10 @@
-"""Inference latency and file size of exported MEmCom against exported stock tables.
+"""Inference latency and file size of exported MEmCom and budgeted tables against exported stock tables.
 
 Synthetic Criteo-shaped rows are written as raw TSV and converted like Criteo Kaggle (mod mode,
 100,000 ids per feature: TorchRec's DLRM default), so the tables have realistic sizes and the
-exported files need no id map. The same DLRM (the synthetic default's: dim 32; MEmCom 16x on
-tables of 1000+ rows) is trained briefly with stock tables and with MEmCom, each checkpoint is
+exported files need no id map. The same DLRM (the synthetic default's: dim 32; MEmCom 16x, or
+budgeted tables at a budget 16x below the uncompressed tables with a MEmCom tail, on tables of
+1000+ rows) is trained briefly with stock tables, with MEmCom and budgeted, each checkpoint is
 exported in fp32, fp16 and int8 (`memcom export`, self-check included), and every file is timed
 on held rows at batch 1 and 512, on one thread and on torch's default threads: p50 / p99 of the
 whole `forward`, p50 of the table lookup alone (`embed`), and for int8 `score_raw` (raw values
@@ -12,6 +13,7 @@ in, the id mapping included). The trained model run by TorchRec's own modules in
 
     .venv/bin/python benchmarks/inference.py             # the full run (a few minutes)
     .venv/bin/python benchmarks/inference.py --smoke     # what CI runs: tiny, no timing claims
+    .venv/bin/python benchmarks/inference.py --models budgeted_16x --sizes-only   # no timing
 """
 
 import argparse
@@ -41,6 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS: Dict[str, Dict[str, Any]] = {
     "stock": {"method": "none"},
     "memcom_16x": {"method": "memcom", "params": {"ratio": 16}, "min_rows": 1000},
+    # the frequencies that rank the ids are the data folder's, added by `train`
+    "budgeted_16x": {"method": "budgeted", "params": {"budget_ratio": 16, "tail": True}, "min_rows": 1000},
 }
 BATCHES = (1, 512)
 
@@ -49,6 +53,8 @@ def train(name: str, compression: Dict[str, Any], data: Path, work: Path, steps:
     """Train one model briefly; its checkpoint folder."""
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
+    if compression["method"] == "budgeted":
+        compression = {**compression, "params": {**compression["params"], "frequencies": str(data)}}
     config = {
         "data": {"path": str(data)},
         "model": {"dense_arch_layer_sizes": [64], "over_arch_layer_sizes": [64, 32, 1]},
@@ -151,6 +157,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps per model")
     parser.add_argument("--nproc", type=int, default=2, help="training processes")
     parser.add_argument("--iterations", type=int, default=3000, help="timed calls at batch 1 (a tenth at 512)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
+                        help="models to train and export (default: all)")
+    parser.add_argument("--sizes-only", action="store_true",
+                        help="train and export only: sizes and checks, no timing (writes inference_sizes.json)")
     parser.add_argument("--out", default=str(REPO / "docs"))
     args = parser.parse_args()
     if args.smoke:
@@ -164,17 +174,18 @@ def main() -> None:
         write_synthetic_tsv(raw, args.rows, seed=0, max_cardinality=args.num_embeddings, progress=False)
         convert([str(raw)], data, num_embeddings=args.num_embeddings, progress=False)
         models: Dict[str, Dict[str, Any]] = {}
-        for name, compression in MODELS.items():
-            checkpoint = train(name, compression, data, work, args.steps, args.nproc)
+        for name in args.models:
+            checkpoint = train(name, MODELS[name], data, work, args.steps, args.nproc)
             files, reports = {}, {}
             for precision in PRECISIONS:
                 files[precision] = work / f"{name}_{precision}.pt"
                 reports[precision] = export_checkpoint(checkpoint, files[precision], precision)
             models[name] = {"files": files, "reports": reports, "trained": TrainedModel(checkpoint)}
-        held = held_rows(data, raw, args.rows, 4096)
         load_before = os.getloadavg()[0]
-        latency = measure(models, held, {1: args.iterations, 512: max(1, args.iterations // 10)},
-                          sorted({1, default_threads}))
+        latency = [] if args.sizes_only else measure(
+            models, held_rows(data, raw, args.rows, 4096), {1: args.iterations, 512: max(1, args.iterations // 10)},
+            sorted({1, default_threads}),
+        )
     sizes = {
         name: {
             precision: {key: r[key] for key in ("file_bytes", "tensor_bytes", "fp32_uncompressed_bytes",
@@ -197,6 +208,9 @@ def main() -> None:
         "latency": latency,
     }
     name = "inference_smoke" if args.smoke else "inference"
+    if args.sizes_only:
+        (out / "inference_sizes.json").write_text(json.dumps(result, indent=2) + "\n")
+        return
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     _plot(result, out / f"{name}.png")
 
@@ -210,13 +224,14 @@ def _plot(result: Dict[str, Any], path: Path) -> None:
 
     names = list(result["models"])
     variants = ["torchrec_eager_fp32", *PRECISIONS]
-    colors = {"stock": "gray", "memcom_16x": "tab:blue"}
+    colors = {"stock": "gray", "memcom_16x": "tab:blue", "budgeted_16x": "tab:orange"}
     fig, axes = plt.subplots(1, 1 + len(BATCHES), figsize=(13, 3.8))
     width = 0.8 / len(names)
     for j, name in enumerate(names):
         sizes = [result["models"][name][p]["file_bytes"] / 2**20 for p in PRECISIONS]
         axes[0].bar(np.arange(len(PRECISIONS)) + j * width, sizes, width, label=name, color=colors[name])
-    axes[0].set_xticks(np.arange(len(PRECISIONS)) + width / 2, PRECISIONS)
+    center = width * (len(names) - 1) / 2
+    axes[0].set_xticks(np.arange(len(PRECISIONS)) + center, PRECISIONS)
     axes[0].set_ylabel("exported file (MiB)")
     axes[0].set_yscale("log")
     axes[0].set_title("file size")
@@ -228,7 +243,7 @@ def _plot(result: Dict[str, Any], path: Path) -> None:
             x = np.arange(len(variants)) + j * width
             ax.bar(x, [rows[v]["p50_us"] for v in variants], width, color=colors[name], label=name)
             ax.scatter(x, [rows[v]["p99_us"] for v in variants], marker="_", s=200, color="black")
-        ax.set_xticks(np.arange(len(variants)) + width / 2, ["torchrec\neager fp32", *PRECISIONS])
+        ax.set_xticks(np.arange(len(variants)) + center, ["torchrec\neager fp32", *PRECISIONS])
         ax.set_ylabel("latency (us): bar p50, tick p99")
         ax.set_title(f"batch {batch}, 1 thread")
     fig.suptitle(f"Exported DLRM inference ({result['device']}, torch {result['torch']})")

@@ -1,7 +1,8 @@
 """`memcom export`: a 2-rank checkpoint -> one TorchScript file that plain torch runs, checked.
 
 A tiny MEmCom DLRM is trained on 2 processes on raw Criteo-format lines converted in mod mode,
-so the raw-line path (example script, `memcom score`) can be compared with the data path.
+so the raw-line path (example script, `memcom score`) can be compared with the data path; a
+budgeted one (with stock small tables) is trained a few steps on 2 processes too.
 """
 
 import json
@@ -16,15 +17,22 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import yaml
-from conftest import REPO
+from conftest import REPO, small_tables
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_memcom.cli import main as memcom
 from torchrec_memcom.data import CriteoParquetLoader, convert, load_manifest, synthesize, write_synthetic_tsv
 from torchrec_memcom.data.schema import CAT_NAMES, kaggle_split
 from torchrec_memcom.export.export import TOLERANCES, ExportCheckError, export_checkpoint, raw_id_map, script
-from torchrec_memcom.export.inference import load_model
+from torchrec_memcom.export.inference import JoinedEmbeddings, TieredEmbeddings, load_model
 from torchrec_memcom.export.raw import RawLineError, parse_lines
-from torchrec_memcom.export.tables import ExportError
+from torchrec_memcom.export.tables import ExportError, build_embeddings, collect_tables
+from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
+from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
+from torchrec_memcom.modules.memcom_config import MEmComConfig
+from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
+from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
 from torchrec_memcom.train.cli import launch
 from torchrec_memcom.train.config import as_dict, load_config
 from torchrec_memcom.train.model import build_model
@@ -48,22 +56,35 @@ def mod_data(raw_tsv: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def checkpoint(mod_data: Path) -> Path:
-    """A MEmCom DLRM trained on 2 processes: a checkpoint sharded over 2 ranks."""
-    work = mod_data.parent / "train"
+def _train_on_2_ranks(data: Path, work: Path, compression: Dict[str, Any], **train: Any) -> Path:
+    """A DLRM (dim 8) trained on 2 processes in ``work``: its checkpoint_dir, sharded over 2 ranks."""
     work.mkdir()
     config = {
-        "data": {"path": str(mod_data)},
+        "data": {"path": str(data)},
         "model": {"dense_arch_layer_sizes": [16], "over_arch_layer_sizes": [16, 1]},
-        "embeddings": {"dim": 8, "compression": {"method": "memcom", "params": {"ratio": 4}, "min_rows": 100}},
+        "embeddings": {"dim": 8, "compression": compression},
         "optimizer": {"sparse": {"type": "rowwise_adagrad", "lr": 0.1}, "dense": {"lr": 0.1}},
-        "train": {"batch_size": 128, "epochs": 2, "run_dir": str(work / "run"), "checkpoint_dir": str(work / "ckpt")},
+        "train": {"batch_size": 128, **train, "run_dir": str(work / "run"), "checkpoint_dir": str(work / "ckpt")},
     }
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     assert launch(str(path), 2) == 0
     return work / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(mod_data: Path) -> Path:
+    """A MEmCom DLRM trained on 2 processes: a checkpoint sharded over 2 ranks."""
+    compression = {"method": "memcom", "params": {"ratio": 4}, "min_rows": 100}
+    return _train_on_2_ranks(mod_data, mod_data.parent / "train", compression, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def budgeted_checkpoint(mod_data: Path) -> Path:
+    """Budgeted tables (heuristic tiers, MEmCom tail) and stock small ones, 10 steps on 2 processes."""
+    params = {"budget_ratio": 3, "tail": True, "frequencies": str(mod_data)}
+    compression = {"method": "budgeted", "params": params, "min_rows": 100}
+    return _train_on_2_ranks(mod_data, mod_data.parent / "train_budgeted", compression, steps=10)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +171,39 @@ def test_export_matches_trained_model_and_reports_real_sizes(
 
 def test_int8_file_is_smaller_than_fp16(exported: Dict[str, Tuple[Path, Dict[str, Any]]]) -> None:
     assert exported["int8"][0].stat().st_size < exported["fp16"][0].stat().st_size
+
+
+def test_budgeted_checkpoint_exports_exactly_in_fp32_and_within_tolerance_in_int8(
+    tmp_path: Path, budgeted_checkpoint: Path
+) -> None:
+    step = budgeted_checkpoint / (budgeted_checkpoint / "latest").read_text()
+    assert len(list(step.glob("*.distcp"))) == 2  # sharded by the 2 ranks
+    files = {p: tmp_path / f"model_{p}.pt" for p in ("fp32", "int8")}
+    reports = {p: export_checkpoint(budgeted_checkpoint, f, p, check_rows=None) for p, f in files.items()}
+    methods = {f"t_{f}": "none" if i in SMALL else "budgeted" for i, f in enumerate(CAT_NAMES)}
+    assert reports["fp32"]["methods"] == methods
+    assert reports["fp32"]["check"]["passed"] and reports["fp32"]["check"]["max_abs_diff"] <= 1e-6
+    check = reports["int8"]["check"]
+    assert check["passed"] and 0 < check["max_abs_diff"] <= TOLERANCES["int8"]["max_abs_diff"]
+    assert abs(check["auc_change"]) <= TOLERANCES["int8"]["auc_change"]
+
+    # what the int8 file holds: every tier's rows, tail scalars, ranks and projections
+    model = load_model(files["int8"])
+    tables = json.loads(model.metadata)["tables"].values()
+    tiers = [x for t in tables if t["method"] == "budgeted" for x in t["tiers"]]
+    assert max(len(t.get("tiers", [])) for t in tables) > 1 and any(x["memcom"] for x in tiers)
+    report = reports["int8"]
+    stock_rows = sum(t["rows"] for t in tables if t["method"] == "none")
+    tier_bytes = sum(x["stored_rows"] * (x["dim"] + 4) for x in tiers)  # int8 codes, fp16 scale and bias
+    assert report["tensor_bytes"]["tables"] == stock_rows * (8 + 4) + tier_bytes
+    assert report["tensor_bytes"]["entity_scalars"] == 2 * (sum(x["rows"] for x in tiers if x["memcom"]) + 2)
+    remapped = [t["n"] for t in tables if t.get("remap")]
+    assert remapped and report["tensor_bytes"]["remap"] == 2 * sum(remapped)  # int16: n = 3000
+    assert model.embeddings.tiered.remap.dtype == torch.int16
+    results = json.loads((budgeted_checkpoint.parent / "run" / "results.json").read_text())
+    dense_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert report["fp32_trained_bytes"] == results["embedding_bytes"] + dense_bytes
+    assert report["file_bytes"] == files["int8"].stat().st_size < reports["fp32"]["file_bytes"]
 
 
 def test_exported_file_runs_with_plain_torch_only(
@@ -445,12 +499,12 @@ def test_unsupported_collections_and_fp16_overflow_are_refused() -> None:
 
     from torchrec_memcom.export.tables import TableExport, build_embeddings, collect_tables
 
-    class Budgeted(torch.nn.Module):
+    class Custom(torch.nn.Module):
         def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
             return [EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=10, feature_names=["f0"])]
 
-    with pytest.raises(ExportError, match=r"tables \['t0'\] are held by Budgeted, which export does not support"):
-        collect_tables(Budgeted())
+    with pytest.raises(ExportError, match=r"tables \['t0'\] are held by Custom, which export does not support"):
+        collect_tables(Custom())
     table = TableExport("t0", ["f0"], "none", 4, torch.full((4, 8), 1e5))
     with pytest.raises(ExportError, match="beyond fp16's range"):
         build_embeddings([table], ["f0"], "int8")
@@ -490,3 +544,69 @@ def test_int8_lookups_equal_torchrec_quantized_tables() -> None:
     expected = quantized(kjt).values().view(batch, 2, d)
     assert torch.allclose(ours(ids), expected, atol=1e-5)
     assert not torch.allclose(ours(ids)[:, 1], ebc.embedding_bags["t1"].weight[ids[:, 1]], atol=1e-5)  # it is quantized
+
+
+def _dequantized(module: torch.nn.Module) -> None:
+    """Every tier row of a budgeted collection as int8 stores it (FBGEMM's round trip), and its
+    scalars as fp16: what an int8 export must then reproduce exactly."""
+    with torch.no_grad():
+        for bag in module.embedding_bags.values():
+            fused = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(bag.weight, 8)
+            bag.weight.copy_(torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused, 8))
+        for w in module.entity_weights.values():
+            w.copy_(w.half().float())
+
+
+def test_budgeted_lookups_equal_the_module() -> None:
+    """Exported budgeted lookups equal BudgetedEmbeddingBagCollection's forward on bags of one id,
+    for every rank of every table: tiers at and below the model dim, a MEmCom tail, remapped and
+    already-ranked tables, a table shared by two features, one tier alone; by themselves
+    (fp32) and joined to a MEmCom collection in interleaved feature order (fp32, int8)."""
+    d = 16
+    tables = small_tables(d) + [EmbeddingBagConfig(name="t3", embedding_dim=d, num_embeddings=30, feature_names=["f4"])]
+    allocation = Allocation({
+        "t0": TableAllocation((Tier(100, 16), Tier(300, 8), Tier(600, 4, hash_rows=37))),
+        "t1": TableAllocation((Tier(50, 16), Tier(350, 8))),
+        "t2": TableAllocation((Tier(10, 8), Tier(50, 4))),
+        "t3": TableAllocation((Tier(30, 16),)),
+    })
+    g = torch.Generator().manual_seed(0)
+    frequencies = {"t0": torch.randint(0, 500, (1000,), generator=g), "t1": torch.arange(400, 0, -1),
+                   "t2": torch.randint(0, 20, (60,), generator=g), "t3": torch.randint(0, 9, (30,), generator=g)}
+    budgeted = BudgetedEmbeddingBagCollection(tables, budget_ratio=1, frequencies=frequencies, allocation=allocation)
+    assert [t.remap for t in budgeted.tables] == [True, False, True, False]
+    memcom = MEmComEmbeddingBagCollection(
+        [EmbeddingBagConfig(name="t4", embedding_dim=d, num_embeddings=200, feature_names=["g"])],
+        MEmComConfig(num_hash_rows=40),
+    )
+    with torch.no_grad():
+        for p in [*budgeted.parameters(), *memcom.parameters()]:
+            p.copy_(torch.rand(p.shape, generator=g) - 0.5 + (1.0 if p.dim() == 1 else 0.0))  # scalars near 1
+    features = ["f0", "g", "f1", "f2", "f3", "f4"]
+    sizes = [1000, 200, 400, 60, 60, 30]
+    ids = torch.stack([torch.randperm(1000, generator=g) % n for n in sizes], 1)  # every rank of every table
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=features, values=ids.t().reshape(-1), lengths=torch.ones(ids.numel(), dtype=torch.int32)
+    )
+
+    def expected(module: torch.nn.Module, names: List[str]) -> torch.Tensor:
+        with torch.no_grad():
+            out = module(kjt.permute([features.index(f) for f in names])).to_dict()
+        return torch.stack([out[f] for f in names], 1)
+
+    budgeted_only = [f for f in features if f != "g"]
+    alone = script(build_embeddings(collect_tables(budgeted), budgeted_only, "fp32"))
+    assert alone.original_name == TieredEmbeddings.__name__
+    ours = alone(ids[:, [features.index(f) for f in budgeted_only]])
+    assert torch.allclose(ours, expected(budgeted, budgeted_only), atol=1e-6)
+
+    mixed = MixedEmbeddingBagCollection([budgeted, memcom])
+    for precision in ("fp32", "int8"):
+        if precision == "int8":
+            _dequantized(budgeted)
+            _dequantized(memcom)
+        joined = script(build_embeddings(collect_tables(mixed), features, precision))
+        assert joined.original_name == JoinedEmbeddings.__name__
+        assert torch.allclose(joined(ids), expected(mixed, features), atol=1e-5)
+    with pytest.raises(torch.jit.Error, match=r"feature f1: id 400 \(row 0\) is outside \[0, 400\)"):
+        joined(torch.tensor([[0, 0, 400, 0, 0, 0]]))

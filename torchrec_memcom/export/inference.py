@@ -2,7 +2,8 @@
 
 Nothing here runs TorchRec or FBGEMM code: an edge box that loads the file has only torch. The
 26 tables (stock, MEmCom, hashed or QR) become one row store plus per-feature index arithmetic,
-so a batch costs the same few tensor ops whatever the number of features. The dense MLPs are
+so a batch costs the same few tensor ops whatever the number of features; budgeted tables, whose
+tiers have dims of their own, get stores of their own (`TieredEmbeddings`). The dense MLPs are
 TorchRec's own modules, compiled as they are; the interaction is rewritten here with the same
 arithmetic, for TorchScript (DCN's cross net) and for speed (DLRM's pairwise products).
 """
@@ -25,6 +26,8 @@ INDEX_FIELDS = (
     "num_embeddings", "div", "mod", "offset", "scalar_stride", "scalar_offset", "qr_mod", "qr_offset",
     "is_mix", "mix_mask", "mix_shift", "mix_mul1", "mix_mul2",
 )
+TIERED_FEATURE_FIELDS = ("num_embeddings", "remap_stride", "remap_offset", "tier_base", "starts")
+TIER_FIELDS = ("tier_start", "tier_mod", "tier_slot", "tier_row", "scalar_stride", "scalar_offset")
 
 
 def mix_params(num_embeddings: int) -> Tuple[int, int, int, int]:
@@ -32,6 +35,43 @@ def mix_params(num_embeddings: int) -> Tuple[int, int, int, int]:
     bits = max(1, (num_embeddings - 1).bit_length())
     mask = (1 << bits) - 1
     return mask, max(1, bits // 2), (_MUL1 & mask) | 1, (_MUL2 & mask) | 1
+
+
+def check_shape(ids: Tensor, num_features: int) -> None:
+    """Raise unless ``ids`` is int64 ``[batch, num_features]``."""
+    if ids.dim() != 2 or ids.size(1) != num_features or ids.dtype != torch.int64:
+        raise ValueError(
+            "ids must be int64 [batch, {}] (one id per feature), got {} {}".format(
+                num_features, ids.dtype, list(ids.shape)
+            )
+        )
+
+
+def check_ids(ids: Tensor, num_embeddings: Tensor, feature_names: List[str]) -> None:
+    """Raise naming the feature for ids outside ``[0, n)`` (they would read other tables)."""
+    check_shape(ids, len(feature_names))
+    bad = (ids < 0) | (ids >= num_embeddings)
+    if bool(bad.any()):
+        at = torch.nonzero(bad)[0]
+        f = int(at[1])
+        raise ValueError(
+            "feature {}: id {} (row {}) is outside [0, {})".format(
+                feature_names[f], int(ids[at[0], f]), int(at[0]), int(num_embeddings[f])
+            )
+        )
+
+
+def gather_rows(rows: Tensor, scale_bias: Tensor, precision: str, at: Tensor, weights: Optional[Tensor]) -> Tensor:
+    """Float32 rows ``at`` of a row store, each times its weight if given. For int8 the weight
+    scales the row's scale and bias, so the ``[N, d]`` codes are touched once."""
+    picked = rows.index_select(0, at)
+    if precision == "int8":
+        sb = scale_bias.index_select(0, at).float()
+        if weights is not None:
+            sb = sb * weights.unsqueeze(1)
+        return picked.float() * sb[:, :1] + sb[:, 1:]  # faster than addcmul here
+    out = picked.float() if precision == "fp16" else picked
+    return out if weights is None else out * weights.unsqueeze(1)
 
 
 class CompressedEmbeddings(nn.Module):
@@ -92,24 +132,6 @@ class CompressedEmbeddings(nn.Module):
         self.has_scalars = bool((index["scalar_stride"] != 0).any())
         self.has_qr = bool((index["qr_mod"] != 0).any())
 
-    def check_ids(self, ids: Tensor) -> None:
-        """Raise naming the feature for ids outside ``[0, n)`` (they would read other tables)."""
-        if ids.dim() != 2 or ids.size(1) != self.num_features or ids.dtype != torch.int64:
-            raise ValueError(
-                "ids must be int64 [batch, {}] (one id per feature), got {} {}".format(
-                    self.num_features, ids.dtype, list(ids.shape)
-                )
-            )
-        bad = (ids < 0) | (ids >= self.num_embeddings)
-        if bool(bad.any()):
-            at = torch.nonzero(bad)[0]
-            f = int(at[1])
-            raise ValueError(
-                "feature {}: id {} (row {}) is outside [0, {})".format(
-                    self.feature_names[f], int(ids[at[0], f]), int(at[0]), int(self.num_embeddings[f])
-                )
-            )
-
     def _mix_bits(self, x: Tensor) -> Tensor:
         for mul in (self.mix_mul1, self.mix_mul2):
             x = x ^ (x >> self.mix_shift)
@@ -127,36 +149,162 @@ class CompressedEmbeddings(nn.Module):
             outside = self.is_mix & (out >= self.num_embeddings)
         return torch.where(self.is_mix, out, ids)
 
-    def _gather(self, rows: Tensor, weights: Optional[Tensor]) -> Tensor:
-        """Float32 ``[N, d]`` rows of the store, each times its weight if given. For int8 the
-        weight scales the row's scale and bias, so the ``[N, d]`` codes are touched once."""
-        picked = self.rows.index_select(0, rows)
-        if self.precision == "int8":
-            scale_bias = self.scale_bias.index_select(0, rows).float()
-            if weights is not None:
-                scale_bias = scale_bias * weights.unsqueeze(1)
-            return picked.float() * scale_bias[:, :1] + scale_bias[:, 1:]  # faster than addcmul here
-        out = picked.float() if self.precision == "fp16" else picked
-        return out if weights is None else out * weights.unsqueeze(1)
-
     def forward(self, ids: Tensor) -> Tensor:
-        self.check_ids(ids)
+        check_ids(ids, self.num_embeddings, self.feature_names)
         batch = ids.size(0)
         slot = self.slots(ids)
         quotient = torch.div(slot, self.div, rounding_mode="floor") if self.has_div else slot
         weights: Optional[Tensor] = None
         if self.has_scalars:
             weights = self.scalars.index_select(0, (slot * self.scalar_stride + self.scalar_offset).flatten()).float()
-        emb = self._gather(((quotient % self.mod) + self.offset).flatten(), weights)
+        at = ((quotient % self.mod) + self.offset).flatten()
+        emb = gather_rows(self.rows, self.scale_bias, self.precision, at, weights)
         emb = emb.view(batch, self.num_features, self.dim)
         if self.has_qr:
             qr_mod = self.qr_mod.abs().clamp(min=1)
-            other = self._gather(((slot % qr_mod) + self.qr_offset).flatten(), None)
+            at = ((slot % qr_mod) + self.qr_offset).flatten()
+            other = gather_rows(self.rows, self.scale_bias, self.precision, at, None)
             other = other.view(batch, self.num_features, self.dim)
             mult = (self.qr_mod > 0).view(1, -1, 1)
             add = (self.qr_mod < 0).view(1, -1, 1)
             emb = torch.where(mult, emb * other, torch.where(add, emb + other, emb))
         return emb
+
+
+class TierSlot(nn.Module):
+    """The rows of one tier position of all budgeted tables: the ``k``-th tier of dim ``dim`` of
+    each table that has one, in one row store (``rows`` and, for int8, ``scale_bias``).
+
+    ``column``: where the slot's vectors sit side by side for the projections; -1 for a slot at
+    the model dim, whose tiers have no projection.
+    """
+
+    index: torch.jit.Final[int]
+    column: torch.jit.Final[int]
+    dim: torch.jit.Final[int]
+    precision: torch.jit.Final[str]
+
+    def __init__(self, index: int, column: int, rows: Tensor, scale_bias: Tensor, precision: str) -> None:
+        super().__init__()
+        self.index = index
+        self.column = column
+        self.dim = rows.shape[1]
+        self.precision = precision
+        self.register_buffer("rows", rows)
+        self.register_buffer("scale_bias", scale_bias)
+
+    def forward(self, slot: Tensor, at: Tensor, weights: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """The entries whose tier is in this slot, and their rows ``at`` (times ``weights``)."""
+        picked = torch.nonzero(slot == self.index).squeeze(1)
+        scale = None if weights is None else weights.index_select(0, picked)
+        return picked, gather_rows(self.rows, self.scale_bias, self.precision, at.index_select(0, picked), scale)
+
+
+class TieredEmbeddings(nn.Module):
+    """Ids ``[B, F]`` of budgeted tables' features -> embeddings ``[B, F, d]``.
+
+    ``BudgetedEmbeddingBagCollection`` for bags of one id. Per feature ``f``: the id's frequency
+    rank ``r`` is ``remap[id * remap_stride[f] + remap_offset[f]]`` (stride 0: the id itself, the
+    table's ids being in rank order already); its tier ``g = tier_base[f] + #{starts[f] <= r}``
+    (``starts``: the table's tier starts after the first, padded with ``n``); its row in the
+    tier ``r - tier_start[g]``, stored at ``row % tier_mod[g]`` (a MEmCom tier's shared rows; else
+    ``tier_mod`` is the tier's rows), row ``tier_row[g] + stored`` of slot ``tier_slot[g]``,
+    times ``scalars[row * scalar_stride[g] + scalar_offset[g]]`` (MEmCom tiers; the others read
+    the trailing 1.0); these per-tier fields are the columns of ``tier_index``. A row of a tier at
+    the model dim is the embedding; the other slots' rows sit side by side (``[W]``, 0 but in the
+    entry's own slot) and go through ``projections[f]`` (``[W, d]``: the table's tier
+    projections, transposed, at their slots' columns): the module's projection of its tiers'
+    pools side by side, with identity for tiers at ``d``.
+    """
+
+    num_features: torch.jit.Final[int]
+    dim: torch.jit.Final[int]
+    has_remap: torch.jit.Final[bool]
+    has_scalars: torch.jit.Final[bool]
+    has_projections: torch.jit.Final[bool]
+
+    def __init__(
+        self,
+        slots: List[TierSlot],
+        scalars: Tensor,
+        remap: Tensor,
+        projections: Tensor,
+        feature_names: List[str],
+        features: Dict[str, Tensor],
+        tiers: Dict[str, Tensor],
+    ) -> None:
+        """``features``: ``[F]`` each of ``TIERED_FEATURE_FIELDS`` (``starts`` ``[F, K - 1]``);
+        ``tiers``: ``[G]`` each of ``TIER_FIELDS``; ``projections`` ``[F, W, d]``."""
+        super().__init__()
+        missing = (set(TIERED_FEATURE_FIELDS) - set(features)) | (set(TIER_FIELDS) - set(tiers))
+        if missing:
+            raise ValueError(f"index lacks {sorted(missing)}")
+        self.num_features = len(feature_names)
+        self.dim = projections.shape[2]
+        self.feature_names = feature_names
+        self.slots = nn.ModuleList(slots)
+        self.register_buffer("scalars", scalars)
+        self.register_buffer("remap", remap)
+        self.register_buffer("projections", projections)
+        for name in TIERED_FEATURE_FIELDS:
+            self.register_buffer(name, features[name].clone().long())
+        # one row per tier, the fields in TIER_FIELDS order: one gather per batch finds them all
+        self.register_buffer("tier_index", torch.stack([tiers[name].long() for name in TIER_FIELDS], 1))
+        self.has_remap = bool((features["remap_stride"] != 0).any())
+        self.has_scalars = bool((tiers["scalar_stride"] != 0).any())
+        self.has_projections = projections.shape[1] > 0
+
+    def forward(self, ids: Tensor) -> Tensor:
+        check_ids(ids, self.num_embeddings, self.feature_names)
+        batch = ids.size(0)
+        rank = ids
+        if self.has_remap:
+            at = (ids * self.remap_stride + self.remap_offset).flatten()
+            rank = torch.where(self.remap_stride > 0, self.remap.index_select(0, at).view(batch, -1).long(), ids)
+        tier = (self.tier_base + (rank.unsqueeze(2) >= self.starts).sum(2)).flatten()
+        index = self.tier_index.index_select(0, tier)  # [B * F, 6]: the TIER_FIELDS of each entry's tier
+        row = rank.flatten() - index[:, 0]
+        at = index[:, 3] + row % index[:, 1]
+        slot = index[:, 2]
+        weights: Optional[Tensor] = None
+        if self.has_scalars:
+            weights = self.scalars.index_select(0, row * index[:, 4] + index[:, 5]).float()
+        out = torch.zeros(batch * self.num_features, self.dim, device=ids.device)
+        side_by_side = torch.zeros(batch * self.num_features, self.projections.size(1), device=ids.device)
+        for tier_slot in self.slots:
+            picked, values = tier_slot(slot, at, weights)
+            if tier_slot.column < 0:
+                out.index_copy_(0, picked, values)
+            else:
+                side_by_side.narrow(1, tier_slot.column, tier_slot.dim).index_copy_(0, picked, values)
+        out = out.view(batch, self.num_features, self.dim)
+        if self.has_projections:
+            side = side_by_side.view(batch, self.num_features, -1).transpose(0, 1)
+            out = out + torch.bmm(side, self.projections).transpose(0, 1)
+        return out
+
+
+class JoinedEmbeddings(nn.Module):
+    """Ids ``[B, F]`` -> ``[B, F, d]``: budgeted tables' features (``tiered_columns``) from a
+    ``TieredEmbeddings``, the others from a ``CompressedEmbeddings``, put back in feature order."""
+
+    num_features: torch.jit.Final[int]
+
+    def __init__(self, plain: CompressedEmbeddings, tiered: TieredEmbeddings, tiered_columns: List[int]) -> None:
+        super().__init__()
+        self.num_features = plain.num_features + tiered.num_features
+        self.plain = plain
+        self.tiered = tiered
+        plain_columns = [i for i in range(self.num_features) if i not in tiered_columns]
+        self.register_buffer("plain_columns", torch.tensor(plain_columns, dtype=torch.int64))
+        self.register_buffer("tiered_columns", torch.tensor(tiered_columns, dtype=torch.int64))
+        self.register_buffer("order", torch.argsort(torch.tensor(plain_columns + tiered_columns)))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        check_shape(ids, self.num_features)
+        plain = self.plain(ids.index_select(1, self.plain_columns))
+        tiered = self.tiered(ids.index_select(1, self.tiered_columns))
+        return torch.cat((plain, tiered), 1).index_select(1, self.order)
 
 
 class RawIdMap(nn.Module):
@@ -245,7 +393,7 @@ class InferenceDLRM(nn.Module):
 
     def __init__(
         self,
-        embeddings: CompressedEmbeddings,
+        embeddings: nn.Module,
         id_map: RawIdMap,
         dense_arch: nn.Module,
         inter_arch: nn.Module,

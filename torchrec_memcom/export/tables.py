@@ -1,24 +1,36 @@
 """From a trained (unsharded) embedding collection to the exported row store.
 
-Reads the tables out of the collections `compress` builds (stock, MEmCom, hashed, QR, and mixes
-of them), then packs them for `CompressedEmbeddings` in the precision asked for.
+Reads the tables out of the collections `compress` builds (stock, MEmCom, hashed, QR, budgeted,
+and mixes of them), then packs them for `CompressedEmbeddings` (budgeted tables:
+`TieredEmbeddings`) in the precision asked for.
 """
 
 import dataclasses
-from typing import Dict, Iterator, List, Optional, Tuple
+import itertools
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm, used to quantize)
 import torch
 from torch import Tensor, nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from torchrec_memcom.export.inference import INDEX_FIELDS, CompressedEmbeddings, mix_params
+from torchrec_memcom.export.inference import (
+    INDEX_FIELDS,
+    TIER_FIELDS,
+    TIERED_FEATURE_FIELDS,
+    CompressedEmbeddings,
+    JoinedEmbeddings,
+    TieredEmbeddings,
+    TierSlot,
+    mix_params,
+)
+from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection, tier_key
 from torchrec_memcom.modules.hash_embedding_bag import HashEmbeddingBagCollection
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
 from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
 from torchrec_memcom.modules.qr_embedding_bag import QREmbeddingBagCollection
 
-METHODS = ("none", "memcom", "hash", "qr")
+METHODS = ("none", "memcom", "hash", "qr", "budgeted")
 FP16_MAX = 65504.0
 
 
@@ -45,10 +57,53 @@ class TableExport:
     operation: str = "mult"
 
     @property
+    def embedding_dim(self) -> int:
+        return self.weight.shape[1]
+
+    @property
     def fp32_bytes(self) -> int:
         """Bytes of the trained float32 state."""
         parts = [self.weight, self.scalars, self.remainder]
         return sum(p.numel() * 4 for p in parts if p is not None)
+
+
+@dataclasses.dataclass
+class TierExport:
+    """One tier of a budgeted table: ``rows`` ranks stored in ``weight`` (``rows x dim``, or a
+    MEmCom tier's ``hash_rows x dim`` with ``scalars`` by row); ``projection``: ``d x dim``,
+    None for a tier at the model dim."""
+
+    rows: int
+    weight: Tensor
+    scalars: Optional[Tensor] = None
+    projection: Optional[Tensor] = None
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+
+@dataclasses.dataclass
+class BudgetedTableExport:
+    """A budgeted table: its tiers, most popular first, and the rank of every id (``ranks``;
+    None when the ids are in rank order already)."""
+
+    name: str
+    features: List[str]
+    num_embeddings: int
+    embedding_dim: int
+    tiers: List[TierExport]
+    ranks: Optional[Tensor] = None
+    method: str = "budgeted"
+
+    @property
+    def fp32_bytes(self) -> int:
+        """Bytes of the trained state: float32 tiers, scalars and projections, int32 ranks."""
+        parts = [p for t in self.tiers for p in (t.weight, t.scalars, t.projection) if p is not None]
+        return sum(p.numel() * 4 for p in parts) + (0 if self.ranks is None else self.ranks.numel() * 4)
+
+
+AnyTable = Union[TableExport, BudgetedTableExport]
 
 
 def _leaves(collection: nn.Module) -> Iterator[nn.Module]:
@@ -59,9 +114,41 @@ def _leaves(collection: nn.Module) -> Iterator[nn.Module]:
         yield collection
 
 
-def collect_tables(collection: nn.Module) -> List[TableExport]:
+def _budgeted_tables(c: BudgetedEmbeddingBagCollection) -> List[BudgetedTableExport]:
+    ranks = c.remap.as_dict()
+    out = []
+    for t in c.tables:
+        tiers = [
+            TierExport(
+                tier.rows,
+                c.embedding_bags[key].weight,
+                c.entity_weights[key] if tier.hash_rows is not None else None,
+                c.projections[key].weight if key in c.projections else None,
+            )
+            for j, tier in enumerate(t.tiers)
+            for key in [tier_key(t.name, j)]
+        ]
+        out.append(BudgetedTableExport(
+            t.name, list(t.feature_names), t.num_embeddings, t.embedding_dim, tiers, ranks.get(t.name)
+        ))
+    return out
+
+
+def _detached(t: AnyTable) -> None:
+    """Detach ``t``'s tensors to contiguous float32 in place (ranks to int64)."""
+    parts = [t] if isinstance(t, TableExport) else t.tiers
+    for part in parts:
+        for name in ("weight", "scalars", "remainder", "projection"):
+            value = getattr(part, name, None)
+            if value is not None:
+                setattr(part, name, value.detach().float().contiguous())
+    if isinstance(t, BudgetedTableExport) and t.ranks is not None:
+        t.ranks = t.ranks.detach().long()
+
+
+def collect_tables(collection: nn.Module) -> List[AnyTable]:
     """Every table of ``collection`` (a model's EBC after ``compress``), detached float32."""
-    out: List[TableExport] = []
+    out: List[AnyTable] = []
     for c in _leaves(collection):
         configs = c.embedding_bag_configs()
         if type(c) is EmbeddingBagCollection:
@@ -88,6 +175,8 @@ def collect_tables(collection: nn.Module) -> List[TableExport]:
                     c.embeddings[f"{t.name}@q"].weight, remainder=c.embeddings[f"{t.name}@r"].weight,
                     operation=t.operation,
                 ))
+        elif isinstance(c, BudgetedEmbeddingBagCollection):
+            out.extend(_budgeted_tables(c))
         else:
             names = [cfg.name for cfg in configs]
             raise ExportError(
@@ -95,10 +184,7 @@ def collect_tables(collection: nn.Module) -> List[TableExport]:
                 f"(it exports the methods {list(METHODS)})"
             )
     for t in out:
-        for name in ("weight", "scalars", "remainder"):
-            value = getattr(t, name)
-            if value is not None:
-                setattr(t, name, value.detach().float().contiguous())
+        _detached(t)
     return out
 
 
@@ -129,12 +215,31 @@ def pack_rows(rows: Tensor, precision: str) -> Tuple[Tensor, Tensor]:
     return fused[:, :dim].contiguous(), fused[:, dim:].contiguous().view(torch.float16)
 
 
-def build_embeddings(tables: List[TableExport], feature_names: List[str], precision: str) -> CompressedEmbeddings:
-    """One row store (all tables, then QR remainder tables) and the per-feature index of ``feature_names``."""
-    dims = {t.weight.shape[1] for t in tables}
+def build_embeddings(tables: List[AnyTable], feature_names: List[str], precision: str) -> nn.Module:
+    """The lookup of ``feature_names``: a ``CompressedEmbeddings`` of the tables; with budgeted
+    tables, a ``TieredEmbeddings`` of those, joined to one of the others if there are any."""
+    dims = {t.embedding_dim for t in tables}
     if len(dims) != 1:
         raise ExportError(f"all tables must share one embedding dim (DLRM's rule), got {sorted(dims)}")
     dim = dims.pop()
+    by_feature = {f: t for t in tables for f in t.features}
+    unknown = [f for f in feature_names if f not in by_feature]
+    if unknown:
+        raise ExportError(f"features {unknown} have no table")
+    columns = [i for i, f in enumerate(feature_names) if isinstance(by_feature[f], BudgetedTableExport)]
+    plain = [t for t in tables if isinstance(t, TableExport)]
+    plain_features = [f for i, f in enumerate(feature_names) if i not in columns]
+    if not columns:
+        return _row_store(plain, plain_features, precision, dim)
+    budgeted = [t for t in tables if isinstance(t, BudgetedTableExport)]
+    tiered = _tiered_store(budgeted, [feature_names[i] for i in columns], precision, dim)
+    if not plain_features:
+        return tiered
+    return JoinedEmbeddings(_row_store(plain, plain_features, precision, dim), tiered, columns)
+
+
+def _row_store(tables: List[TableExport], feature_names: List[str], precision: str, dim: int) -> CompressedEmbeddings:
+    """One row store (all tables, then QR remainder tables) and the per-feature index of ``feature_names``."""
     blocks: List[Tensor] = []
     offset: Dict[str, int] = {}
     remainder_offset: Dict[str, int] = {}
@@ -158,9 +263,6 @@ def build_embeddings(tables: List[TableExport], feature_names: List[str], precis
             scalar_blocks.append(t.scalars)
     scalars = torch.cat(scalar_blocks + [torch.ones(1)])
     by_feature = {f: t for t in tables for f in t.features}
-    unknown = [f for f in feature_names if f not in by_feature]
-    if unknown:
-        raise ExportError(f"features {unknown} have no table")
     fields: Dict[str, List[int]] = {name: [] for name in INDEX_FIELDS}
     for f in feature_names:
         t = by_feature[f]
@@ -193,4 +295,104 @@ def build_embeddings(tables: List[TableExport], feature_names: List[str], precis
         dim,
         list(feature_names),
         {name: torch.tensor(v, dtype=torch.int64) for name, v in fields.items()},
+    )
+
+
+def _index_dtype(largest: int) -> torch.dtype:
+    """The smallest signed integer type that holds ``0 .. largest``."""
+    return next(t for t in (torch.int8, torch.int16, torch.int32, torch.int64) if largest <= torch.iinfo(t).max)
+
+
+def _tiered_store(
+    tables: List[BudgetedTableExport], feature_names: List[str], precision: str, dim: int
+) -> TieredEmbeddings:
+    """The budgeted tables as one ``TieredEmbeddings``: tier rows in ``precision``, in one store
+    per slot (the ``k``-th tier of each dim of every table), MEmCom tiers' scalars (then a 1.0),
+    the remapped tables' ranks in the smallest integer type that holds them, and per feature its
+    table's projections at their slots' columns (fp32)."""
+    placed = []  # (table, tier index, tier, slot key): a slot is (dim, k-th tier of that dim)
+    for t in tables:
+        for j, tier in enumerate(t.tiers):
+            placed.append((t, j, tier, (tier.dim, sum(x.dim == tier.dim for x in t.tiers[:j]))))
+    keys = sorted({key for *_, key in placed}, key=lambda k: (-k[0], k[1]))
+    columns, width = {}, 0
+    for key in keys:
+        if key[0] != dim:
+            columns[key], width = width, width + key[0]
+    slot_rows: Dict[Tuple[int, int], List[Tensor]] = {key: [] for key in keys}
+    slot_scale_bias: Dict[Tuple[int, int], List[Tensor]] = {key: [] for key in keys}
+    tiers: Dict[str, List[int]] = {name: [] for name in TIER_FIELDS}
+    first_tier: Dict[str, int] = {}
+    scalars: List[Tensor] = []
+    scalar_count = 0
+    projections = {t.name: torch.zeros(width, dim) for t in tables}
+    for t, j, tier, key in placed:
+        first_tier.setdefault(t.name, len(tiers["tier_start"]))
+        what = f"table {t.name} tier {j}"
+        _check_values(what, tier.weight, precision)
+        if tier.scalars is not None:
+            _check_values(f"{what} (per-entity scalars)", tier.scalars, precision)
+        if tier.projection is not None:
+            _check_values(f"{what} (projection)", tier.projection, "fp32")
+            projections[t.name][columns[key]:columns[key] + tier.dim] = tier.projection.t()
+        codes, scale_bias = pack_rows(tier.weight, precision)
+        fields = {
+            "tier_start": sum(x.rows for x in t.tiers[:j]),
+            "tier_mod": tier.weight.shape[0],
+            "tier_slot": keys.index(key),
+            "tier_row": sum(r.shape[0] for r in slot_rows[key]),
+            "scalar_stride": int(tier.scalars is not None),
+            "scalar_offset": scalar_count,
+        }
+        for name in TIER_FIELDS:
+            tiers[name].append(fields[name])
+        slot_rows[key].append(codes)
+        slot_scale_bias[key].append(scale_bias)
+        if tier.scalars is not None:
+            scalars.append(tier.scalars)
+            scalar_count += tier.scalars.numel()
+    # tiers without scalars read the trailing 1.0
+    tiers["scalar_offset"] = [o if s else scalar_count for o, s in zip(tiers["scalar_offset"], tiers["scalar_stride"])]
+    ranks: List[Tensor] = []
+    remap_offset: Dict[str, int] = {}
+    for t in tables:
+        if t.ranks is None:
+            continue
+        if t.ranks.shape != (t.num_embeddings,) or bool(((t.ranks < 0) | (t.ranks >= t.num_embeddings)).any()):
+            raise ExportError(
+                f"table {t.name}: its remap (the rank of every id) is not {t.num_embeddings} ranks "
+                f"in [0, {t.num_embeddings}): the checkpoint is damaged"
+            )
+        remap_offset[t.name] = sum(r.numel() for r in ranks)
+        ranks.append(t.ranks)
+    starts_width = max(len(t.tiers) for t in tables) - 1
+    by_feature = {f: t for t in tables for f in t.features}
+    features: Dict[str, List[Any]] = {name: [] for name in TIERED_FEATURE_FIELDS}
+    for f in feature_names:
+        t = by_feature[f]
+        later = list(itertools.accumulate(x.rows for x in t.tiers[:-1]))
+        values = {
+            "num_embeddings": t.num_embeddings,
+            "remap_stride": int(t.ranks is not None),
+            "remap_offset": remap_offset.get(t.name, 0),
+            "tier_base": first_tier[t.name],
+            "starts": later + [t.num_embeddings] * (starts_width - len(later)),
+        }
+        for name in TIERED_FEATURE_FIELDS:
+            features[name].append(values[name])
+    slots = [
+        TierSlot(i, columns.get(key, -1), torch.cat(slot_rows[key]), torch.cat(slot_scale_bias[key]), precision)
+        for i, key in enumerate(keys)
+    ]
+    remap = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
+    scalar_store = torch.cat(scalars + [torch.ones(1)])
+    return TieredEmbeddings(
+        slots,
+        scalar_store if precision == "fp32" else scalar_store.half(),
+        remap.to(_index_dtype(max(t.num_embeddings for t in tables) - 1)),
+        torch.stack([projections[by_feature[f].name] for f in feature_names]),
+        list(feature_names),
+        {name: torch.tensor(v, dtype=torch.int64).view(len(feature_names), starts_width) if name == "starts"
+         else torch.tensor(v, dtype=torch.int64) for name, v in features.items()},
+        {name: torch.tensor(v, dtype=torch.int64) for name, v in tiers.items()},
     )
