@@ -35,6 +35,7 @@ from torchrec.distributed.types import ParameterSharding, ShardingType
 from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer
 
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComTable
+from torchrec_memcom.modules.sorting import unique_inverse
 
 COLUMN_SHARDED = {ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value}
 ROW_SHARDED = {
@@ -300,7 +301,7 @@ class ShardedEntityWeights(nn.Module):
             w.index_add_(0, idx, grad, alpha=-lr)
             return
         # Adagrad needs each entry's summed gradient before its state update.
-        unique, inverse = torch.unique(idx, return_inverse=True)
+        unique, inverse = unique_inverse(idx)
         summed = torch.zeros(unique.numel(), dtype=w.dtype, device=w.device).index_add_(0, inverse, grad)
         state = self.momentum.index_select(0, unique).addcmul_(summed, summed)
         self.momentum.index_copy_(0, unique, state)

@@ -36,6 +36,7 @@ from torchrec_memcom.modules.collection_checks import check_ids, check_unweighte
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.memcom_config import MEmComConfig
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
+from torchrec_memcom.modules.sorting import stable_argsort
 
 
 def tier_key(name: str, tier: int) -> str:
@@ -117,7 +118,7 @@ def split_by_tier(
         slots.append((len(keys) + tier) * batch + example)
         keys += [tier_key(key, j) for j in range(len(t.tiers))]
     slot = torch.cat(slots) if slots else values
-    order = torch.sort(slot, stable=True).indices
+    order = stable_argsort(slot)
     lengths = torch.bincount(slot, minlength=len(keys) * batch).to(features.lengths().dtype)
     return KeyedJaggedTensor(
         keys=keys, values=torch.cat(rows)[order] if rows else values, lengths=lengths, stride=batch
