@@ -558,7 +558,7 @@ def _plot(result: Dict[str, Any], path: Path) -> None:
         ax.axhline(1.0, color="black", lw=0.8)
         if key == "throughput":
             ax.axhline(0.95, color="red", lw=0.8, ls="--", label="MEmCom target 0.95x")
-        ax.set_xticks(x, [f"{m.replace('@', chr(10) + '@')}\n{result['ratios'][m]:g}x" for m in names], fontsize=8)
+        ax.set_xticks(x, [f"{m} {result['ratios'][m]:g}x" for m in names], fontsize=8, rotation=35, ha="right")
         ax.set_title(title + "\n(median of repeats; bars: min-max)", fontsize=9)
         ax.legend(fontsize=7)
     if result["inference"]:
@@ -570,7 +570,7 @@ def _plot(result: Dict[str, Any], path: Path) -> None:
             p99 = [inf[m][bs]["p99_ms"] for m in eager]
             ax.bar(xe, p50, color=[COLORS.get(m, "gray") for m in eager], edgecolor="black", label="p50")
             ax.scatter(xe, p99, color="black", marker="_", s=300, label="p99", zorder=3)
-            ax.set_xticks(xe, eager)
+            ax.set_xticks(xe, eager, rotation=35, ha="right")
             ax.set_ylabel("ms per forward")
             ax.set_title(f"eager inference latency, batch {bs}", fontsize=9)
             ax.legend(fontsize=7)

@@ -124,3 +124,6 @@ def test_speed_benchmark_smoke(tmp_path: Path) -> None:
         for batch in ("1", "512"):
             r = per_batch[batch]
             assert 0 < r["p50_ms"] <= r["p99_ms"] and r["calls"] > 0
+    kernel = result["kernel"]  # FBGEMM's lookup alone: MEmCom's shared tables, weighted or not
+    assert kernel["tables"] == 26 and kernel["ids_per_step"] == 26 * 64
+    assert kernel["unweighted_ms"] > 0 and kernel["weighted_ms"] > 0

@@ -11,8 +11,9 @@ row is read, ranks' parts are padded to equal size by wrapping around to the fir
 world_size - 1 repeated rows, as torch's DistributedSampler does) and the last batch of every rank
 has the same, smaller size.
 
-Batches are built `prefetch` ahead in a background thread (pyarrow decoding and numpy copies
-release the GIL), so building the next batches overlaps the training step on the current one.
+With `prefetch > 0` batches are built that many ahead in a background thread (pyarrow decoding
+and numpy copies release the GIL), so building the next batches overlaps a GPU step on the
+current one; on CPU the thread competes with the step, so the default is 0.
 """
 
 import math
@@ -52,7 +53,7 @@ class CriteoParquetLoader:
         shuffle: bool = True,
         drop_last: bool = True,
         shuffle_window: int = 1 << 19,
-        prefetch: int = 2,
+        prefetch: int = 0,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")

@@ -140,6 +140,9 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
         return CriteoParquetLoader(
             config.data.path, split, cfg.batch_size, rank=rank, world_size=world,
             seed=cfg.seed, shuffle=shuffle, drop_last=True,
+            # a GPU step leaves the CPU (and the GIL) to the prefetch thread; a CPU step competes
+            # with it for both, and measured slower with it (docs/data.md)
+            prefetch=2 if device.type != "cpu" else 0,
         )
 
     train_data, eval_data = loader(config.data.train_split, True), loader(config.data.eval_split, False)
