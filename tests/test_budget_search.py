@@ -16,7 +16,7 @@ from torchrec_memcom.budget.space import DISTRIBUTIONS, AllocationSpace
 from torchrec_memcom.cli import main
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
 from torchrec_memcom.modules.budget_config import Allocation, Budget, allocation_bytes, shapes_of
-from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection, build_budgeted
+from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection, build_budgeted, table_counts
 
 
 @pytest.fixture(autouse=True)
@@ -223,3 +223,24 @@ def test_cli_search_on_a_training_config_then_train_with_it(tiny_data: Path, tmp
         [batch.sparse_features.keys().index(f) for c in budgeted.embedding_bag_configs() for f in c.feature_names]
     ))
     assert pooled.values().shape == (16, 8 * len(allocation.tables))
+
+
+def test_sizes_stay_on_each_tables_own_ladder() -> None:
+    """Tables with ladders of different lengths (dims 1, 32, 16): a sample scaled to the top of
+    the budget search must not read past a short ladder into the padding (found by hypothesis:
+    a tier of dim 2**63 - 1, whose bytes no longer matched the candidate's)."""
+    tables = [
+        EmbeddingBagConfig(name="t0", embedding_dim=1, num_embeddings=1, feature_names=["f0"]),
+        EmbeddingBagConfig(name="t1", embedding_dim=32, num_embeddings=1, feature_names=["f1"]),
+        EmbeddingBagConfig(name="t2", embedding_dim=16, num_embeddings=965, feature_names=["f2"]),
+    ]
+    g = torch.Generator().manual_seed(0)
+    counts = {"t0": torch.tensor([10_000]), "t1": torch.tensor([10_000]), "t2": torch.randint(5, 3000, (965,), generator=g)}
+    space = AllocationSpace(tables, table_counts(tables, counts), Budget(bytes=92_838), tail=False, grid=16)
+    for seed in range(8):
+        candidates = space.sample(4, np.random.default_rng(seed))
+        for i in range(len(candidates)):
+            allocation = space.allocation(candidates, i)
+            assert all(tier.dim <= t.embedding_dim for t in tables for tier in allocation.tables[t.name].tiers)
+            exact = allocation_bytes(allocation, shapes_of(tables), space.clean_cuts, None)
+            assert sum(b.total for b in exact.values()) == candidates.bytes[i] <= space.limit

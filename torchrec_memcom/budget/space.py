@@ -181,7 +181,8 @@ class AllocationSpace:
         which = slice(None) if table is None else slice(table, table + 1)
         ladder, lo = self.ladder[which], self.min_dim[which, None]
         steps = (raw[..., None] >= ladder[:, None, :]).sum(-1)
-        index = np.maximum(steps - 1, 0)
+        # never past a table's own ladder into the padding (raw sizes can be inf at the top of `fit`)
+        index = np.clip(steps - 1, 0, (self.ladder_len[which] - 1)[None, :, None])
         sizes = np.take_along_axis(np.broadcast_to(ladder[None], raw.shape[:2] + ladder.shape[1:]), index, axis=-1)
         return np.where((raw < lo) & self.tail, 0, sizes)
 
