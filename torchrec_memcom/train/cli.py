@@ -87,7 +87,7 @@ def _demo(args: argparse.Namespace) -> int:
             return code
         run_dir = Path(load_config(config).train.run_dir)
         rows.append((Path(path).stem, json.loads((run_dir / "results.json").read_text())))
-    header = f"{'run':<28}{'AUC':>8}{'logloss':>9}{'emb. MB':>10}{'ratio':>8}{'examples/s':>12}"
+    header = f"{'run':<28}{'AUC':>8}{'logloss':>9}{'emb. MiB':>10}{'ratio':>8}{'examples/s':>12}"
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in rows:
         print(f"{name:<28}{r['auc']:>8.4f}{r['logloss']:>9.4f}{r['embedding_bytes'] / 2**20:>10.2f}"
