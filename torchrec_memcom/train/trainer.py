@@ -91,7 +91,11 @@ def train(config: RunConfig) -> Dict[str, Any]:
     """Run the job on this rank; rank 0 writes ``run_dir/results.json``. Returns the results."""
     device = _init_distributed()
     try:
-        return _train(config, device)
+        results = _train(config, device)
+        # The pipeline may still have collectives in flight (the next batch's input_dist): let
+        # them finish on every rank before the group is torn down under them.
+        dist.barrier()
+        return results
     finally:
         dist.destroy_process_group()
 
