@@ -35,6 +35,8 @@ SharderFactory = Callable[[Optional[Dict[str, Any]]], ModuleSharder]
 class Method:
     build: Builder
     sharder: SharderFactory
+    # The config dataclass each table's params make (None: params of the whole collection).
+    params: Optional[type] = None
     # The collection also holds plain tables (those missing from its params): a model whose
     # tables use only this method and "none" then needs one collection, not two.
     holds_plain_tables: bool = False
@@ -60,15 +62,17 @@ METHODS: Dict[str, Method] = {
     "memcom": Method(
         _memcom,
         lambda fused: MEmComEmbeddingBagCollectionSharder(fused_params=fused),
+        MEmComConfig,
         holds_plain_tables=True,
     ),
     "hash": Method(
         _hash,
         lambda fused: HashEmbeddingBagCollectionSharder(fused_params=fused),
+        HashConfig,
         holds_plain_tables=True,
     ),
     # plain tables inside a QR collection would take its unpooled per-id path: keep them stock
-    "qr": Method(_qr, lambda fused: QREmbeddingBagCollectionSharder(fused_params=fused)),
+    "qr": Method(_qr, lambda fused: QREmbeddingBagCollectionSharder(fused_params=fused), QRConfig),
     # one budget covers the whole collection; tables left out stay stock, outside the budget
     "budgeted": Method(build_budgeted, lambda fused: BudgetedEmbeddingBagCollectionSharder(fused_params=fused)),
 }
@@ -169,9 +173,6 @@ def compress(
     return model, sharders + get_default_sharders()
 
 
-# The per-table config each method builds from its params ("budgeted" takes collection params).
-PARAM_CONFIGS: Dict[str, type] = {"memcom": MEmComConfig, "hash": HashConfig, "qr": QRConfig}
-
 
 def check_spec(spec: CompressionSpec, key: str = "compression") -> None:
     """Reject now, naming the key (``key.params.ratoi``), params a method would only reject when
@@ -188,7 +189,7 @@ def check_spec(spec: CompressionSpec, key: str = "compression") -> None:
             if choice.params:
                 raise ValueError(f"{where}.params: method none takes no params, got {choice.params}")
             continue
-        config = PARAM_CONFIGS.get(choice.method)
+        config = METHODS[choice.method].params
         known = [f.name for f in dataclasses.fields(config)] if config else list(BUILD_PARAMS)
         unknown = sorted(set(choice.params) - set(known))
         if unknown:

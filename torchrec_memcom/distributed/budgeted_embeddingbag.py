@@ -11,7 +11,7 @@ the optimizer the tier tables train with (``apply_optimizer_in_backward``'s or t
 fused one): sharding checks it.
 """
 
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -24,9 +24,10 @@ from torchrec.distributed.types import (
     QuantizedCommCodecs,
     ShardingEnv,
 )
-from torchrec.distributed.utils import append_prefix, optimizer_type_to_emb_opt_type
+from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_memcom.distributed.collection_sharder import fused_optimizer
 from torchrec_memcom.distributed.memcom_embeddingbag import (
     MEmComEmbeddingBagCollectionSharder,
     ShardedMEmComEmbeddingBagCollection,
@@ -44,22 +45,6 @@ from torchrec_memcom.modules.budgeted_embedding_bag import (
 from torchrec_memcom.modules.collection_checks import check_ids, check_unweighted
 
 
-def training_optimizers(module: BudgetedEmbeddingBagCollection, fused_params: Optional[Dict[str, Any]]) -> Set[Any]:
-    """The sparse optimizers the tier tables will train with, as TorchRec's sharding reads them:
-    the one ``apply_optimizer_in_backward`` put on a weight, else ``fused_params["optimizer"]``."""
-    found = set()
-    for bag in module.embedding_bags.values():
-        optimizer_class = getattr(bag.weight, "_optimizer_classes", [None])[0]
-        kwargs = getattr(bag.weight, "_optimizer_kwargs", [{}])[0]
-        if "optimizer" in kwargs:
-            found.add(kwargs["optimizer"])
-        elif optimizer_class is not None:
-            found.add(optimizer_type_to_emb_opt_type(optimizer_class))
-        elif (fused_params or {}).get("optimizer") is not None:
-            found.add(fused_params["optimizer"])  # type: ignore[index]
-    return found
-
-
 class ShardedBudgetedEmbeddingBagCollection(ShardedMEmComEmbeddingBagCollection):
     """Sharded ``BudgetedEmbeddingBagCollection``: sharded tier tables + replicated projections."""
 
@@ -74,8 +59,8 @@ class ShardedBudgetedEmbeddingBagCollection(ShardedMEmComEmbeddingBagCollection)
         module_fqn: Optional[str] = None,
     ) -> None:
         if module.budget.optimizer is not None:
-            for trained in training_optimizers(module, fused_params):
-                check_training_optimizer(module.budget.optimizer, trained)
+            for bag in module.embedding_bags.values():
+                check_training_optimizer(module.budget.optimizer, fused_optimizer(bag.weight, fused_params))
         super().__init__(
             module.tier_collection,
             table_name_to_parameter_sharding,

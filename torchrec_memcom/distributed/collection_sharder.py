@@ -1,12 +1,15 @@
 """The sharder shape all our EBC-like collections share: the stock EBC sharder, pointed at our
-unsharded and sharded module types (DMP picks sharders by exact module type)."""
+unsharded and sharded module types (DMP picks sharders by exact module type); and which FBGEMM
+optimizer their sharding fuses into a table."""
 
 from typing import Any, Dict, Optional, Type
 
 import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
 from torchrec.distributed.types import ParameterSharding, ShardingEnv
+from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
 
 
 class CollectionSharder(EmbeddingBagCollectionSharder):
@@ -44,3 +47,19 @@ class CollectionSharder(EmbeddingBagCollectionSharder):
     @property
     def sharded_module_type(self) -> Type[ShardedEmbeddingBagCollection]:  # type: ignore[override]
         return self.sharded
+
+
+def fused_optimizer(weight: nn.Parameter, fused_params: Optional[Dict[str, Any]]) -> Optional[EmbOptimType]:
+    """The FBGEMM optimizer TorchRec's sharding fuses into a table's backward: the one
+    ``apply_optimizer_in_backward`` attached to its weight, else the sharder's fused params
+    (None: unknown, or an optimizer FBGEMM cannot fuse)."""
+    kwargs = getattr(weight, "_optimizer_kwargs", [{}])[0]
+    if "optimizer" in kwargs:
+        return kwargs["optimizer"]
+    optimizer_class = getattr(weight, "_optimizer_classes", [None])[0]
+    if optimizer_class is not None:
+        try:
+            return optimizer_type_to_emb_opt_type(optimizer_class)
+        except ValueError:
+            return None
+    return (fused_params or {}).get("optimizer")

@@ -2,7 +2,6 @@
 
 from typing import Dict, Optional
 
-import torch
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import (
@@ -12,15 +11,14 @@ from torchrec.distributed.planner.shard_estimators import (
 from torchrec.distributed.planner.types import (
     ParameterConstraints,
     ShardEstimator,
-    SharderData,
     SharderDataMap,
     ShardingOption,
     Storage,
 )
 from torchrec.distributed.planner.utils import sharder_name
 from torchrec.distributed.types import ShardingType
-from torchrec.optim import RowWiseAdagrad
 
+from torchrec_memcom.distributed.collection_sharder import fused_optimizer
 from torchrec_memcom.distributed.entity_weights import ADAGRAD, COLUMN_SHARDED
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
 
@@ -53,7 +51,9 @@ class EntityWeightStorageEstimator(ShardEstimator):
             table = next(t for t in module.tables if t.name == option.name)
             if not table.compressed:
                 continue
-            copies = 2 if _adagrad(option, (sharder_data_map or {}).get(sharder_name(type(owner)))) else 1
+            sharder = (sharder_data_map or {}).get(sharder_name(type(owner)))
+            optimizer = fused_optimizer(option.tensor, sharder.fused_params if sharder else None)
+            copies = 2 if optimizer in ADAGRAD else 1  # (row-wise) Adagrad: one state float per scalar
             for shard in option.shards:
                 if option.sharding_type in COLUMN_SHARDED or (
                     option.sharding_type == ShardingType.DATA_PARALLEL.value
@@ -67,17 +67,6 @@ class EntityWeightStorageEstimator(ShardEstimator):
                 shard.storage = shard.storage + Storage(
                     hbm=extra if on_hbm else 0, ddr=0 if on_hbm else extra
                 )
-
-
-def _adagrad(option: ShardingOption, sharder: Optional[SharderData]) -> bool:
-    """Whether the table trains with (row-wise) Adagrad, whose state is one more float per
-    scalar: from the sharder's fused params, else from the optimizer that
-    ``apply_optimizer_in_backward`` attached to the weight (what TorchRec's estimator reads)."""
-    optimizer = (sharder.fused_params or {}).get("optimizer") if sharder else None
-    if optimizer is not None:
-        return optimizer in ADAGRAD
-    classes = getattr(option.tensor, "_optimizer_classes", [None])
-    return classes[0] in (torch.optim.Adagrad, RowWiseAdagrad)
 
 
 def memcom_planner(
