@@ -184,10 +184,9 @@ def worker(config: str, threads: int, sharding: Optional[str]) -> None:
     torch.set_num_threads(threads)
     quiet()
     pin_sharding(sharding)
-    from torchrec_memcom.train.config import load_config
-    from torchrec_memcom.train.trainer import train
+    from torchrec_memcom.train.main import run_rank
 
-    train(load_config(config))
+    run_rank(config)
 
 
 # ---------------------------------------------------------------------------------------------

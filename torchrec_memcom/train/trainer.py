@@ -92,8 +92,7 @@ def train(config: RunConfig) -> Dict[str, Any]:
     device = _init_distributed()
     try:
         results = _train(config, device)
-        # The pipeline may still have collectives in flight (the next batch's input_dist): let
-        # them finish on every rank before the group is torn down under them.
+        # every rank's collectives are done before any rank tears its group down and exits
         dist.barrier()
         return results
     finally:
