@@ -6,6 +6,7 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstimator
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import RowWiseAdagrad
@@ -15,7 +16,11 @@ from torchrec_memcom import MEmComConfig, MEmComEmbeddingBagCollection, MEmComEm
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
 from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
-from torchrec_memcom.distributed.planner import EntityWeightStorageEstimator, memcom_planner
+from torchrec_memcom.distributed.planner import (
+    EntityWeightStorageEstimator,
+    ReplicatedStateReservation,
+    memcom_planner,
+)
 
 TABLES = [
     EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=n, feature_names=[f"f{i}"])
@@ -115,3 +120,36 @@ def test_storage_counts_the_scalars_of_budgeted_memcom_tails() -> None:
     added = {o.name: o.shards[0].storage.ddr - stock[o.name] for o in options}
     # the tail's 600 ids in ceil(600 / 37) = 17 slot blocks of 37 rows: scalars + Adagrad state
     assert added == {"t0@tier0": 0, "t0@tier1": 0, "t0@tier2": 17 * 37 * 4 * 2}
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_reservation_holds_what_budgeted_collections_replicate(device: str) -> None:
+    """Every rank keeps the id ranks and the projections of a budgeted collection whatever the
+    plan: reserved on every device on top of TorchRec's own reservation, by the budget's count."""
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=1000, feature_names=[f"f{i}"])
+        for i in range(2)
+    ]
+    allocation = Allocation({
+        t.name: TableAllocation((Tier(100, 16), Tier(300, 8), Tier(600, 4, hash_rows=37))) for t in tables
+    })
+    frequencies = {"t0": torch.randperm(1000, generator=torch.Generator().manual_seed(0)) + 1,  # ranks != ids
+                   "t1": torch.arange(1000, 0, -1)}  # already in rank order: no remap kept
+    module = BudgetedEmbeddingBagCollection(
+        tables, budget_ratio=1.5, frequencies=frequencies, allocation=allocation, device=torch.device("meta"),
+    )
+    sharders = [BudgetedEmbeddingBagCollectionSharder()]
+    cap = {"hbm_cap": 2**30} if device == "cuda" else {"ddr_cap": 2**30}
+    topology = Topology(world_size=2, local_world_size=2, compute_device=device, **cap)
+    stock = HeuristicalStorageReservation(percentage=0.15).reserve(topology, 32, module, sharders)
+    ours = ReplicatedStateReservation(percentage=0.15).reserve(topology, 32, module, sharders)
+    bytes_ = {t.name: t.bytes for t in module.tables}
+    assert bytes_["t0"].remap == 1000 * 4 and bytes_["t1"].remap == 0
+    expected = sum(b.remap + 6 * b.projections for b in bytes_.values())  # projections: dense, 6x as TorchRec's
+    assert sum(b.projections for b in bytes_.values()) == 2 * (16 * 8 + 16 * 4) * 4
+    for a, b in zip(stock.devices, ours.devices):
+        held = a.storage - b.storage
+        assert (held.hbm, held.ddr) == ((expected, 0) if device == "cuda" else (0, expected))
+    planner = memcom_planner(topology, 32)
+    assert isinstance(planner._storage_reservation, ReplicatedStateReservation)
+    assert set(planner.plan(module, sharders).plan[""]) == {f"t{i}@tier{j}" for i in range(2) for j in range(3)}

@@ -1,7 +1,9 @@
-"""Planner support: tell TorchRec's planner the true size of what MEmCom tables hold."""
+"""Planner support: tell TorchRec's planner the true size of what our collections hold."""
 
-from typing import Dict, Optional
+import copy
+from typing import Dict, List, Optional
 
+from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.shard_estimators import (
@@ -15,11 +17,13 @@ from torchrec.distributed.planner.types import (
     ShardingOption,
     Storage,
 )
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.utils import sharder_name
-from torchrec.distributed.types import ShardingType
+from torchrec.distributed.types import ModuleSharder, ShardingType
 
 from torchrec_memcom.distributed.collection_sharder import fused_optimizer
 from torchrec_memcom.distributed.entity_weights import ADAGRAD, COLUMN_SHARDED
+from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
 
 FP32_BYTES = 4
@@ -69,12 +73,50 @@ class EntityWeightStorageEstimator(ShardEstimator):
                 )
 
 
+def replicated_bytes(module: nn.Module, parameter_multiplier: float) -> int:
+    """Bytes every rank holds of the budgeted collections in ``module`` whatever the plan: the
+    id ranks (remap buffers) and the projections, dense parameters counted ``parameter_multiplier``
+    times as TorchRec counts dense parameters (with their gradients and optimizer state)."""
+    total = 0.0
+    for m in module.modules():
+        if isinstance(m, BudgetedEmbeddingBagCollection):
+            total += sum(b.numel() * b.element_size() for b in m.remap.buffers())
+            total += parameter_multiplier * sum(p.numel() * p.element_size() for p in m.projections.parameters())
+    return round(total)
+
+
+class ReplicatedStateReservation(HeuristicalStorageReservation):
+    """TorchRec's heuristic reservation, plus what budgeted collections replicate on every rank.
+
+    The stock reservation takes a shardable module's whole state out of the dense estimate and
+    leaves it to the sharding options, which see only the tier tables: the remap buffers and
+    projections would be counted nowhere. They are reserved on every device, like dense state.
+    """
+
+    def reserve(
+        self,
+        topology: Topology,
+        batch_size: int,
+        module: nn.Module,
+        sharders: List[ModuleSharder[nn.Module]],
+        constraints: Optional[Dict[str, ParameterConstraints]] = None,
+    ) -> Topology:
+        reserved = super().reserve(topology, batch_size, module, sharders, constraints)
+        extra = replicated_bytes(module, self._parameter_multiplier)
+        on_hbm = topology.compute_device in {"cuda", "mtia"}
+        for device in reserved.devices:
+            device.storage -= Storage(hbm=extra if on_hbm else 0, ddr=0 if on_hbm else extra)
+        self._last_reserved_topology = copy.deepcopy(reserved)
+        return reserved
+
+
 def memcom_planner(
     topology: Topology,
     batch_size: int,
     constraints: Optional[Dict[str, ParameterConstraints]] = None,
 ) -> EmbeddingShardingPlanner:
-    """TorchRec's planner with the stock estimators plus the MEmCom scalars' storage."""
+    """TorchRec's planner with the stock estimators plus the MEmCom scalars' storage, and the
+    stock storage reservation plus what budgeted collections replicate on every rank."""
     estimators: list[ShardEstimator] = [
         EmbeddingPerfEstimator(topology=topology, constraints=constraints),
         EmbeddingStorageEstimator(topology=topology, constraints=constraints),
@@ -84,5 +126,6 @@ def memcom_planner(
         topology=topology, batch_size=batch_size, constraints=constraints, estimator=estimators
     )
     return EmbeddingShardingPlanner(
-        topology=topology, batch_size=batch_size, enumerator=enumerator, constraints=constraints
+        topology=topology, batch_size=batch_size, enumerator=enumerator, constraints=constraints,
+        storage_reservation=ReplicatedStateReservation(percentage=0.15),  # the stock default's
     )
