@@ -3,8 +3,8 @@
 Reading is pyarrow's streaming CSV reader with a bounded block size, writing is pyarrow's Parquet
 writer, one row group at a time, so memory stays bounded whatever the input size. Shards are
 fixed ranges of input lines (`rows_per_shard` lines, never spanning two files or two splits), so a
-conversion is deterministic and a killed one resumes: finished shards are kept (they are renamed
-into place only when complete and recorded in `.convert_state.json`), the shard in progress is
+conversion is deterministic and a killed one resumes: the shards `.convert_state.json` records are
+kept, the one in progress (or one renamed into place, always complete, but not yet recorded) is
 redone, and `manifest.json` is written last.
 """
 
