@@ -109,7 +109,8 @@ class AllocationSpace:
     """Allocations of ``tables`` with these id ``counts`` that fit ``budget``.
 
     grid: segments per table (the cuts an allocation may use); tail: the rarest ids may form a
-    MEmCom tier; sizes: the tier dims to use (multiples of 4; default ``size_ladder``'s). Raises, naming the smallest feasible budget, if no allocation fits.
+    MEmCom tier; sizes: the tier dims to use (multiples of 4; default ``size_ladder``'s).
+    Raises, naming the smallest feasible budget, if no allocation fits.
     """
 
     def __init__(

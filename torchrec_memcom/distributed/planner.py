@@ -19,7 +19,7 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.utils import sharder_name
-from torchrec.distributed.types import ModuleSharder, ShardingType
+from torchrec.distributed.types import ModuleSharder, ShardingType, get_tensor_size_bytes
 
 from torchrec_memcom.distributed.collection_sharder import fused_optimizer
 from torchrec_memcom.distributed.entity_weights import ADAGRAD, COLUMN_SHARDED
@@ -80,8 +80,8 @@ def replicated_bytes(module: nn.Module, parameter_multiplier: float) -> int:
     total = 0.0
     for m in module.modules():
         if isinstance(m, BudgetedEmbeddingBagCollection):
-            total += sum(b.numel() * b.element_size() for b in m.remap.buffers())
-            total += parameter_multiplier * sum(p.numel() * p.element_size() for p in m.projections.parameters())
+            total += sum(get_tensor_size_bytes(b) for b in m.remap.buffers())
+            total += parameter_multiplier * sum(get_tensor_size_bytes(p) for p in m.projections.parameters())
     return round(total)
 
 

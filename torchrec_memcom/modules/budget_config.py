@@ -34,12 +34,17 @@ def candidate_dims(model_dim: int) -> List[int]:
     return sorted({*range(SIZE_STEP, model_dim + 1, SIZE_STEP), model_dim})
 
 
+def _short_name(optimizer: Any) -> Any:
+    """``optimizer`` (a name or an FBGEMM ``EmbOptimType``) by this module's names where it has one."""
+    name = getattr(optimizer, "name", optimizer)
+    return FBGEMM_NAMES.get(name, name)
+
+
 def optimizer_name(optimizer: Any) -> Optional[str]:
     """``None``, a name of ``OPTIMIZER_STATE`` or an FBGEMM ``EmbOptimType`` -> the name."""
     if optimizer is None:
         return None
-    name = getattr(optimizer, "name", optimizer)
-    name = FBGEMM_NAMES.get(name, name)
+    name = _short_name(optimizer)
     if name not in OPTIMIZER_STATE:
         raise ValueError(
             f"budget optimizer must be one of {sorted(OPTIMIZER_STATE)} (or None: parameters "
@@ -57,8 +62,7 @@ def check_training_optimizer(counted: Optional[str], trained: Any) -> None:
     """
     if counted is None or trained is None:
         return
-    name = getattr(trained, "name", trained)
-    name = FBGEMM_NAMES.get(name, name)
+    name = _short_name(trained)
     if name != counted:
         raise ValueError(
             f"budgeted tables: the budget counts {counted} state (budgeted params `optimizer`, "

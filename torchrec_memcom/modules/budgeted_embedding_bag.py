@@ -217,7 +217,8 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
     optimizer: also count this sparse optimizer's state ("sgd", "rowwise_adagrad", "adagrad");
         it must be the one the tables train with (the sharder checks the fused optimizer).
     tail / sizes: for the heuristic: the rarest ids may share a MEmCom tier; the tier dims to use
-        (default: every multiple of 4 up to the dim, BET's candidate set).
+        (any multiples of 4 up to the dim, BET's candidate set; default: 4, 8, 16, ... doubling,
+        and the dim: ``budget.space.size_ladder``).
 
     Construction fails unless the allocation fits the budget. State dict:
     ``embedding_bags.T@tier<j>.weight`` (rows of tier ``j`` by rank within the tier),

@@ -119,12 +119,9 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
         sizes = [manifest["features"][f]["num_embeddings"] for f in CAT_NAMES]
 
     model, sharders = build_model(config, list(sizes), device)
-    tables = [t.name for t in table_configs(config.embeddings.dim, list(sizes))]
-    bytes_per_table = embedding_bytes(model.model.sparse_arch.embedding_bag_collection, tables)
-    uncompressed = {
-        t.name: t.num_embeddings * t.embedding_dim * 4
-        for t in table_configs(config.embeddings.dim, list(sizes))
-    }
+    configs = table_configs(config.embeddings.dim, list(sizes))
+    bytes_per_table = embedding_bytes(model.model.sparse_arch.embedding_bag_collection, [t.name for t in configs])
+    uncompressed = {t.name: t.num_embeddings * t.embedding_dim * 4 for t in configs}
     planner = memcom_planner(_topology(device), batch_size=cfg.batch_size)
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(
