@@ -18,6 +18,7 @@ from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingB
 from torchrec_memcom.distributed.hash_embeddingbag import HashEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.memcom_embeddingbag import MEmComEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.qr_embeddingbag import QREmbeddingBagCollectionSharder
+from torchrec_memcom.modules.budget_config import Budget
 from torchrec_memcom.modules.budgeted_embedding_bag import build_budgeted
 from torchrec_memcom.modules.hash_embedding_bag import HashConfig, HashEmbeddingBagCollection
 from torchrec_memcom.modules.memcom_config import MEmComConfig
@@ -80,26 +81,66 @@ METHODS: Dict[str, Method] = {
 
 @dataclasses.dataclass
 class TableCompression:
-    """Method and parameters of one table (``method: none`` leaves it as it is)."""
+    """Method and parameters of one table (``method: none`` leaves it as it is); ``params`` is
+    a dict or the method's config object (``MEmComConfig``, ``HashConfig``, ``QRConfig``)."""
 
     method: str = "none"
-    params: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    params: Any = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.method, self.params = _method_params(self.method, self.params, "params")
+
+
+def _method_params(method: str, params: Any, where: str) -> Tuple[str, Dict[str, Any]]:
+    """``(method, params as a dict)``; a config object names its method (and must agree)."""
+    if isinstance(params, dict):
+        return method, params
+    owner = next((name for name, m in METHODS.items() if m.params is not None and isinstance(params, m.params)), None)
+    if owner is None:
+        raise ValueError(
+            f"{where}: expected a dict or one of "
+            f"{sorted(m.params.__name__ for m in METHODS.values() if m.params)}, got {params!r}"
+        )
+    if method not in ("none", owner):
+        raise ValueError(f"{where}: a {type(params).__name__} is method {owner!r}, not {method!r}")
+    return owner, dataclasses.asdict(params)
+
+
+def _choice(value: Any, where: str) -> TableCompression:
+    """A per-table override: a TableCompression, a method's config object, or a mapping."""
+    if isinstance(value, TableCompression):
+        return value
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"method", "params"})
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]}: unknown key (known: ['method', 'params'])")
+        return TableCompression(**value)
+    return TableCompression(params=value)
 
 
 @dataclasses.dataclass
 class CompressionSpec:
-    """Which method compresses which table.
+    """Which method compresses which table; checked when built (method names, params names and
+    values), so a typo fails here, not when ``compress()`` builds the tables.
 
-    method/params: the default for every table; min_rows: tables with fewer rows stay
-    uncompressed; tables: per-table overrides by table name.
+    method/params: the default for every table (params: a dict, or the method's config object,
+    which then names the method); min_rows: tables with fewer rows stay uncompressed; tables:
+    per-table overrides by table name (``TableCompression``, a config object, or a dict).
+
+    Example::
+
+        CompressionSpec(params=MEmComConfig(ratio=16), min_rows=10_000,
+                        tables={"t_cat_3": HashConfig(ratio=4), "t_cat_9": TableCompression("none")})
     """
 
     method: str = "none"
-    params: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    params: Any = dataclasses.field(default_factory=dict)
     min_rows: int = 0
     tables: Dict[str, TableCompression] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.method, self.params = _method_params(self.method, self.params, "compression.params")
+        self.tables = {name: _choice(t, f"compression.tables.{name}") for name, t in self.tables.items()}
         for where, method in [("method", self.method)] + [
             (f"tables.{name}.method", t.method) for name, t in self.tables.items()
         ]:
@@ -108,6 +149,7 @@ class CompressionSpec:
                     f"compression {where}: unknown method {method!r}; known: "
                     f"{['none', *sorted(METHODS)]}"
                 )
+        check_spec(self)
 
     def for_table(self, config: EmbeddingBagConfig) -> TableCompression:
         if config.name in self.tables:
@@ -118,16 +160,27 @@ class CompressionSpec:
 
 
 def compress_collection(
-    ebc: EmbeddingBagCollection, spec: CompressionSpec
+    ebc: EmbeddingBagCollection, spec: CompressionSpec, where: str = "the collection"
 ) -> Tuple[nn.Module, List[str]]:
-    """The compressed replacement of one EBC and the methods it uses."""
+    """The compressed replacement of one EBC (``ebc`` itself if no table is compressed) and
+    the methods it uses. Uncompressed tables keep their ``nn.EmbeddingBag`` (weights, device,
+    dtype and any optimizer attached to them); compressed ones start from their method's init."""
     configs = ebc.embedding_bag_configs()
     unknown = set(spec.tables) - {c.name for c in configs}
     if unknown:
         raise ValueError(f"compression names unknown tables: {sorted(unknown)}")
     choices = {cfg.name: spec.for_table(cfg) for cfg in configs}
     methods = {c.method for c in choices.values()} - {"none"}
-    if methods and ebc.is_weighted():
+    if not methods:
+        return ebc, []
+    if type(ebc) is not EmbeddingBagCollection:
+        raise ValueError(
+            f"{where} is a {type(ebc).__name__}, a subclass of EmbeddingBagCollection: compressing it "
+            f"would replace it with a collection without its own code (as DMP's stock sharder, "
+            f"which shards the exact type only, would not shard it); leave its tables "
+            f"uncompressed (TableCompression('none')) or compress a plain EmbeddingBagCollection"
+        )
+    if ebc.is_weighted():
         raise ValueError(
             f"a weighted EmbeddingBagCollection (per-sample weights) cannot be compressed with "
             f"{sorted(methods)}: compressed collections pool unweighted bags"
@@ -143,13 +196,26 @@ def compress_collection(
         if choice.method != "none":
             params.setdefault(group, {})[cfg.name] = choice.params
     parts = [
-        EmbeddingBagCollection(tables, is_weighted=ebc.is_weighted(), device=ebc.device)
+        # built on meta: every table of a stock part is the user's own, adopted below
+        EmbeddingBagCollection(tables, device=torch.device("meta"))
         if method == "none"
         else METHODS[method].build(tables, params.get(method, {}), ebc.device)
         for method, tables in groups.items()
     ]
+    for part, method in zip(parts, groups):
+        _adopt_plain_tables(part, ebc, [c.name for c in groups[method] if choices[c.name].method == "none"])
     module = parts[0] if len(parts) == 1 else MixedEmbeddingBagCollection(parts)
     return module, [m for m in groups if m != "none"]
+
+
+def _adopt_plain_tables(part: nn.Module, ebc: EmbeddingBagCollection, names: List[str]) -> None:
+    """Give ``part`` the user's own ``nn.EmbeddingBag`` of each uncompressed table in ``names``
+    (stock, MEmCom and hash collections hold them as ``embedding_bags[name]``)."""
+    for name in names:
+        part.embedding_bags[name] = ebc.embedding_bags[name]
+    if type(part) is EmbeddingBagCollection:
+        # a stock EBC built on meta, all its tables adopted: TorchRec has no public setter
+        part._device = ebc.device
 
 
 def compress(
@@ -160,13 +226,13 @@ def compress(
     Returns the model and the sharders DMP needs: ours for the methods used, plus TorchRec's
     stock ones (DMP picks sharders by exact module type).
     """
-    if type(model) is EmbeddingBagCollection:
+    if isinstance(model, EmbeddingBagCollection):
         raise ValueError("compress() swaps collections inside a model; wrap a bare EBC first")
     used: List[str] = []
-    for parent in list(model.modules()):
+    for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is EmbeddingBagCollection:
-                new, methods = compress_collection(child, spec)
+            if isinstance(child, EmbeddingBagCollection):
+                new, methods = compress_collection(child, spec, ".".join(filter(None, [path, name])))
                 setattr(parent, name, new)
                 used += [m for m in methods if m not in used]
     sharders: List[ModuleSharder] = [METHODS[m].sharder(fused_params) for m in used]
@@ -177,7 +243,8 @@ def compress(
 def check_spec(spec: CompressionSpec, key: str = "compression") -> None:
     """Reject now, naming the key (``key.params.ratoi``), params a method would only reject when
     it builds its tables, inside every rank of a job: unknown names, and the values the
-    method's config refuses (budgeted: the names; its files are read when it builds)."""
+    method's config refuses (budgeted: the names and the budget; its files are read when it
+    builds). ``CompressionSpec`` runs it when built."""
     from torchrec_memcom.modules.budgeted_embedding_bag import BUILD_PARAMS
 
     if spec.min_rows < 0:
@@ -194,8 +261,10 @@ def check_spec(spec: CompressionSpec, key: str = "compression") -> None:
         unknown = sorted(set(choice.params) - set(known))
         if unknown:
             raise ValueError(f"{where}.params.{unknown[0]}: unknown key (known: {known})")
-        if config:
-            try:
+        try:
+            if config:
                 config(**choice.params)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{where}.params: {e}") from None
+            elif "budget_bytes" in choice.params or "budget_ratio" in choice.params:
+                Budget(choice.params.get("budget_bytes"), choice.params.get("budget_ratio"))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}.params: {e}") from None

@@ -3,9 +3,11 @@
 The shared tables are a stock weighted ShardedEmbeddingBagCollection on FBGEMM's table-batched
 kernels (so the state dict key stays ``embedding_bags.T.weight``). Around it:
 ``input_dist`` turns entity ids into (shared row, slot block ``k``) before the stock input
-distribution, carrying ``k`` as the KJT weight; ``compute`` swaps ``k`` for the trainable
+distribution, carrying ``k + 1`` as the KJT weight; ``compute`` swaps it for the trainable
 per-entity scalar (after ``input_dist``, which runs under ``no_grad``) and runs the stock lookup,
-whose SUM-pooled per-sample-weight gradient trains the scalars.
+whose SUM-pooled per-sample-weight gradient trains the scalars. The ``+ 1`` makes the weight a
+plain table travels with (``k = 0``) its pooling weight 1: the stock row-wise MEAN divisor is
+the sum of the KJT weights of a bag, which must then be its length.
 """
 
 from functools import partial
@@ -161,7 +163,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     def input_dist(
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
-        """Entity ids -> shared rows, with the slot block ``k`` as weight, then stock dist."""
+        """Entity ids -> shared rows, with the slot block ``k`` plus 1 as weight, then stock dist."""
         if features.weights_or_none() is not None:
             raise ValueError("MEmCom inputs carry no weights: the per-entity scalars are its own")
         with torch.no_grad():
@@ -177,11 +179,11 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                     t = self._feature_table[features.keys()[i]]
                     parts[i] = slots(parts[i], t.num_embeddings, t.hash)
                 slot = torch.cat(parts)
-            rows, blocks = slot % m, (slot // m).to(torch.float32)
+            rows, blocks = slot % m, (slot // m + 1).to(torch.float32)
         return super().input_dist(ctx, kjt_with(features, rows, blocks))
 
     def _scalars(self, dist_input: KJTList) -> Tuple[KJTList, Optional[torch.Tensor]]:
-        """Replace each KJT's ``k`` weights by the per-entity scalars (1 for plain tables)."""
+        """Replace each KJT's ``k + 1`` weights by the per-entity scalars (1 for plain tables)."""
         out: List[Optional[torch.Tensor]] = [None] * len(dist_input)
         fused, fused_at, scales = [], [], []
         for g, (kjt, (address, compressed, dense)) in enumerate(zip(dist_input, self._lookup_addresses)):
@@ -190,7 +192,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                 continue
             lengths = torch.tensor(kjt.length_per_key(), device=kjt.values().device)
             start, rows = torch.repeat_interleave(address, lengths, dim=0).unbind(1)
-            idx = start + kjt.weights().long() * rows + kjt.values()
+            idx = start + (kjt.weights().long() - 1) * rows + kjt.values()
             mask = None if bool(compressed.all()) else torch.repeat_interleave(compressed, lengths)
             if mask is not None:  # plain tables have no scalars: their weight is 1
                 idx = idx[mask]

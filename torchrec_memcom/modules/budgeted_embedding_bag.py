@@ -385,8 +385,9 @@ def build_budgeted(
     params (the same for every table): ``allocation`` (a file of ``memcom budget search`` or
     ``heuristic``; without it, the heuristic), ``budget_bytes`` or ``budget_ratio`` and
     ``optimizer`` (default: the budget the allocation file records; when set, it must be the
-    training's sparse optimizer, which sharding checks), ``frequencies`` (a data folder; default:
-    the folder the allocation was made on), ``tail`` and ``sizes`` (heuristic).
+    training's sparse optimizer, which sharding checks), ``frequencies`` (per table or per
+    feature, the count of each id, as ``BudgetedEmbeddingBagCollection`` takes them; or a data
+    folder; default: the folder the allocation was made on), ``tail`` and ``sizes`` (heuristic).
     """
     p = collection_params(params)
     allocation = Allocation.load(p["allocation"]) if "allocation" in p else None
@@ -401,18 +402,23 @@ def build_budgeted(
             "budgeted tables need a budget: params `budget_bytes` or `budget_ratio`, or an "
             "`allocation` file that records one"
         )
-    data = p.get("frequencies") or recorded.get("data")
+    data = p.get("frequencies")
+    if data is None:
+        data = recorded.get("data")
     if data is None:
         raise ValueError(
-            "budgeted tables rank ids by frequency: give params `frequencies` (a data folder of "
-            "`memcom data convert|synth`) or an `allocation` file made on one"
+            "budgeted tables rank ids by frequency: give params `frequencies` (per table the "
+            "count of each id, or a data folder of `memcom data convert|synth`) or an "
+            "`allocation` file made on one"
         )
-    from torchrec_memcom.data import load_frequencies
+    if not isinstance(data, Mapping):
+        from torchrec_memcom.data import load_frequencies
 
+        data = load_frequencies(data)
     return BudgetedEmbeddingBagCollection(
         tables,
         budget_bytes=budget.get("bytes"),
-        frequencies=load_frequencies(data),
+        frequencies=data,
         allocation=allocation,
         budget_ratio=budget.get("ratio"),
         optimizer=budget.get("optimizer"),

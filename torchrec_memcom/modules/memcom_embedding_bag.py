@@ -147,7 +147,8 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
                 ids, weights = f.values(), None
                 if t.compressed:
                     s = slots(ids, t.num_embeddings, t.hash)
-                    weights = self.entity_weights[t.name][s]
+                    # in the table's dtype (fp16 tables: F.embedding_bag takes one dtype)
+                    weights = self.entity_weights[t.name][s].to(bag.weight.dtype)
                     ids = s % t.hash_rows
                 pooled.append(
                     F.embedding_bag(

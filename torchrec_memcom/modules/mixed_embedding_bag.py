@@ -13,8 +13,10 @@ class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """Routes each feature to the collection holding its table and joins their outputs.
 
     Used by ``compress`` when tables of one EBC get different methods; DMP shards each child
-    with its own sharder. Output keys and dims are fixed here, not read off the children's
-    outputs, so TorchRec's train pipeline can fx-trace it with sharded children as leaves.
+    with its own sharder. Children's outputs are joined by key, never by position: a sharded
+    EBC returns its keys grouped by sharding type, not in config order. Output keys and dims
+    are fixed here, not read off the children's outputs, so TorchRec's train pipeline can
+    fx-trace it with sharded children as leaves (``KeyedTensor.regroup`` is fx-wrapped).
     """
 
     def __init__(self, collections: List[EmbeddingBagCollectionInterface]) -> None:
@@ -37,7 +39,7 @@ class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return KeyedTensor(
             keys=self._keys,
             length_per_key=self._dims,
-            values=torch.cat([o.values() for o in outputs], dim=1),
+            values=KeyedTensor.regroup(outputs, [self._keys])[0],
         )
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from torchrec_memcom.compression import CompressionSpec, check_spec
+from torchrec_memcom.compression import CompressionSpec
 from torchrec_memcom.data.schema import CAT_NAMES
 
 
@@ -52,8 +52,8 @@ class ModelConfig:
 @dataclasses.dataclass
 class EmbeddingsConfig:
     """``num_embeddings``: 26 per-feature sizes, or ``from_data`` (the data's id spaces);
-    ``compression`` is checked here, so that a typo in its params stops the launcher, not
-    every rank of the job."""
+    ``compression`` is checked when built (``CompressionSpec``), so that a typo in its params
+    stops the launcher, not every rank of the job."""
 
     dim: int = 16
     num_embeddings: Union[str, List[int]] = "from_data"
@@ -78,7 +78,6 @@ class EmbeddingsConfig:
         unknown = sorted(set(self.compression.tables) - tables)
         if unknown:
             raise ValueError(f"embeddings.compression.tables.{unknown[0]}: no such table (t_cat_0 .. t_cat_25)")
-        check_spec(self.compression, "embeddings.compression")
 
 
 @dataclasses.dataclass
@@ -183,6 +182,10 @@ def _build(tp: Any, value: Any, key: str) -> Any:
             return tp(**kwargs)
         except ValueError as e:
             msg = str(e)
+            leaf = key.rsplit(".", 1)[-1] if key else ""
+            if leaf and not msg.startswith(key) and msg.startswith(f"{leaf}."):
+                # a dataclass naming its own fields (CompressionSpec: "compression.params.x")
+                msg = key + msg[len(leaf):]
             raise ValueError(msg if key in ("", None) or msg.startswith(key) else f"{key}: {msg}") from None
     if origin in (list, List):
         if not isinstance(value, list):
