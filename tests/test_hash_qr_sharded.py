@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from conftest import batch_slice, random_kjt, small_tables
 from dist_utils import run_multiprocess
+from sharded_utils import Wrapper, assert_state_matches
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.sharding_plan import (
@@ -90,17 +90,6 @@ METHODS: Dict[str, Case] = {
 }
 
 
-class Wrapper(nn.Module):
-    """Returns tensors, as a real model does (DDP looks for tensors in the output)."""
-
-    def __init__(self, ebc: nn.Module) -> None:
-        super().__init__()
-        self.ebc = ebc
-
-    def forward(self, kjt):  # type: ignore[no-untyped-def]
-        return self.ebc(kjt).to_dict()
-
-
 def _plan(method: str, kind: str) -> Dict[str, ParameterShardingGenerator]:
     """The type under test on t0's lookup tables; t1's and t2's table-wise on both ranks."""
     case = METHODS[method]
@@ -148,20 +137,6 @@ def _expected_step(ref: nn.Module, method: str, kind: str, optimizer: EmbOptimTy
                 cols -= LR * grad / (state.sqrt() + EPS)
 
 
-def _assert_matches(dmp: nn.Module, full: Dict[str, torch.Tensor], what: str) -> None:
-    state = dmp.state_dict()
-    assert set(state) == set(full), f"{what}: keys {sorted(state)} != {sorted(full)}"
-    for key, value in state.items():
-        if isinstance(value, ShardedTensor):
-            for shard in value.local_shards():
-                index = tuple(
-                    slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes)
-                )
-                torch.testing.assert_close(shard.tensor, full[key][index], msg=lambda m: f"{what}: {key}: {m}")
-        else:
-            torch.testing.assert_close(value, full[key], msg=f"{what}: {key}")
-
-
 def _prefixed(module: nn.Module) -> Dict[str, torch.Tensor]:
     return {f"ebc.{k}": v for k, v in module.state_dict().items()}
 
@@ -175,7 +150,7 @@ def _sharded_equals_unsharded(rank: int, world_size: int, method: str, optimizer
             ref = _reference(method)
             # Sharding a module with values keeps them.
             dmp = _dmp(method, kind, optimizer, copy.deepcopy(ref))
-            _assert_matches(dmp, _prefixed(ref), f"{what} after sharding")
+            assert_state_matches(dmp, _prefixed(ref), f"{what} after sharding")
             assert dmp.module.ebc.cost() == ref.cost()
 
             kjt = random_kjt(tables, BATCH * world_size, seed=1)
@@ -197,12 +172,12 @@ def _sharded_equals_unsharded(rank: int, world_size: int, method: str, optimizer
                         p -= LR * p.grad
             _expected_step(ref, method, kind, optimizer)
             stepped = _prefixed(ref)
-            _assert_matches(dmp, stepped, f"{what} after one step")
+            assert_state_matches(dmp, stepped, f"{what} after one step")
 
             # Save and load through DMP's own state dict into a model sharded from meta.
             other = _dmp(method, kind, optimizer, METHODS[method].build(torch.device("meta")))
             other.load_state_dict(dmp.state_dict())
-            _assert_matches(other, stepped, f"{what} state dict round trip")
+            assert_state_matches(other, stepped, f"{what} state dict round trip")
             probe = batch_slice(random_kjt(tables, BATCH * world_size, seed=3), rank * BATCH, (rank + 1) * BATCH)
             for f, v in other(probe).items():
                 torch.testing.assert_close(v, dmp(probe)[f], msg=f"{what}: reloaded output {f}")

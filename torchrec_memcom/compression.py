@@ -196,26 +196,27 @@ def compress_collection(
         if choice.method != "none":
             params.setdefault(group, {})[cfg.name] = choice.params
     parts = [
-        # built on meta: every table of a stock part is the user's own, adopted below
-        EmbeddingBagCollection(tables, device=torch.device("meta"))
+        # The plain tables of a mixed collection: a hash collection that hashes none of them,
+        # a stock EBC but for its sharder, which corrects TorchRec's row-wise MEAN divisor
+        # (stock_views.correct_mean_divisor). On meta: its tables are the user's, adopted below.
+        HashEmbeddingBagCollection(tables, {}, device=torch.device("meta"))
         if method == "none"
         else METHODS[method].build(tables, params.get(method, {}), ebc.device)
         for method, tables in groups.items()
     ]
     for part, method in zip(parts, groups):
         _adopt_plain_tables(part, ebc, [c.name for c in groups[method] if choices[c.name].method == "none"])
+        if method == "none":
+            part._device = ebc.device
     module = parts[0] if len(parts) == 1 else MixedEmbeddingBagCollection(parts)
-    return module, [m for m in groups if m != "none"]
+    return module, list(dict.fromkeys("hash" if m == "none" else m for m in groups))
 
 
 def _adopt_plain_tables(part: nn.Module, ebc: EmbeddingBagCollection, names: List[str]) -> None:
     """Give ``part`` the user's own ``nn.EmbeddingBag`` of each uncompressed table in ``names``
-    (stock, MEmCom and hash collections hold them as ``embedding_bags[name]``)."""
+    (MEmCom and hash collections hold them as ``embedding_bags[name]``)."""
     for name in names:
         part.embedding_bags[name] = ebc.embedding_bags[name]
-    if type(part) is EmbeddingBagCollection:
-        # a stock EBC built on meta, all its tables adopted: TorchRec has no public setter
-        part._device = ebc.device
 
 
 def compress(

@@ -24,7 +24,7 @@ from torchrec.distributed.types import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
-from torchrec_memcom.distributed.stock_views import kjt_with, stock_view
+from torchrec_memcom.distributed.stock_views import correct_mean_divisor, kjt_with, stock_view
 from torchrec_memcom.distributed.state import copy_full_tensor
 from torchrec_memcom.modules.collection_checks import check_ids, check_unweighted
 from torchrec_memcom.modules.hash_embedding_bag import HashEmbeddingBagCollection, HashTable
@@ -94,7 +94,9 @@ class ShardedHashEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                     parts[i] = self._feature_table[features.keys()[i]].rows(parts[i])
                 ids = torch.cat(parts)
             rows = ids % torch.repeat_interleave(modulus, torch.tensor(lengths, device=ids.device))
-        return super().input_dist(ctx, kjt_with(features, rows, None))
+        awaitable = super().input_dist(ctx, kjt_with(features, rows, None))
+        correct_mean_divisor(self, ctx)
+        return awaitable
 
     def cost(self) -> Dict[str, Dict[str, float]]:
         """Same report as the unsharded module (global sizes)."""

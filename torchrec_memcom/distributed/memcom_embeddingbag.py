@@ -33,7 +33,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
 from torchrec_memcom.distributed.state import copy_full_tensor
-from torchrec_memcom.distributed.stock_views import kjt_with, stock_view
+from torchrec_memcom.distributed.stock_views import correct_mean_divisor, kjt_with, stock_view
 from torchrec_memcom.distributed.entity_weights import (
     COLUMN_SHARDED,
     SUPPORTED_SHARDING_TYPES,
@@ -180,7 +180,9 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                     parts[i] = slots(parts[i], t.num_embeddings, t.hash)
                 slot = torch.cat(parts)
             rows, blocks = slot % m, (slot // m + 1).to(torch.float32)
-        return super().input_dist(ctx, kjt_with(features, rows, blocks))
+        awaitable = super().input_dist(ctx, kjt_with(features, rows, blocks))
+        correct_mean_divisor(self, ctx)
+        return awaitable
 
     def _scalars(self, dist_input: KJTList) -> Tuple[KJTList, Optional[torch.Tensor]]:
         """Replace each KJT's ``k + 1`` weights by the per-entity scalars (1 for plain tables)."""

@@ -1,10 +1,12 @@
 """What our sharded collections hand TorchRec's stock sharded EBC: a stock EBC viewing their own
-tables, and KJTs whose ids were remapped (with weights of our choosing) before ``input_dist``."""
+tables, and KJTs whose ids were remapped (with weights of our choosing) before ``input_dist``;
+and the row-wise MEAN divisor corrected after it."""
 
 from typing import List, Optional
 
 import torch
 from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionContext, ShardedEmbeddingBagCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -32,3 +34,22 @@ def kjt_with(kjt: KeyedJaggedTensor, values: torch.Tensor, weights: Optional[tor
         stride_per_key_per_rank=kjt.stride_per_key_per_rank() if kjt.variable_stride_per_key() else None,
         inverse_indices=kjt.inverse_indices_or_none(),
     )
+
+
+def correct_mean_divisor(sharded: ShardedEmbeddingBagCollection, ctx: EmbeddingBagCollectionContext) -> None:
+    """Divide only row-sharded MEAN features by their bag lengths.
+
+    TorchRec 1.8.0's stock sharded EBC, when it holds a row-wise (or table-row-wise) MEAN
+    table, divides every feature that is not row-sharded by its bag length too (it resets only
+    row-sharded SUM features to 1), although table-, column-wise and data-parallel lookups pool
+    in the kernel. Reads the stock module's private divisor state: TorchRec has no public one.
+    """
+    if getattr(ctx, "divisor", None) is None:
+        return
+    if not hasattr(sharded, "_mean_divisor_columns"):
+        row_sharded = {f for features in sharded._pooling_type_to_rs_features.values() for f in features}
+        keep = [name in row_sharded for name in sharded._embedding_names]
+        sharded._mean_divisor_columns = torch.repeat_interleave(
+            torch.tensor(keep, device=ctx.divisor.device), torch.tensor(sharded._embedding_dims, device=ctx.divisor.device)
+        )
+    ctx.divisor = torch.where(sharded._mean_divisor_columns, ctx.divisor, torch.ones_like(ctx.divisor))

@@ -60,7 +60,11 @@ def feature_sizes(tables: List[EmbeddingBagConfig]) -> Dict[str, int]:
 def check_unweighted(features: KeyedJaggedTensor, method: str) -> None:
     """Compressed collections pool unweighted bags; refuse weights rather than drop them."""
     if features.weights_or_none() is not None:
-        raise ValueError(f"{method} collections take unweighted features; got KJT weights")
+        raise ValueError(
+            f"{method} collections take unweighted features; got KJT weights (under DMP: this "
+            f"collection was not sharded; give the sharders compress() returns to both the "
+            f"planner and DistributedModelParallel)"
+        )
 
 
 def cost_report(rows: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
