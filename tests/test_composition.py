@@ -132,8 +132,11 @@ def _build(spec: str, device: torch.device) -> Tuple[nn.Module, List[ModuleShard
     return model, _sharders(sharders)
 
 
-def _plan(model: nn.Module, sharders: List[ModuleSharder], by_table: Dict[str, str]) -> ShardingPlan:
-    """``by_table``'s kinds for every lookup table of every collection a sharder shards."""
+def _plan(
+    model: nn.Module, sharders: List[ModuleSharder], by_table: Dict[str, str], substitute: bool = True
+) -> ShardingPlan:
+    """``by_table``'s kinds for every lookup table of every collection a sharder shards
+    (``substitute``: with ``_kind``'s substitutes)."""
     by_type = {s.module_type: s for s in sharders}
     world = dist.get_world_size()
     plan = {}
@@ -142,7 +145,10 @@ def _plan(model: nn.Module, sharders: List[ModuleSharder], by_table: Dict[str, s
         if sharder is None:
             continue
         params = sharder.shardable_parameters(module)
-        kinds = {name: _kind(by_table[name.split("@")[0]], module, w) for name, w in params.items()}
+        kinds = {
+            name: _kind(by_table[name.split("@")[0]], module, w) if substitute else by_table[name.split("@")[0]]
+            for name, w in params.items()
+        }
         plan[path] = construct_module_sharding_plan(
             module, {name: KINDS[k]() for name, k in kinds.items()},
             sharder=sharder, local_size=world, world_size=world, device_type="cpu",
@@ -204,6 +210,34 @@ def _composition(rank: int, world: int, specs: List[str], folder: str) -> None:
         other.load_state_dict(state)
         assert_state_matches(other, stepped, f"{spec}: loaded into plan B")
         _compare(other(batch_slice(probe, rank * BATCH, (rank + 1) * BATCH)), ref(probe), mine, f"{spec} plan B")
+
+
+        if spec == "none":
+            _stock_row_wise_mean(ref, kjt, mine)
+    # Combinations refused: with an error naming the tables, not a wrong result.
+    model, sharders = _build("qr", torch.device("meta"))
+    with pytest.raises(ValueError, match=r"\['t0@q', 't0@r', 't1@q', 't1@r'\]: on CPU they need the fused"):
+        DistributedModelParallel(
+            model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
+            plan=_plan(model, sharders, {t: "data_parallel" for t in PLAN_A}, substitute=False),
+            sharders=sharders,
+        )
+
+
+def _stock_row_wise_mean(ref: nn.Module, kjt: Any, mine: slice) -> None:
+    """Pins what TorchRec 1.8.0 does with a stock EBC holding a row-wise MEAN table and others
+    (why compress() keeps a mixed collection's plain tables in a collection of ours): the
+    table-wise feature f1 comes out divided by its bag lengths. When this fails, TorchRec fixed
+    it and ``correct_mean_divisor`` can go."""
+    dmp = _dmp("none", PLAN_A)
+    load_full_state_dict(dmp, ref.state_dict())
+    rank = dist.get_rank()
+    out = dmp(batch_slice(kjt, rank * BATCH, (rank + 1) * BATCH))
+    expected = ref(kjt)
+    torch.testing.assert_close(out["f0"], expected["f0"][mine])  # row-wise SUM: right
+    lengths = batch_slice(kjt, rank * BATCH, (rank + 1) * BATCH).to_dict()["f1"].lengths()
+    divided = expected["f1"][mine] / lengths.clamp(min=1).unsqueeze(1).float()
+    torch.testing.assert_close(out["f1"], divided.detach())
 
 
 def test_sharded_equals_unsharded_in_every_composition(tmp_path: Path) -> None:

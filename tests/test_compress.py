@@ -1,14 +1,21 @@
 """compress(): swapping compressed collections into an existing TorchRec model."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import random_kjt, small_tables
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.models.dlrm import DLRM
+from torchrec.modules.embedding_configs import DataType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_memcom import (
     CompressionSpec,
+    HashConfig,
+    MEmComConfig,
+    QRConfig,
     MEmComEmbeddingBagCollection,
     MEmComEmbeddingBagCollectionSharder,
     TableCompression,
@@ -103,3 +110,92 @@ def test_dlrm_with_memcom_tables_learns() -> None:
         optimizer.step()
         losses.append(float(loss))
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+
+
+def test_uncompressed_tables_keep_their_trained_weights() -> None:
+    """compress() of a trained model keeps every table it does not compress: the same
+    EmbeddingBag (weights, device, dtype, attached optimizer), inside any collection it builds."""
+    for spec in (
+        CompressionSpec(method="memcom", params={"ratio": 4}, min_rows=100),  # t2 inside MEmCom
+        CompressionSpec(method="qr", params=QRConfig(num_collisions=8), min_rows=100),  # mixed
+        CompressionSpec(tables={"t0": HashConfig(ratio=4)}),  # t1, t2 in the plain child
+    ):
+        model = _dlrm()
+        before = {n: b for n, b in model.sparse_arch.embedding_bag_collection.embedding_bags.items()}
+        values = {n: b.weight.detach().clone() for n, b in before.items()}
+        model, _ = compress(model, spec)
+        state = model.sparse_arch.embedding_bag_collection.state_dict()
+        kept = [c for c in small_tables() if spec.for_table(c).method == "none"]
+        assert kept
+        for cfg in kept:
+            key = next(k for k in state if k.endswith(f"embedding_bags.{cfg.name}.weight"))
+            torch.testing.assert_close(state[key], values[cfg.name])
+            owner = model.sparse_arch.embedding_bag_collection
+            assert any(m is before[cfg.name] for m in owner.modules()), cfg.name
+    untouched = _dlrm()
+    ebc = untouched.sparse_arch.embedding_bag_collection
+    assert compress(untouched, CompressionSpec(min_rows=10**6, method="hash", params={"ratio": 2}))[0].sparse_arch.embedding_bag_collection is ebc
+
+
+def test_fp16_tables_run_unsharded() -> None:
+    tables = [dataclasses.replace(t, data_type=DataType.FP16) for t in small_tables()]
+    ebc = MEmComEmbeddingBagCollection(tables, MEmComConfig(num_hash_rows=20))
+    kjt = random_kjt(tables, batch=4, seed=0)
+    out = ebc(kjt).to_dict()
+    for cfg, t in zip(tables, ebc.tables):
+        w = ebc.embedding_bags[t.name].weight.float()
+        jt = kjt.to_dict()[cfg.feature_names[0]]
+        s = ebc.entity_weights[t.name][jt.values()].half().float()
+        expected = torch.stack([(w[i % 20] * s[o:e, None]).sum(0) for i, o, e in
+                                [(jt.values()[a:b], a, b) for a, b in zip(jt.offsets()[:-1], jt.offsets()[1:])]])
+        torch.testing.assert_close(out[cfg.feature_names[0]], expected, atol=1e-2, rtol=1e-2)
+    ebc(kjt).values().sum().backward()
+    assert all(w.grad is not None for w in ebc.entity_weights.values())
+
+
+class MyEBC(EmbeddingBagCollection):
+    """A user's own EBC with code of its own."""
+
+
+def test_subclass_is_refused_when_compressed_and_left_alone_otherwise() -> None:
+    model = _dlrm()
+    model.sparse_arch.embedding_bag_collection = MyEBC(small_tables())
+    with pytest.raises(ValueError, match=r"sparse_arch.embedding_bag_collection is a MyEBC, a subclass"):
+        compress(model, CompressionSpec(method="memcom", params={"ratio": 2}))
+    kept, _ = compress(model, CompressionSpec(method="memcom", params={"ratio": 2}, min_rows=10**6))
+    assert type(kept.sparse_arch.embedding_bag_collection) is MyEBC
+
+
+def test_spec_takes_config_objects_and_checks_when_built() -> None:
+    spec = CompressionSpec(params=MEmComConfig(ratio=4), tables={"t1": HashConfig(ratio=4), "t2": TableCompression("none")})
+    assert spec.method == "memcom" and spec.tables["t1"].method == "hash"
+    assert spec.tables["t1"].params["ratio"] == 4
+    as_dicts = CompressionSpec(method="memcom", params={"ratio": 4}, tables={"t1": {"method": "hash", "params": {"ratio": 4}}, "t2": {"method": "none"}})
+    models = [compress(_dlrm(), s)[0].sparse_arch.embedding_bag_collection for s in (spec, as_dicts)]
+    assert [type(c) for c in models[0].collections] == [type(c) for c in models[1].collections]
+    with pytest.raises(ValueError, match=r"compression.params.ratoi: unknown key"):
+        CompressionSpec(method="memcom", params={"ratoi": 4})
+    with pytest.raises(ValueError, match=r"compression.tables.t1.params: MEmComConfig.ratio must be >= 1"):
+        CompressionSpec(tables={"t1": TableCompression("memcom", {"ratio": 0.5})})
+    with pytest.raises(ValueError, match=r"a HashConfig is method 'hash', not 'memcom'"):
+        CompressionSpec(method="memcom", params=HashConfig(ratio=2))
+    with pytest.raises(ValueError, match=r"compression.params: budget ratio must be >= 1"):
+        CompressionSpec(method="budgeted", params={"budget_ratio": 0.5})
+
+
+def test_budgeted_takes_frequency_tensors() -> None:
+    counts = {t.name: torch.arange(t.num_embeddings, 0, -1) for t in small_tables()[:2]}
+    spec = CompressionSpec(method="budgeted", params={"budget_ratio": 1.5, "frequencies": counts}, min_rows=100)
+    ebc = compress(_dlrm(), spec)[0].sparse_arch.embedding_bag_collection
+    budgeted = ebc.collections[0]
+    assert [t.name for t in budgeted.tables] == ["t0", "t1"]
+    assert budgeted.cost()["total"]["bytes"] <= budgeted.budget_limit
+
+
+def test_unsharded_collection_given_weights_names_the_fix() -> None:
+    """What an unsharded compressed collection under DMP would see: the error says what to do."""
+    ebc = MEmComEmbeddingBagCollection(small_tables(), MEmComConfig(num_hash_rows=20))
+    kjt = random_kjt(small_tables(), batch=2, seed=0)
+    weighted = KeyedJaggedTensor(kjt.keys(), kjt.values(), torch.ones(kjt.values().shape), lengths=kjt.lengths())
+    with pytest.raises(ValueError, match="give the sharders compress\\(\\) returns to both the planner and"):
+        ebc(weighted)
