@@ -24,7 +24,16 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_memcom.cli import main as memcom
 from torchrec_memcom.data import CriteoParquetLoader, convert, load_manifest, synthesize, write_synthetic_tsv
 from torchrec_memcom.data.schema import CAT_NAMES, kaggle_split
-from torchrec_memcom.export.export import TOLERANCES, ExportCheckError, export_checkpoint, raw_id_map, script
+from torchrec_memcom.export.export import (
+    PROBE_TOLERANCE,
+    TOLERANCES,
+    ExportCheckError,
+    TrainedModel,
+    compare_probe,
+    export_checkpoint,
+    raw_id_map,
+    script,
+)
 from torchrec_memcom.export.inference import JoinedEmbeddings, TieredEmbeddings, load_model
 from torchrec_memcom.export.raw import RawLineError, parse_lines
 from torchrec_memcom.export.tables import ExportError, build_embeddings, collect_tables
@@ -145,6 +154,10 @@ def test_export_matches_trained_model_and_reports_real_sizes(
     assert 0 < check["max_abs_diff"] <= TOLERANCES[precision]["max_abs_diff"]
     assert abs(check["auc_change"]) <= TOLERANCES[precision]["auc_change"]
     assert check["auc_trained"] > 0.55
+    # ... and against the sharded model's own outputs, which training recorded on 2 x 64 rows
+    as_trained = report["check_as_trained"]
+    assert as_trained["passed"] and (as_trained["rows"], as_trained["ranks"]) == (128, 2)
+    assert as_trained["max_abs_diff_rebuilt"] <= as_trained["tolerance_rebuilt"]
 
     assert report["file_bytes"] == file.stat().st_size
     assert report["file_bytes"] == sum(report["tensor_bytes"].values()) + report["format_overhead_bytes"]
@@ -169,6 +182,21 @@ def test_export_matches_trained_model_and_reports_real_sizes(
     assert meta["precision"] == precision and meta["id_map"]["kind"] == "mod"
 
 
+def test_a_model_other_than_the_sharded_one_fails_the_check(
+    checkpoint: Path, exported: Dict[str, Tuple[Path, Dict[str, Any]]]
+) -> None:
+    """The reference is the sharded model as trained (its recorded outputs), not only the
+    unsharded rebuild: a rebuild that computes something else is caught."""
+    trained = TrainedModel(checkpoint)
+    file, _ = exported["fp16"]
+    assert compare_probe(load_model(file), trained, TOLERANCES["fp16"]["max_abs_diff"])["passed"]
+    trained.probe["logits"][1][5] += 0.5  # as if the sharded model had computed another value
+    result = compare_probe(load_model(file), trained, TOLERANCES["fp16"]["max_abs_diff"])
+    assert not result["passed"] and result["max_abs_diff_rebuilt"] > 0.05
+    trained.probe["step"] -= 1  # recorded at another step than the checkpoint's: not compared
+    assert compare_probe(load_model(file), trained, 1e-5) is None
+
+
 def test_int8_file_is_smaller_than_fp16(exported: Dict[str, Tuple[Path, Dict[str, Any]]]) -> None:
     assert exported["int8"][0].stat().st_size < exported["fp16"][0].stat().st_size
 
@@ -183,6 +211,9 @@ def test_budgeted_checkpoint_exports_exactly_in_fp32_and_within_tolerance_in_int
     methods = {f"t_{f}": "none" if i in SMALL else "budgeted" for i, f in enumerate(CAT_NAMES)}
     assert reports["fp32"]["methods"] == methods
     assert reports["fp32"]["check"]["passed"] and reports["fp32"]["check"]["max_abs_diff"] <= 1e-6
+    # a mixed collection (budgeted + plain tables) rebuilt unsharded is the model as trained
+    assert all(r["check_as_trained"]["passed"] for r in reports.values())
+    assert reports["fp32"]["check_as_trained"]["max_abs_diff_exported"] <= PROBE_TOLERANCE
     check = reports["int8"]["check"]
     assert check["passed"] and 0 < check["max_abs_diff"] <= TOLERANCES["int8"]["max_abs_diff"]
     assert abs(check["auc_change"]) <= TOLERANCES["int8"]["auc_change"]

@@ -4,7 +4,8 @@ The checkpoint (sharded by any number of ranks) is read unsharded into the model
 `config.json` describes, rebuilt in plain TorchRec on this one process; its tables go into a
 `CompressedEmbeddings` row store in the precision asked for, its dense layers stay as they are,
 and the result is compiled with TorchScript so that `torch.jit.load` alone runs it. Before the
-file is moved into place, its predictions on held data are compared with the rebuilt model's.
+file is moved into place, its predictions on held data are compared with the rebuilt model's,
+and both with the sharded model's own outputs, which training records with every evaluation.
 """
 
 import copy
@@ -118,6 +119,14 @@ class TrainedModel:
         train.load_state_dict(state["model"])
         self.progress: Dict[str, int] = state["progress"]
         self.dlrm: nn.Module = train.model.eval()
+        # The sharded model's own logits on the first eval rows, if the checkpoint records them.
+        self.probe: Optional[Dict[str, Any]] = None
+        if "progress.probe" in dcp.FileSystemReader(str(self.path)).read_metadata().state_dict_metadata:
+            recorded: Dict[str, Any] = {"progress": {"probe": ""}}
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+                dcp.load(recorded, checkpoint_id=str(self.path), no_dist=True)
+            self.probe = json.loads(recorded["progress"]["probe"]) or None
 
     @torch.no_grad()
     def predict(self, dense: torch.Tensor, sparse: Any) -> torch.Tensor:
@@ -324,6 +333,50 @@ def compare(exported: torch.jit.ScriptModule, trained: TrainedModel, data_dir: P
     }
 
 
+# Largest |P| difference allowed between the fp32 model rebuilt unsharded and the sharded model
+# as trained: float sums in another order only (a different model differs by far more).
+PROBE_TOLERANCE = 1e-4
+
+
+@torch.no_grad()
+def compare_probe(exported: torch.jit.ScriptModule, trained: TrainedModel, tolerance: float) -> Optional[Dict[str, Any]]:
+    """Predictions of the rebuilt and of the exported model against the sharded model's own, on
+    the rows training recorded them for (each rank's first eval batch); None if the checkpoint
+    records none for its step (a checkpoint saved between evaluations)."""
+    probe = trained.probe
+    if probe is None or probe["step"] != trained.progress["step"]:
+        return None
+    world = len(probe["logits"])
+    sharded, rebuilt, ours = [], [], []
+    for rank, logits in enumerate(probe["logits"]):
+        loader = CriteoParquetLoader(
+            trained.data_dir, trained.config.data.eval_split, probe["batch_size"], rank=rank,
+            world_size=world, seed=trained.config.train.seed, shuffle=False, drop_last=True,
+        )
+        loader.set_epoch(0)
+        batch = next(iter(loader))
+        k = len(logits)
+        kjt = batch.sparse_features
+        ids = kjt.values().view(len(CAT_NAMES), -1).t()
+        sharded.append(torch.sigmoid(torch.tensor(logits)))
+        rebuilt.append(trained.predict(batch.dense_features, kjt)[:k])
+        ours.append(exported(batch.dense_features, ids)[:k])
+    p_sharded, p_rebuilt, p_exported = torch.cat(sharded), torch.cat(rebuilt), torch.cat(ours)
+    result = {
+        "rows": int(p_sharded.numel()),
+        "ranks": world,
+        "max_abs_diff_rebuilt": float((p_rebuilt - p_sharded).abs().max()),
+        "max_abs_diff_exported": float((p_exported - p_sharded).abs().max()),
+        "tolerance_rebuilt": PROBE_TOLERANCE,
+        "tolerance_exported": tolerance + PROBE_TOLERANCE,
+    }
+    result["passed"] = (
+        result["max_abs_diff_rebuilt"] <= PROBE_TOLERANCE
+        and result["max_abs_diff_exported"] <= tolerance + PROBE_TOLERANCE
+    )
+    return result
+
+
 def _check_folder(check_dir: Path, trained: TrainedModel) -> None:
     """A check folder must hold the training folder's ids (same mode, ids within the tables)."""
     manifest = load_manifest(check_dir)
@@ -401,6 +454,17 @@ def export_checkpoint(
                 abs(result["auc_change"]) > tolerance["auc_change"]  # NaN AUC (one class): not judged
             )
             report["check"] = result
+            probe = compare_probe(load_model(tmp), trained, tolerance["max_abs_diff"])
+            report["check_as_trained"] = probe
+            if probe is not None and not probe["passed"]:
+                raise ExportCheckError(
+                    f"the model differs from the sharded model as trained on the {probe['rows']} "
+                    f"eval rows training recorded: max |dP| rebuilt {probe['max_abs_diff_rebuilt']:.3g} "
+                    f"(allowed {probe['tolerance_rebuilt']:.3g}), exported "
+                    f"{probe['max_abs_diff_exported']:.3g} (allowed {probe['tolerance_exported']:.3g}); "
+                    f"{out} was not written",
+                    report,
+                )
             if not result["passed"]:
                 raise ExportCheckError(
                     f"exported model differs from the trained one beyond the tolerance: max "
@@ -432,6 +496,15 @@ def describe(report: Dict[str, Any]) -> str:
         "  tensors: " + ", ".join(f"{k} {v / mb:.3f} MiB" for k, v in report["tensor_bytes"].items() if v),
     ]
     c = report["check"]
+    probe = report.get("check_as_trained")
+    if probe is not None:
+        lines.append(
+            f"  against the sharded model as trained ({probe['rows']} recorded eval rows, "
+            f"{probe['ranks']} ranks): max |dP| rebuilt {probe['max_abs_diff_rebuilt']:.2e}, exported "
+            f"{probe['max_abs_diff_exported']:.2e}: {'passed' if probe['passed'] else 'FAILED'}"
+        )
+    elif c is not None:
+        lines.append("  (the checkpoint records no outputs of the sharded model at its step: not compared with them)")
     if c is None:
         lines.append("  not checked (--no-check)")
     else:

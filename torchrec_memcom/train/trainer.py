@@ -60,12 +60,19 @@ def _topology(device: torch.device) -> Topology:
     return Topology(world_size=world, local_world_size=local, compute_device="cpu", ddr_cap=ddr)
 
 
+# Logits of the first rows of each rank's first eval batch, recorded with every evaluation so
+# that `memcom export` can check against the sharded model as trained (export.PROBE).
+PROBE_ROWS = 64
+
+
 class Evaluator:
-    """AUC (torchmetrics, synced over ranks) and log loss of a split."""
+    """AUC (torchmetrics, synced over ranks) and log loss of a split; ``probe``: the logits of
+    the first ``PROBE_ROWS`` rows of this rank's first batch."""
 
     def __init__(self, device: torch.device) -> None:
         self.auroc = BinaryAUROC().to(device)
         self.device = device
+        self.probe = torch.zeros(0, device=device)
 
     def run(self, pipeline: TrainPipelineSparseDist, batches: Iterator[Any]) -> Dict[str, float]:
         self.auroc.reset()
@@ -77,6 +84,8 @@ class Evaluator:
                     _, logits, labels = pipeline.progress(batches)
                 except StopIteration:
                     break
+                if totals[1] == 0:
+                    self.probe = logits[:PROBE_ROWS].detach().float()
                 self.auroc.update(torch.sigmoid(logits), labels.int())
                 totals[0] += torch.nn.functional.binary_cross_entropy_with_logits(
                     logits, labels.float(), reduction="sum"
@@ -158,6 +167,7 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
     # continue the uninterrupted run's metrics exactly.
     progress: Dict[str, Any] = {
         "step": 0, "epoch": 0, "batch": 0, "world_size": world, "loss_sums": "[]", "history": "[]",
+        "probe": "{}",
     }
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's, since the last evaluation
     history: List[Dict[str, Any]] = []
@@ -213,6 +223,11 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
         limit = cfg.eval_batches or len(eval_data)
         eval_data.set_epoch(0)
         metrics = evaluator.run(pipeline, islice(iter(eval_data), limit))
+        probes = [torch.zeros_like(evaluator.probe) for _ in range(world)]
+        dist.all_gather(probes, evaluator.probe)  # every rank's eval batches are of one size
+        progress["probe"] = json.dumps(
+            {"step": progress["step"], "batch_size": cfg.batch_size, "logits": [p.tolist() for p in probes]}
+        )
         record = {
             "step": progress["step"],
             **metrics,
