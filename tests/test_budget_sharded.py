@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from conftest import batch_slice, random_kjt, small_tables
 from dist_utils import run_multiprocess
+from sharded_utils import Wrapper
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -84,17 +85,6 @@ def _module(device: torch.device, optimizer: str = "sgd") -> BudgetedEmbeddingBa
         small_tables(DIM), budget_ratio=1.5, frequencies=_frequencies(), allocation=ALLOCATION,
         optimizer=optimizer, device=device,
     )
-
-
-class Wrapper(nn.Module):
-    """Returns tensors, as a real model does (DDP looks for tensors in the output)."""
-
-    def __init__(self, ebc: nn.Module) -> None:
-        super().__init__()
-        self.ebc = ebc
-
-    def forward(self, kjt):  # type: ignore[no-untyped-def]
-        return self.ebc(kjt).to_dict()
 
 
 def _reference(seed: int) -> BudgetedEmbeddingBagCollection:

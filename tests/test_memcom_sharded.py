@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from conftest import batch_slice, random_kjt, small_tables
 from dist_utils import run_multiprocess
+from sharded_utils import Wrapper
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -53,17 +54,6 @@ def _fused(generator):  # type: ignore[no-untyped-def]
     return fused
 # t0: 128 rows do not divide its 1000 ids, so its last slot block is partial (104 of 128).
 COMPRESSION = {"t0": MEmComConfig(num_hash_rows=128), "t1": MEmComConfig(num_hash_rows=50, hash="mix")}
-
-
-class Wrapper(nn.Module):
-    """Returns tensors, as a real model does (DDP looks for tensors in the output)."""
-
-    def __init__(self, ebc: nn.Module) -> None:
-        super().__init__()
-        self.ebc = ebc
-
-    def forward(self, kjt):  # type: ignore[no-untyped-def]
-        return self.ebc(kjt).to_dict()
 
 
 def _reference(seed: int) -> MEmComEmbeddingBagCollection:

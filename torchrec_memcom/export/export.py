@@ -456,20 +456,20 @@ def export_checkpoint(
             report["check"] = result
             probe = compare_probe(load_model(tmp), trained, tolerance["max_abs_diff"])
             report["check_as_trained"] = probe
+            if not result["passed"]:
+                raise ExportCheckError(
+                    f"exported model differs from the trained one beyond the tolerance: max "
+                    f"|dP| {result['max_abs_diff']:.3g} (allowed {tolerance['max_abs_diff']:.3g}), "
+                    f"AUC change {result['auc_change']:+.3g} (allowed {tolerance['auc_change']:.3g}); "
+                    f"{out} was not written",
+                    report,
+                )
             if probe is not None and not probe["passed"]:
                 raise ExportCheckError(
                     f"the model differs from the sharded model as trained on the {probe['rows']} "
                     f"eval rows training recorded: max |dP| rebuilt {probe['max_abs_diff_rebuilt']:.3g} "
                     f"(allowed {probe['tolerance_rebuilt']:.3g}), exported "
                     f"{probe['max_abs_diff_exported']:.3g} (allowed {probe['tolerance_exported']:.3g}); "
-                    f"{out} was not written",
-                    report,
-                )
-            if not result["passed"]:
-                raise ExportCheckError(
-                    f"exported model differs from the trained one beyond the tolerance: max "
-                    f"|dP| {result['max_abs_diff']:.3g} (allowed {tolerance['max_abs_diff']:.3g}), "
-                    f"AUC change {result['auc_change']:+.3g} (allowed {tolerance['auc_change']:.3g}); "
                     f"{out} was not written",
                     report,
                 )
