@@ -178,7 +178,7 @@ def check_spec(spec: CompressionSpec, key: str = "compression") -> None:
     """Reject now, naming the key (``key.params.ratoi``), params a method would only reject when
     it builds its tables, inside every rank of a job: unknown names, and the values the
     method's config refuses (budgeted: the names; its files are read when it builds)."""
-    from torchrec_memcom.modules.budgeted_embedding_bag import BUILD_PARAMS
+    from torchrec_memcom.modules.budgeted_embedding_bag import BUILD_PARAMS, SCALAR_PARAMS, scalar_params
 
     if spec.min_rows < 0:
         raise ValueError(f"{key}.min_rows: must be >= 0, got {spec.min_rows}")
@@ -194,8 +194,10 @@ def check_spec(spec: CompressionSpec, key: str = "compression") -> None:
         unknown = sorted(set(choice.params) - set(known))
         if unknown:
             raise ValueError(f"{where}.params.{unknown[0]}: unknown key (known: {known})")
-        if config:
-            try:
+        try:
+            if config:
                 config(**choice.params)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{where}.params: {e}") from None
+            else:
+                scalar_params({k: v for k, v in choice.params.items() if k in SCALAR_PARAMS})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}.params: {e}") from None

@@ -81,7 +81,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         layouts = {
             t.name: table_layout(
                 t, table_name_to_parameter_sharding[t.name], env.world_size, device,
-                table_fused_params.get(t.name),
+                table_fused_params.get(t.name), module.scalar_configs[t.name],
             )
             for t in module.tables
             if t.compressed
