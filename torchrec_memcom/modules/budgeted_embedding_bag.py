@@ -327,6 +327,10 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         """The tier tables as a MEmComEmbeddingBagCollection sharing this module's parameters."""
         return self._tiers  # type: ignore[return-value]
 
+    def scalar_tables(self) -> List[Any]:
+        """The tier tables with per-entity scalars (MEmCom tails)."""
+        return self.tier_collection.scalar_tables()
+
     def ranks(self) -> Dict[str, torch.Tensor]:
         """Rank of every id of each remapped table (held on the host for a meta module)."""
         return dict(self._meta_ranks) or self.remap.as_dict()

@@ -1,7 +1,7 @@
 """`MEmComEmbeddingBagCollection`: an EmbeddingBagCollection whose tables are MEmCom-compressed."""
 
 import dataclasses
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torchrec_memcom.modules.collection_checks import (
     table_specs,
 )
 from torchrec_memcom.modules.hashing import slots
-from torchrec_memcom.modules.memcom_config import MEmComConfig, compression_ratio
+from torchrec_memcom.modules.memcom_config import MEmComConfig, ScalarRule, compression_ratio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +67,36 @@ NEUTRAL_OPTIONS = {
 }
 
 
-def scalar_optimizer(table: str, optimizer: torch.optim.Optimizer, spec: MEmComConfig, scalars: nn.Parameter) -> torch.optim.Optimizer:
-    """The in-backward optimizer of a table's scalars that follows ``optimizer`` (the table's):
-    SGD or Adagrad at the lr and eps ``spec`` resolves; other optimizers are refused."""
+class EntityWeights(nn.ParameterDict):
+    """The per-entity scalars of each compressed table: ``(n, 1)`` parameters, one row per entity,
+    so that row-wise optimizers (TorchRec's ``RowWiseAdagrad`` over a model's sparse parameters)
+    take them as they take table rows; the state dict shows each as ``(n,)``, indexed by slot."""
+
+    def __init__(self, scalars: Dict[str, torch.Tensor]) -> None:
+        super().__init__({name: nn.Parameter(w.reshape(-1, 1)) for name, w in scalars.items()})
+        self._register_state_dict_hook(_flatten_scalars)
+        self._register_load_state_dict_pre_hook(_column_scalars)
+
+    def flat(self, name: str) -> torch.Tensor:
+        """Table ``name``'s scalars as an ``(n,)`` view."""
+        return self[name].view(-1)
+
+
+def _flatten_scalars(module: nn.Module, state: Dict[str, Any], prefix: str, _meta: Any) -> None:
+    for name in module._parameters:
+        if prefix + name in state:
+            state[prefix + name] = state[prefix + name].view(-1)
+
+
+def _column_scalars(state: Dict[str, Any], prefix: str, *_args: Any) -> None:
+    for key, value in list(state.items()):
+        if key.startswith(prefix) and "." not in key[len(prefix):] and value.dim() == 1:
+            state[key] = value.reshape(-1, 1)
+
+
+def scalar_rule(table: str, optimizer: torch.optim.Optimizer, spec: MEmComConfig) -> ScalarRule:
+    """The update of a table's scalars given ``optimizer``, the table's: SGD or Adagrad at the
+    lr and eps ``spec`` resolves; other optimizers, or options the update lacks, are refused."""
     adagrad = SCALAR_OPTIMIZERS.get(type(optimizer))
     if adagrad is None:
         raise ValueError(
@@ -84,7 +111,12 @@ def scalar_optimizer(table: str, optimizer: torch.optim.Optimizer, spec: MEmComC
             f"table {table!r}: the update of MEmCom per-entity scalars implements plain SGD/Adagrad "
             f"(lr, eps) only; unsupported optimizer options {odd}"
         )
-    rule = spec.scalar_rule(adagrad, float(group["lr"]), float(group.get("eps", 1e-10)))
+    return spec.scalar_rule(adagrad, float(group["lr"]), float(group.get("eps", 1e-10)))
+
+
+def scalar_optimizer(table: str, optimizer: torch.optim.Optimizer, spec: MEmComConfig, scalars: nn.Parameter) -> torch.optim.Optimizer:
+    """The in-backward optimizer of a table's scalars that follows ``optimizer``, the table's."""
+    rule = scalar_rule(table, optimizer, spec)
     if rule.adagrad:
         return torch.optim.Adagrad([scalars], lr=rule.lr, eps=rule.eps)
     return torch.optim.SGD([scalars], lr=rule.lr)
@@ -153,11 +185,9 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
         ).embedding_bags
         device = device or next(iter(self.embedding_bags.parameters())).device
         self._device = torch.device(device)
-        self.entity_weights = nn.ParameterDict(
+        self.entity_weights = EntityWeights(
             {
-                t.name: nn.Parameter(
-                    torch.full((t.num_embeddings,), self._init_weight[t.name], device=device)
-                )
+                t.name: torch.full((t.num_embeddings,), self._init_weight[t.name], device=device)
                 for t in self.tables
                 if t.compressed
             }
@@ -165,6 +195,10 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
         self._embedding_names = [n for names in get_embedding_names_by_table(tables) for n in names]
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._num_embeddings = feature_sizes(tables)
+
+    def scalar_tables(self) -> List[MEmComTable]:
+        """The tables with per-entity scalars (the compressed ones)."""
+        return [t for t in self.tables if t.compressed]
 
     def hashed_configs(self) -> List[EmbeddingBagConfig]:
         """The configs of the shared tables (``m`` rows) as a stock EBC would take them."""
@@ -207,7 +241,7 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
                 ids, weights = f.values(), None
                 if t.compressed:
                     s = slots(ids, t.num_embeddings, t.hash)
-                    weights = self.entity_weights[t.name][s]
+                    weights = self.entity_weights.flat(t.name)[s]
                     ids = s % t.hash_rows
                 pooled.append(
                     F.embedding_bag(
