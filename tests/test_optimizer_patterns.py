@@ -11,7 +11,7 @@ The reference: tables and per-entity scalars by the sparse rule, budgeted tables
 """
 
 import copy
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -61,8 +61,9 @@ class Loss(nn.Module):
         return nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
 
-def _model(method: str) -> Tuple[Loss, List[Any]]:
-    """The model (values on the CPU) and the sharders DMP needs for it."""
+def _model(method: str, before_compress: Optional[Tuple[type, Dict[str, Any]]] = None) -> Tuple[Loss, List[Any]]:
+    """The model (values on the CPU) and the sharders DMP needs for it; ``before_compress``: an
+    in-backward optimizer the user attached to the stock tables before compress()."""
     torch.manual_seed(0)
     sharders = get_default_sharders()
     if method == "budgeted":
@@ -79,6 +80,8 @@ def _model(method: str) -> Tuple[Loss, List[Any]]:
         ebc = EmbeddingBagCollection(TABLES)
     model = Loss(DLRM(embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[DIM],
                       over_arch_layer_sizes=[4, 1]))
+    if before_compress is not None:
+        apply_optimizer_in_backward(before_compress[0], model.model.sparse_arch.parameters(), before_compress[1])
     if method == "memcom":
         model, sharders = compress(model, CompressionSpec(method="memcom", params={"ratio": 4}, min_rows=100))
     with torch.no_grad():  # scalars away from their init, so that their gradients differ
@@ -103,12 +106,16 @@ def _reference_step(ref: Loss, dense_opt: torch.optim.Optimizer, batch: Dict[str
     dense_opt.zero_grad()
 
 
-def _train_both(rank: int, world_size: int, method: str, pattern: str) -> None:
+def _train_both(rank: int, world_size: int, method: str, pattern: str, before_compress: bool = False) -> None:
     sparse_class, sparse_kwargs = PATTERNS[pattern]
-    model, sharders = _model(method)
-    ref = copy.deepcopy(model)
-    # the pattern, as the examples write it
-    apply_optimizer_in_backward(sparse_class, model.model.sparse_arch.parameters(), sparse_kwargs)
+    if before_compress:  # attached to the stock tables; compress() carries it over
+        model, sharders = _model(method, PATTERNS[pattern])
+        ref = _model(method)[0]
+    else:
+        model, sharders = _model(method)
+        ref = copy.deepcopy(model)
+        # the pattern, as the examples write it
+        apply_optimizer_in_backward(sparse_class, model.model.sparse_arch.parameters(), sparse_kwargs)
     # the reference: the same sparse rule (FBGEMM's eps) on tables and scalars; projections dense
     sparse = [p for n, p in ref.model.sparse_arch.named_parameters() if "projections" not in n]
     apply_optimizer_in_backward(sparse_class, sparse, {**sparse_kwargs, "eps": EPS})
@@ -165,3 +172,9 @@ def _assert_state_matches(dmp: nn.Module, full: Dict[str, torch.Tensor], what: s
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 def test_examples_optimizer_setup_trains_as_the_reference(method: str, pattern: str) -> None:
     run_multiprocess(_train_both, 2, method, pattern)
+
+
+def test_optimizer_attached_before_compress_is_carried_over() -> None:
+    """The DLRM example's optimizer attached before compress(): the new tables and their scalars
+    train with it (not with TorchRec's default fused SGD at lr 0.01)."""
+    run_multiprocess(_train_both, 2, "memcom", "dlrm_example", True)
