@@ -54,6 +54,8 @@ SUPPORTED_SHARDING_TYPES = sorted(COLUMN_SHARDED | ROW_SHARDED | {ShardingType.D
 # row-wise Adagrad and exact Adagrad are the same update.
 ADAGRAD = {EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD}
 SUPPORTED_OPTIMIZERS = ADAGRAD | {EmbOptimType.EXACT_SGD}
+
+
 @dataclasses.dataclass(frozen=True)
 class RowBlock:
     """Shared rows ``[offset, offset + rows)`` of a table and the ranks that hold them."""
