@@ -2,7 +2,7 @@
 unsharded and sharded module types (DMP picks sharders by exact module type); which FBGEMM
 optimizer their sharding fuses into a table; and the tensors the planner sizes their tables by."""
 
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, Optional, Type
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
