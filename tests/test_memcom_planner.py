@@ -1,13 +1,21 @@
-"""The planner sees what MEmCom tables really hold: shared rows plus per-entity scalars."""
+"""TorchRec's stock planner sees what MEmCom tables really hold: shared rows, per-entity scalars
+and the optimizer state of both; memcom_planner takes the user's planner arguments."""
+
+import dataclasses
+from typing import Any, Dict, List
 
 import pytest
 import torch
+import torch.distributed as dist
+from dist_utils import run_multiprocess
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torchrec.distributed.planner import Topology
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
-from torchrec.distributed.planner.shard_estimators import EmbeddingStorageEstimator
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
-from torchrec.distributed.types import ShardingType
+from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -16,11 +24,7 @@ from torchrec_memcom import MEmComConfig, MEmComEmbeddingBagCollection, MEmComEm
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
 from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
-from torchrec_memcom.distributed.planner import (
-    EntityWeightStorageEstimator,
-    ReplicatedStateReservation,
-    memcom_planner,
-)
+from torchrec_memcom.distributed.planner import ReplicatedStateReservation, memcom_planner
 
 TABLES = [
     EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=n, feature_names=[f"f{i}"])
@@ -28,46 +32,79 @@ TABLES = [
 ]
 
 
-def _options(optimizer: EmbOptimType):
-    """Every sharding option the enumerator makes, with stock storage, then with ours."""
-    module = MEmComEmbeddingBagCollection(TABLES, MEmComConfig(ratio=8, min_rows=1000), device=torch.device("meta"))
-    sharder = MEmComEmbeddingBagCollectionSharder(
-        fused_params={"optimizer": optimizer, "learning_rate": 0.1}, column_wise=True
-    )
-    topology = Topology(world_size=2, local_world_size=2, compute_device="cpu")
-    enumerator = EmbeddingEnumerator(topology, batch_size=32, estimator=[EmbeddingStorageEstimator(topology)])
-    options = enumerator.enumerate(module, [sharder])
-    stock = {id(o): [s.storage.ddr for s in o.shards] for o in options}
-    # the enumerator's snapshot of the sharder's fused params, as the planner passes it
-    EntityWeightStorageEstimator(topology).estimate(options, enumerator._sharder_data_map)
-    return module, options, stock
+def _local_bytes(state: Dict[str, Any]) -> int:
+    """Bytes of this rank's local shards of every ShardedTensor in a (nested) state dict."""
+    total = 0
+    for value in state.values():
+        if isinstance(value, dict):
+            total += _local_bytes(value)
+        elif isinstance(value, ShardedTensor):
+            total += sum(s.tensor.numel() * s.tensor.element_size() for s in value.local_shards())
+    return total
 
 
-@pytest.mark.parametrize("optimizer, copies", [(EmbOptimType.EXACT_SGD, 1), (EmbOptimType.EXACT_ROWWISE_ADAGRAD, 2)])
-def test_storage_counts_the_scalars_of_each_shard(optimizer: EmbOptimType, copies: int) -> None:
-    module, options, stock = _options(optimizer)
-    tables = {t.name: t for t in module.tables}
-    seen = set()
-    for option in options:
-        table = tables[option.name]
-        for shard, before in zip(option.shards, stock[id(option)]):
-            added = shard.storage.ddr - before
-            if not table.compressed:
-                assert added == 0
-                continue
-            if option.sharding_type in (ShardingType.COLUMN_WISE.value, ShardingType.DATA_PARALLEL.value):
-                scalars = table.num_embeddings  # a full replica on the shard's rank
-            else:
-                scalars = table.num_slot_blocks * shard.size[0]
-            assert added == scalars * 4 * copies, (option.name, option.sharding_type)
-            seen.add(option.sharding_type)
-    assert {ShardingType.ROW_WISE.value, ShardingType.TABLE_WISE.value, ShardingType.COLUMN_WISE.value} <= seen
-    # the row shards of a table cover all its scalars once (K * m >= n, with < m padding)
-    for option in options:
-        t = tables[option.name]
-        if t.compressed and option.sharding_type == ShardingType.ROW_WISE.value:
-            rows = sum(s.size[0] for s in option.shards)
-            assert rows == t.hash_rows and 0 <= t.num_slot_blocks * rows - t.num_embeddings < rows
+def _shard_storage(module: nn.Module, sharder: Any, kind: str, topology: Topology) -> List[int]:
+    """DDR of each shard of the one table of ``module`` as TorchRec's stock planner sizes it."""
+    constraints = {n: ParameterConstraints(sharding_types=[kind], compute_kernels=["fused"])
+                   for n in sharder.shardable_parameters(module)}
+    options = EmbeddingEnumerator(topology, BATCH, constraints=constraints).enumerate(module, [sharder])
+    assert len(options) == 1
+    return [s.storage.ddr for s in options[0].shards]
+
+
+CASES = [  # (sharding type, optimizer applied in backward or None for the sharder's fused SGD)
+    ("table_wise", RowWiseAdagrad), ("row_wise", RowWiseAdagrad), ("row_wise", None), ("table_wise", torch.optim.Adagrad),
+]
+BATCH = 32
+
+
+class Wrapper(nn.Module):
+    def __init__(self, ebc: nn.Module) -> None:
+        super().__init__()
+        self.ebc = ebc
+
+    def forward(self, kjt):  # type: ignore[no-untyped-def]
+        return self.ebc(kjt).to_dict()
+
+
+def _storage_equals_allocation(rank: int, world_size: int) -> None:
+    topology = Topology(world_size=world_size, local_world_size=world_size, compute_device="cpu")
+    table = EmbeddingBagConfig(name="t0", embedding_dim=16, num_embeddings=20_000, feature_names=["f0"])
+    for kind, optimizer in CASES:
+        module = MEmComEmbeddingBagCollection([table], MEmComConfig(ratio=8))
+        if optimizer is not None:
+            apply_optimizer_in_backward(optimizer, module.parameters(), {"lr": 0.1})
+        sharder = MEmComEmbeddingBagCollectionSharder(fused_params={"learning_rate": 0.1})
+        storage = _shard_storage(module, sharder, kind, topology)
+        # The stock planner's input/output share of a shard: a plain table of the shared shape
+        # (left uncompressed, so planned as TorchRec plans any table), trained without state.
+        m = module.tables[0].hash_rows
+        plain = MEmComEmbeddingBagCollection(
+            [dataclasses.replace(table, num_embeddings=m)], MEmComConfig(num_hash_rows=1, min_rows=m + 1),
+            device=torch.device("meta"),
+        )
+        stock_storage = _shard_storage(plain, MEmComEmbeddingBagCollectionSharder(), kind, topology)
+        plan = EmbeddingShardingPlanner(topology, BATCH, constraints={
+            "t0": ParameterConstraints(sharding_types=[kind], compute_kernels=["fused"])}).plan(module, [sharder])
+        dmp = DistributedModelParallel(
+            Wrapper(module), env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+            device=torch.device("cpu"), plan=ShardingPlan({"ebc": plan.plan[""]}), sharders=[sharder],
+        )
+        sharded = get_unwrapped_module(dmp).ebc
+        held = _local_bytes(sharded.state_dict()) + _local_bytes(sharded.fused_optimizer.state_dict()["state"])
+        shards = plan.plan[""]["t0"].sharding_spec.shards
+        mine = [i for i, s in enumerate(shards) if s.placement.rank() == rank]
+        rows = sum(shards[i].shard_sizes[0] for i in mine)
+        io = sum(stock_storage[i] for i in mine) - rows * 16 * 4  # the stock shards' minus their weights
+        assert sum(storage[i] for i in mine) == io + held, (kind, optimizer, rank)
+        assert held > 0 or not mine
+
+
+def test_stock_planner_sees_what_the_sharded_module_holds() -> None:
+    """TorchRec's own planner and estimators, with our sharder: each shard's storage is what the
+    sharded module holds on its rank (shared rows, scalars, both optimizer states) plus the
+    stock input/output share, for table- and row-wise, SGD and (row-wise) Adagrad."""
+    run_multiprocess(_storage_equals_allocation, 2)
 
 
 def test_memcom_planner_plans_memcom_tables_on_cpu() -> None:
@@ -81,45 +118,15 @@ def test_memcom_planner_plans_memcom_tables_on_cpu() -> None:
     offered = sharder.sharding_types("cpu")
     assert ShardingType.COLUMN_WISE.value not in offered and ShardingType.ROW_WISE.value in offered
     assert all(p.sharding_type in offered for p in plan.plan[""].values())
-
-
-@pytest.mark.parametrize("optimizer, copies", [(torch.optim.SGD, 1), (RowWiseAdagrad, 2), (torch.optim.Adagrad, 2)])
-def test_storage_reads_the_optimizer_applied_in_backward(optimizer: type, copies: int) -> None:
-    """With no fused params on the sharder (the training app's case), the optimizer that
-    apply_optimizer_in_backward attached to each weight decides whether Adagrad state counts."""
-    module = MEmComEmbeddingBagCollection(TABLES, MEmComConfig(ratio=8, min_rows=1000), device=torch.device("meta"))
-    apply_optimizer_in_backward(optimizer, list(module.embedding_bags.parameters()), {"lr": 0.1})
-    sharder = MEmComEmbeddingBagCollectionSharder()
-    topology = Topology(world_size=2, local_world_size=2, compute_device="cpu")
-    enumerator = EmbeddingEnumerator(topology, batch_size=32, estimator=[EmbeddingStorageEstimator(topology)])
-    options = [o for o in enumerator.enumerate(module, [sharder]) if o.sharding_type == ShardingType.TABLE_WISE.value]
-    stock = [o.shards[0].storage.ddr for o in options]
-    EntityWeightStorageEstimator(topology).estimate(options, enumerator._sharder_data_map)
-    for option, before in zip(options, stock):
-        table = next(t for t in module.tables if t.name == option.name)
-        scalars = table.num_embeddings if table.compressed else 0
-        assert option.shards[0].storage.ddr - before == scalars * 4 * copies
-
-
-def test_storage_counts_the_scalars_of_budgeted_memcom_tails() -> None:
-    """A budgeted table's MEmCom tail tier holds per-id scalars the stock estimator cannot see."""
-    tables = [EmbeddingBagConfig(name="t0", embedding_dim=16, num_embeddings=1000, feature_names=["f0"])]
-    allocation = Allocation({"t0": TableAllocation((Tier(100, 16), Tier(300, 8), Tier(600, 4, hash_rows=37)))})
-    module = BudgetedEmbeddingBagCollection(
-        tables, budget_ratio=1.5, frequencies={"t0": torch.arange(1000, 0, -1)}, allocation=allocation,
-        device=torch.device("meta"),
+    # the user's own planner arguments pass through
+    reservation = HeuristicalStorageReservation(percentage=0.05)
+    constraints = {"t1": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value])}
+    planner = memcom_planner(
+        Topology(world_size=2, local_world_size=2, compute_device="cpu"), 32,
+        storage_reservation=reservation, constraints=constraints,
     )
-    sharder = BudgetedEmbeddingBagCollectionSharder(
-        fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.1}
-    )
-    topology = Topology(world_size=2, local_world_size=2, compute_device="cpu")
-    enumerator = EmbeddingEnumerator(topology, batch_size=32, estimator=[EmbeddingStorageEstimator(topology)])
-    options = [o for o in enumerator.enumerate(module, [sharder]) if o.sharding_type == ShardingType.TABLE_WISE.value]
-    stock = {o.name: o.shards[0].storage.ddr for o in options}
-    EntityWeightStorageEstimator(topology).estimate(options, enumerator._sharder_data_map)
-    added = {o.name: o.shards[0].storage.ddr - stock[o.name] for o in options}
-    # the tail's 600 ids in ceil(600 / 37) = 17 slot blocks of 37 rows: scalars + Adagrad state
-    assert added == {"t0@tier0": 0, "t0@tier1": 0, "t0@tier2": 17 * 37 * 4 * 2}
+    assert planner._storage_reservation is reservation
+    assert planner.plan(module, [sharder]).plan[""]["t1"].sharding_type == ShardingType.TABLE_WISE.value
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

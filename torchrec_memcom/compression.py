@@ -5,14 +5,22 @@ Methods register here by name; each builds a collection from the user's own
 """
 
 import dataclasses
+import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.fp_embeddingbag import FeatureProcessedEmbeddingBagCollectionSharder
+from torchrec.distributed.fused_embeddingbag import FusedEmbeddingBagCollectionSharder
+from torchrec.distributed.mc_embedding import ManagedCollisionEmbeddingCollectionSharder
+from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ModuleSharder
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.hash_embeddingbag import HashEmbeddingBagCollectionSharder
@@ -22,7 +30,7 @@ from torchrec_memcom.modules.budget_config import Budget
 from torchrec_memcom.modules.budgeted_embedding_bag import build_budgeted
 from torchrec_memcom.modules.hash_embedding_bag import HashConfig, HashEmbeddingBagCollection
 from torchrec_memcom.modules.memcom_config import MEmComConfig
-from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
+from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, scalar_rule
 from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
 from torchrec_memcom.modules.qr_embedding_bag import QRConfig, qr_collection
 
@@ -219,13 +227,73 @@ def _adopt_plain_tables(part: nn.Module, ebc: EmbeddingBagCollection, names: Lis
         part.embedding_bags[name] = ebc.embedding_bags[name]
 
 
+# A parameter of a table: `embedding_bags.T.weight`, `entity_weights.T@tier0`, `embeddings.T@q.weight`
+# (QR), inside any collection; budgeted tables' `projections.*` are dense and match nothing.
+_TABLE_PARAMETER = re.compile(r"(?:^|\.)(?:embedding_bags|entity_weights|embeddings)\.([^.@]+)")
+
+
+def table_parameters(module: nn.Module) -> Dict[str, List[Tuple[str, nn.Parameter]]]:
+    """The sparse parameters of each user table inside a (compressed) collection, by table name."""
+    out: Dict[str, List[Tuple[str, nn.Parameter]]] = {}
+    for name, p in module.named_parameters():
+        match = _TABLE_PARAMETER.search(name)
+        if match:
+            out.setdefault(match.group(1), []).append((name, p))
+    return out
+
+
+def carry_optimizers(old: EmbeddingBagCollection, new: nn.Module) -> None:
+    """Attach to ``new``'s parameters of each table the optimizer ``apply_optimizer_in_backward``
+    attached to that table's weight in ``old`` (the per-entity scalars take the table's rule);
+    refuse, naming the fix, what cannot be carried."""
+    params = table_parameters(new)
+    for name, bag in old.embedding_bags.items():
+        weight = bag.weight
+        classes = getattr(weight, "_optimizer_classes", [])
+        if not classes:
+            continue
+        if len(classes) > 1:
+            raise ValueError(
+                f"table {name!r} has {len(classes)} optimizers applied in backward; compress() carries "
+                f"one (TorchRec fuses only the first): apply one, or apply them after compress()"
+            )
+        if any(re.search(r"(?:^|\.)entity_weights\.", n) for n, _ in params[name]):
+            # refuse now what the scalars cannot follow (options, optimizer kinds)
+            scalar_rule(name, weight._in_backward_optimizers[0], MEmComConfig(num_hash_rows=1))  # type: ignore[attr-defined]
+        apply_optimizer_in_backward(classes[0], [p for _, p in params[name]], weight._optimizer_kwargs[0])  # type: ignore[attr-defined]
+
+
+def stock_sharders(fused_params: Optional[Dict[str, Any]]) -> List[ModuleSharder]:
+    """TorchRec's default sharders, the training ones built with ``fused_params``
+    (``get_default_sharders()`` builds them without)."""
+    if fused_params is None:
+        return get_default_sharders()
+    fp = dict(fused_params)
+    training: List[ModuleSharder] = [
+        EmbeddingBagCollectionSharder(fused_params=fp),
+        FeatureProcessedEmbeddingBagCollectionSharder(ebc_sharder=EmbeddingBagCollectionSharder(fused_params=fp)),
+        EmbeddingCollectionSharder(fused_params=fp),
+        FusedEmbeddingBagCollectionSharder(fused_params=fp),
+        ManagedCollisionEmbeddingBagCollectionSharder(
+            ebc_sharder=EmbeddingBagCollectionSharder(fused_params=fp), fused_params=fp
+        ),
+        ManagedCollisionEmbeddingCollectionSharder(
+            ec_sharder=EmbeddingCollectionSharder(fused_params=fp), fused_params=fp
+        ),
+    ]
+    built = {s.module_type for s in training}
+    return training + [s for s in get_default_sharders() if s.module_type not in built]  # inference ones
+
+
 def compress(
     model: nn.Module, spec: CompressionSpec, fused_params: Optional[Dict[str, Any]] = None
 ) -> Tuple[nn.Module, List[ModuleSharder]]:
     """Replace each ``EmbeddingBagCollection`` inside ``model`` (in place) as ``spec`` says.
 
-    Returns the model and the sharders DMP needs: ours for the methods used, plus TorchRec's
-    stock ones (DMP picks sharders by exact module type).
+    An optimizer attached to a table's weight with ``apply_optimizer_in_backward`` is attached
+    to its new parameters (shared tables and per-entity scalars; not budgeted tables' dense
+    projections). Returns the model and the sharders DMP needs: ours for the methods used, plus
+    TorchRec's stock ones (DMP picks sharders by exact module type), all with ``fused_params``.
     """
     if isinstance(model, EmbeddingBagCollection):
         raise ValueError("compress() swaps collections inside a model; wrap a bare EBC first")
@@ -234,19 +302,20 @@ def compress(
         for name, child in list(parent.named_children()):
             if isinstance(child, EmbeddingBagCollection):
                 new, methods = compress_collection(child, spec, ".".join(filter(None, [path, name])))
+                carry_optimizers(child, new)
                 setattr(parent, name, new)
                 used += [m for m in methods if m not in used]
     sharders: List[ModuleSharder] = [METHODS[m].sharder(fused_params) for m in used]
-    return model, sharders + get_default_sharders()
+    return model, sharders + stock_sharders(fused_params)
 
 
 
 def check_spec(spec: CompressionSpec, key: str = "compression") -> None:
     """Reject now, naming the key (``key.params.ratoi``), params a method would only reject when
     it builds its tables, inside every rank of a job: unknown names, and the values the
-    method's config refuses (budgeted: the names and the budget; its files are read when it
-    builds). ``CompressionSpec`` runs it when built."""
-    from torchrec_memcom.modules.budgeted_embedding_bag import BUILD_PARAMS
+    method's config refuses (budgeted: the names, the budget and the scalar settings; its files
+    are read when it builds). ``CompressionSpec`` runs it when built."""
+    from torchrec_memcom.modules.budgeted_embedding_bag import BUILD_PARAMS, SCALAR_PARAMS, scalar_params
 
     if spec.min_rows < 0:
         raise ValueError(f"{key}.min_rows: must be >= 0, got {spec.min_rows}")
@@ -265,7 +334,9 @@ def check_spec(spec: CompressionSpec, key: str = "compression") -> None:
         try:
             if config:
                 config(**choice.params)
-            elif "budget_bytes" in choice.params or "budget_ratio" in choice.params:
-                Budget(choice.params.get("budget_bytes"), choice.params.get("budget_ratio"))
+            else:
+                if "budget_bytes" in choice.params or "budget_ratio" in choice.params:
+                    Budget(choice.params.get("budget_bytes"), choice.params.get("budget_ratio"))
+                scalar_params({k: v for k, v in choice.params.items() if k in SCALAR_PARAMS})
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}.params: {e}") from None

@@ -1,6 +1,6 @@
 """The sharder shape all our EBC-like collections share: the stock EBC sharder, pointed at our
-unsharded and sharded module types (DMP picks sharders by exact module type); and which FBGEMM
-optimizer their sharding fuses into a table."""
+unsharded and sharded module types (DMP picks sharders by exact module type); which FBGEMM
+optimizer their sharding fuses into a table; and the tensors the planner sizes their tables by."""
 
 from typing import Any, Dict, Optional, Type
 
@@ -38,7 +38,15 @@ class CollectionSharder(EmbeddingBagCollectionSharder):
         )
 
     def shardable_parameters(self, module: Any) -> Dict[str, nn.Parameter]:
-        return {name: bag.weight for name, bag in module.embedding_bags.items()}
+        """Each table's weight; for a table with per-entity scalars, a ``PlannedTable`` of its
+        shape that the planner (TorchRec's stock storage estimator, which sizes a shard by
+        ``numel() * element_size()`` in proportion to its share of the shape) sees at the
+        true bytes: weights, scalars and their optimizer state."""
+        weights = {name: bag.weight for name, bag in module.embedding_bags.items()}
+        for table in getattr(module, "scalar_tables", lambda: [])():
+            weight = weights[table.name]
+            weights[table.name] = PlannedTable(weight, table_bytes(table, fused_optimizer(weight, self.fused_params)))  # type: ignore[assignment]
+        return weights
 
     @property
     def module_type(self) -> Type[nn.Module]:  # type: ignore[override]
@@ -63,3 +71,45 @@ def fused_optimizer(weight: nn.Parameter, fused_params: Optional[Dict[str, Any]]
         except ValueError:
             return None
     return (fused_params or {}).get("optimizer")
+
+
+# Optimizer state FBGEMM keeps per table row, in floats, given the row's dim.
+ROW_STATE = {
+    EmbOptimType.EXACT_SGD: lambda d: 0,
+    EmbOptimType.EXACT_ROWWISE_ADAGRAD: lambda d: 1,
+    EmbOptimType.EXACT_ADAGRAD: lambda d: d,
+}
+
+
+def table_bytes(table: Any, optimizer: Optional[EmbOptimType]) -> int:
+    """What a MEmCom table's shards hold in all, in bytes: per shared row its ``d`` weights and
+    their state, and the ``K = ceil(n/m)`` scalars of its slots (with Adagrad state for Adagrad).
+    None: TorchRec's default fused optimizer, SGD."""
+    optimizer = optimizer or EmbOptimType.EXACT_SGD
+    if optimizer not in ROW_STATE:
+        raise ValueError(
+            f"table {table.name!r}: MEmCom tables train with SGD or (row-wise) Adagrad; got {optimizer}"
+        )
+    d = table.embedding_dim
+    scalars = table.num_slot_blocks * (1 if optimizer == EmbOptimType.EXACT_SGD else 2)
+    return table.hash_rows * (d + ROW_STATE[optimizer](d) + scalars) * 4
+
+
+class PlannedTable(torch.Tensor):
+    """A meta tensor of a table's shape and dtype whose ``numel() * element_size()`` is
+    ``num_bytes``: what the planner should count for the whole table. It carries no
+    ``_optimizer_classes`` (``num_bytes`` includes the optimizer state)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, like: torch.Tensor, num_bytes: int) -> "PlannedTable":
+        t = torch.Tensor._make_subclass(cls, torch.empty(like.shape, dtype=like.dtype, device="meta"))
+        t._planned_numel = -(-num_bytes // like.element_size())  # type: ignore[attr-defined]
+        return t  # type: ignore[return-value]
+
+    def numel(self) -> int:  # type: ignore[override]
+        return self._planned_numel  # type: ignore[attr-defined,no-any-return]
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "PlannedTable":
+        return PlannedTable(self, self.numel() * self.element_size())

@@ -34,7 +34,8 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.types import ParameterSharding, ShardingType
 from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer
 
-from torchrec_memcom.modules.memcom_embedding_bag import MEmComTable
+from torchrec_memcom.modules.memcom_config import MEmComConfig, ScalarRule
+from torchrec_memcom.modules.memcom_embedding_bag import NEUTRAL_OPTIONS, MEmComTable
 from torchrec_memcom.modules.sorting import unique_inverse
 
 COLUMN_SHARDED = {ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value}
@@ -53,12 +54,6 @@ SUPPORTED_SHARDING_TYPES = sorted(COLUMN_SHARDED | ROW_SHARDED | {ShardingType.D
 # row-wise Adagrad and exact Adagrad are the same update.
 ADAGRAD = {EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD}
 SUPPORTED_OPTIMIZERS = ADAGRAD | {EmbOptimType.EXACT_SGD}
-# Optimizer options the scalar update does not implement, with the value that makes them no-ops:
-# a table configured otherwise is refused rather than trained differently from its rows.
-NEUTRAL_OPTIONS = {
-    "weight_decay": 0.0, "momentum": 0.0, "lr_decay": 0.0, "initial_accumulator_value": 0.0,
-    "nesterov": False, "maximize": False,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +74,7 @@ class TableLayout:
     sharding_type: str
     blocks: List[RowBlock]
     optimizer: Optional[Dict[str, Any]]  # fused params; None for data-parallel
+    rule: Optional[ScalarRule] = None  # the scalars' update; None for data-parallel
 
     @property
     def dense(self) -> bool:
@@ -114,8 +110,10 @@ def table_layout(
     world_size: int,
     device: torch.device,
     fused_params: Optional[Dict[str, Any]],
+    spec: Optional[MEmComConfig] = None,
 ) -> TableLayout:
-    """Row blocks of a table from its ParameterSharding (column shards of a row range merge)."""
+    """Row blocks of a table from its ParameterSharding (column shards of a row range merge),
+    and the scalars' update: the table's fused optimizer with ``spec``'s scalar settings."""
     if sharding.sharding_type not in SUPPORTED_SHARDING_TYPES:
         raise ValueError(
             f"table {table.name!r}: sharding type {sharding.sharding_type} is not supported for "
@@ -153,7 +151,10 @@ def table_layout(
             f"table {table.name!r}: the in-backward update of MEmCom per-entity scalars implements "
             f"plain SGD/Adagrad (lr, eps) only; unsupported optimizer options {unsupported}"
         )
-    return TableLayout(table, sharding.sharding_type, blocks, optimizer)
+    rule = (spec or MEmComConfig(num_hash_rows=1)).scalar_rule(
+        opt in ADAGRAD, float(optimizer.get("learning_rate", 0.01)), float(optimizer.get("eps", 1e-8))
+    )
+    return TableLayout(table, sharding.sharding_type, blocks, optimizer, rule)
 
 
 def _device_str(device: torch.device, rank: int) -> str:
@@ -220,16 +221,21 @@ class ShardedEntityWeights(nn.Module):
         # Trained in backward: keep it out of the dense optimizer (TorchRec's convention).
         self.fused._in_backward_optimizers = [EmptyFusedOptimizer()]  # type: ignore[attr-defined]
         self.dense = nn.Parameter(torch.empty(sizes["dense"], device=device))
-        fused = {n: l.optimizer for n, l in layouts.items() if not l.dense}
-        settings = {(o.get("optimizer"), o.get("learning_rate"), o.get("eps")) for o in fused.values()}  # type: ignore[union-attr]
-        if len(settings) > 1:
+        fused = [n for n, layout in layouts.items() if not layout.dense]
+        kinds = {n: layouts[n].rule.adagrad for n in fused}  # type: ignore[union-attr]
+        if len(set(kinds.values())) > 1:
             raise ValueError(
-                f"the MEmCom tables of one collection must share one fused optimizer; got {settings}"
+                f"the MEmCom tables of one collection must all train with SGD or all with "
+                f"(row-wise) Adagrad; got Adagrad per table {kinds}"
             )
-        self._params: Dict[str, Any] = next(iter(fused.values())) if fused else {}  # type: ignore[assignment]
-        adagrad = self._params.get("optimizer", EmbOptimType.EXACT_SGD) in ADAGRAD
+        adagrad = any(kinds.values())
         self.momentum: Optional[torch.Tensor] = torch.zeros_like(self.fused) if adagrad else None
         self._local_fused = [n for n in self._slices if not layouts[n].dense]
+        # per local fused table: its param group (lr) in the fused optimizer, and its eps
+        self._groups = [fused.index(n) for n in self._local_fused]
+        self._eps = torch.tensor(
+            [layouts[n].rule.eps for n in self._local_fused], dtype=self.fused.dtype, device=device  # type: ignore[union-attr]
+        )
         self._starts = torch.tensor([self._slices[n][0] for n in self._local_fused], dtype=torch.int64, device=device)
         replicated = [n for n, layout in layouts.items() if layout.replicated]
         self._replicated = torch.tensor(
@@ -294,18 +300,24 @@ class ShardedEntityWeights(nn.Module):
         """Sum gradients per touched entry (across replicas too) and update those entries."""
         if self._sync_group is not None:
             idx, grad = self._sync_replicas(idx, grad)
-        lr = self._optimizer.param_groups[0]["lr"]
         w = self.fused.data
+        groups = self._optimizer.param_groups
+        lrs = torch.tensor([groups[g]["lr"] for g in self._groups], dtype=w.dtype, device=w.device)
         grad = grad.to(w.dtype)
         if self.momentum is None:  # SGD: index_add_ sums duplicates itself, no dedup needed
-            w.index_add_(0, idx, grad, alpha=-lr)
+            w.index_add_(0, idx, grad * -lrs[self._table_of(idx)])
             return
         # Adagrad needs each entry's summed gradient before its state update.
         unique, inverse = unique_inverse(idx)
+        table = self._table_of(unique)
         summed = torch.zeros(unique.numel(), dtype=w.dtype, device=w.device).index_add_(0, inverse, grad)
         state = self.momentum.index_select(0, unique).addcmul_(summed, summed)
         self.momentum.index_copy_(0, unique, state)
-        w.index_add_(0, unique, summed.div_(state.sqrt_().add_(self._params.get("eps", 1e-8))), alpha=-lr)
+        w.index_add_(0, unique, summed.div_(state.sqrt_().add_(self._eps[table])).mul_(-lrs[table]))
+
+    def _table_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """Position in ``_local_fused`` of the table each flat index belongs to."""
+        return torch.searchsorted(self._starts, idx, right=True) - 1
 
     def _sync_replicas(self, idx: torch.Tensor, grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """All-gather (table, entry, grad) of replicated tables; keep what this rank holds."""
@@ -439,7 +451,11 @@ class _EntityWeightOptimizer(FusedOptimizer):
             if weights.momentum is not None
             else {}
         )
-        groups = [{"params": list(params.values()), "lr": float(weights._params.get("learning_rate", 0.01))}] if fused else []
+        # one group per table: its scalars' lr (schedulers scale each group alike)
+        groups = [
+            {"params": [params[f"entity_weights.{n}"]], "lr": weights.layouts[n].rule.lr}  # type: ignore[union-attr]
+            for n in fused
+        ]
         super().__init__(params, state, groups)
 
     def load_state_dict(self, state_dict: Any) -> None:

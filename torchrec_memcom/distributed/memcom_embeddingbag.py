@@ -83,7 +83,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         layouts = {
             t.name: table_layout(
                 t, table_name_to_parameter_sharding[t.name], env.world_size, device,
-                table_fused_params.get(t.name),
+                table_fused_params.get(t.name), module.scalar_configs[t.name],
             )
             for t in module.tables
             if t.compressed
@@ -134,8 +134,8 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         state = self.state_dict()
         for name, bag in module.embedding_bags.items():
             copy_full_tensor(state[f"embedding_bags.{name}.weight"], bag.weight.detach())
-        for name, w in module.entity_weights.items():
-            self.entity_weights.load_table(name, w.detach())
+        for name in module.entity_weights:
+            self.entity_weights.load_table(name, module.entity_weights.flat(name).detach())
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

@@ -122,7 +122,7 @@ def _budgeted_tables(c: BudgetedEmbeddingBagCollection) -> List[BudgetedTableExp
             TierExport(
                 tier.rows,
                 c.embedding_bags[key].weight,
-                c.entity_weights[key] if tier.hash_rows is not None else None,
+                c.entity_weights.flat(key) if tier.hash_rows is not None else None,
                 c.projections[key].weight if key in c.projections else None,
             )
             for j, tier in enumerate(t.tiers)
@@ -159,7 +159,7 @@ def collect_tables(collection: nn.Module) -> List[AnyTable]:
             method = "memcom" if isinstance(c, MEmComEmbeddingBagCollection) else "hash"
             for cfg, t in zip(configs, c.tables):
                 w = c.embedding_bags[t.name].weight
-                scalars = c.entity_weights[t.name] if t.compressed and method == "memcom" else None
+                scalars = c.entity_weights.flat(t.name) if t.compressed and method == "memcom" else None
                 out.append(TableExport(
                     t.name, list(cfg.feature_names), method if t.compressed else "none",
                     t.num_embeddings, w, hash=t.hash, scalars=scalars,

@@ -219,6 +219,9 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
     tail / sizes: for the heuristic: the rarest ids may share a MEmCom tier; the tier dims to use
         (any multiples of 4 up to the dim, BET's candidate set; default: 4, 8, 16, ... doubling,
         and the dim: ``budget.space.size_ladder``).
+    scalars: the per-entity scalars of MEmCom tiers: a ``MEmComConfig``'s ``init_weight``,
+        ``scalar_lr``, ``scalar_lr_scale`` and ``scalar_eps`` as a dict (default: init 1, the
+        tier table's lr and eps).
 
     Construction fails unless the allocation fits the budget. State dict:
     ``embedding_bags.T@tier<j>.weight`` (rows of tier ``j`` by rank within the tier),
@@ -238,9 +241,11 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         optimizer: Optional[str] = None,
         tail: bool = False,
         sizes: Optional[Sequence[int]] = None,
+        scalars: Optional[Mapping[str, Any]] = None,
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
+        scalar_settings = scalar_params(scalars or {})
         self._num_embeddings = feature_sizes(tables)  # each feature reads one table
         for t in tables:
             if t.pooling != PoolingType.SUM:
@@ -294,7 +299,7 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
                     )
                 )
                 if tier.hash_rows is not None:
-                    memcom[tier_key(t.name, j)] = MEmComConfig(num_hash_rows=tier.hash_rows)
+                    memcom[tier_key(t.name, j)] = MEmComConfig(num_hash_rows=tier.hash_rows, **scalar_settings)
         tiers = MEmComEmbeddingBagCollection(tier_configs, memcom, device=device)
         object.__setattr__(self, "_tiers", tiers)
         self.embedding_bags = tiers.embedding_bags
@@ -321,6 +326,10 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
     def tier_collection(self) -> MEmComEmbeddingBagCollection:
         """The tier tables as a MEmComEmbeddingBagCollection sharing this module's parameters."""
         return self._tiers  # type: ignore[return-value]
+
+    def scalar_tables(self) -> List[Any]:
+        """The tier tables with per-entity scalars (MEmCom tails)."""
+        return self.tier_collection.scalar_tables()
 
     def ranks(self) -> Dict[str, torch.Tensor]:
         """Rank of every id of each remapped table (held on the host for a meta module)."""
@@ -358,8 +367,19 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         return budgeted_cost(self.tables, self.budget_limit, self.budget.optimizer)
 
 
+# The settings of MEmCom tiers' per-entity scalars a budgeted collection takes.
+SCALAR_PARAMS = ("init_weight", "scalar_lr", "scalar_lr_scale", "scalar_eps")
 # Parameters of `compress()`'s "budgeted" method (the same for every table of a collection).
-BUILD_PARAMS = ("allocation", "budget_bytes", "budget_ratio", "optimizer", "tail", "sizes", "frequencies")
+BUILD_PARAMS = ("allocation", "budget_bytes", "budget_ratio", "optimizer", "tail", "sizes", "frequencies", *SCALAR_PARAMS)
+
+
+def scalar_params(scalars: Mapping[str, Any]) -> Dict[str, Any]:
+    """The scalar settings of MEmCom tiers, checked by ``MEmComConfig`` (errors name the key)."""
+    unknown = sorted(set(scalars) - set(SCALAR_PARAMS))
+    if unknown:
+        raise ValueError(f"budgeted scalars: unknown key {unknown[0]!r} (known: {list(SCALAR_PARAMS)})")
+    MEmComConfig(num_hash_rows=1, **scalars)
+    return dict(scalars)
 
 
 def collection_params(params: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
@@ -387,7 +407,9 @@ def build_budgeted(
     ``optimizer`` (default: the budget the allocation file records; when set, it must be the
     training's sparse optimizer, which sharding checks), ``frequencies`` (per table or per
     feature, the count of each id, as ``BudgetedEmbeddingBagCollection`` takes them; or a data
-    folder; default: the folder the allocation was made on), ``tail`` and ``sizes`` (heuristic).
+    folder; default: the folder the allocation was made on), ``tail`` and ``sizes`` (heuristic),
+    and the MEmCom tail's scalar settings ``init_weight``, ``scalar_lr``, ``scalar_lr_scale``,
+    ``scalar_eps``.
     """
     p = collection_params(params)
     allocation = Allocation.load(p["allocation"]) if "allocation" in p else None
@@ -424,5 +446,6 @@ def build_budgeted(
         optimizer=budget.get("optimizer"),
         tail=bool(p.get("tail", False)),
         sizes=p.get("sizes"),
+        scalars={k: p[k] for k in SCALAR_PARAMS if k in p},
         device=device,
     )

@@ -6,6 +6,16 @@ from typing import Optional
 HASHES = ("mod", "mix")
 
 
+@dataclass(frozen=True)
+class ScalarRule:
+    """How the per-entity scalars of a table are updated: SGD, or Adagrad (for one scalar per
+    row, row-wise and exact Adagrad are the same update), at ``lr`` with Adagrad's ``eps``."""
+
+    adagrad: bool
+    lr: float
+    eps: float
+
+
 @dataclass
 class MEmComConfig:
     """Compression spec of a MEmCom table (Pansare et al., MLSys 2022).
@@ -18,6 +28,14 @@ class MEmComConfig:
         mod, for ids with structure such as multiples of ``m``).
     init_weight: initial value of every per-entity scalar.
     min_rows: tables with fewer than this many rows stay uncompressed.
+    scalar_lr / scalar_lr_scale: learning rate of the scalars, absolute or as a multiple of
+        the table's (at most one; default: the table's). The scalars follow the table's
+        optimizer (SGD or Adagrad) with this lr.
+    scalar_eps: Adagrad ``eps`` of the scalars (default: the table's).
+
+    Example::
+
+        MEmComConfig(ratio=16, scalar_lr_scale=10.0)  # scalars at 10x the table's lr
     """
 
     ratio: Optional[float] = None
@@ -25,6 +43,9 @@ class MEmComConfig:
     hash: str = "mod"
     init_weight: float = 1.0
     min_rows: int = 0
+    scalar_lr: Optional[float] = None
+    scalar_lr_scale: Optional[float] = None
+    scalar_eps: Optional[float] = None
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.num_hash_rows is None):
@@ -37,6 +58,18 @@ class MEmComConfig:
             raise ValueError(f"MEmComConfig.hash must be one of {HASHES}, got {self.hash!r}")
         if self.min_rows < 0:
             raise ValueError(f"MEmComConfig.min_rows must be >= 0, got {self.min_rows}")
+        if self.scalar_lr is not None and self.scalar_lr_scale is not None:
+            raise ValueError("MEmComConfig takes at most one of `scalar_lr` or `scalar_lr_scale`")
+        for key in ("scalar_lr", "scalar_lr_scale", "scalar_eps"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"MEmComConfig.{key} must be > 0, got {value}")
+
+    def scalar_rule(self, adagrad: bool, table_lr: float, table_eps: float) -> ScalarRule:
+        """The scalars' update given the table's optimizer kind, lr and eps."""
+        lr = self.scalar_lr if self.scalar_lr is not None else table_lr * (self.scalar_lr_scale or 1.0)
+        eps = self.scalar_eps if self.scalar_eps is not None else table_eps
+        return ScalarRule(adagrad, lr, eps)
 
     def compresses(self, num_embeddings: int) -> bool:
         """Whether a table of this many rows is compressed (``min_rows`` leaves small ones)."""

@@ -1,7 +1,7 @@
 """`MEmComEmbeddingBagCollection`: an EmbeddingBagCollection whose tables are MEmCom-compressed."""
 
 import dataclasses
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,7 @@ from torchrec.modules.embedding_modules import (
     EmbeddingBagCollection,
     get_embedding_names_by_table,
 )
+from torchrec.optim import SGD as TorchRecSGD, Adagrad as TorchRecAdagrad, RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
@@ -22,7 +23,7 @@ from torchrec_memcom.modules.collection_checks import (
     table_specs,
 )
 from torchrec_memcom.modules.hashing import slots
-from torchrec_memcom.modules.memcom_config import MEmComConfig, compression_ratio
+from torchrec_memcom.modules.memcom_config import MEmComConfig, ScalarRule, compression_ratio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,75 @@ class MEmComTable:
     def num_slot_blocks(self) -> int:
         """``K = ceil(n / m)``: slot ``s`` is ``k * m + row`` with ``k < K``."""
         return -(-self.num_embeddings // self.hash_rows)
+
+
+# Optimizer classes whose rule the per-entity scalars take (one scalar per row: row-wise Adagrad
+# is Adagrad), and whether that rule is Adagrad.
+SCALAR_OPTIMIZERS = {
+    torch.optim.SGD: False, TorchRecSGD: False,
+    torch.optim.Adagrad: True, TorchRecAdagrad: True, RowWiseAdagrad: True,
+}
+# Options the scalars' update does not implement, with the value that makes them no-ops: a table
+# configured otherwise is refused rather than its scalars trained differently from its rows.
+NEUTRAL_OPTIONS = {
+    "weight_decay": 0.0, "momentum": 0.0, "lr_decay": 0.0, "initial_accumulator_value": 0.0,
+    "nesterov": False, "maximize": False, "dampening": 0.0,
+}
+
+
+class EntityWeights(nn.ParameterDict):
+    """The per-entity scalars of each compressed table: ``(n, 1)`` parameters, one row per entity,
+    so that row-wise optimizers (TorchRec's ``RowWiseAdagrad`` over a model's sparse parameters)
+    take them as they take table rows; the state dict shows each as ``(n,)``, indexed by slot."""
+
+    def __init__(self, scalars: Dict[str, torch.Tensor]) -> None:
+        super().__init__({name: nn.Parameter(w.reshape(-1, 1)) for name, w in scalars.items()})
+        self._register_state_dict_hook(_flatten_scalars)
+        self._register_load_state_dict_pre_hook(_column_scalars)
+
+    def flat(self, name: str) -> torch.Tensor:
+        """Table ``name``'s scalars as an ``(n,)`` view."""
+        return self[name].view(-1)
+
+
+def _flatten_scalars(module: nn.Module, state: Dict[str, Any], prefix: str, _meta: Any) -> None:
+    for name in module._parameters:
+        if prefix + name in state:
+            state[prefix + name] = state[prefix + name].view(-1)
+
+
+def _column_scalars(state: Dict[str, Any], prefix: str, *_args: Any) -> None:
+    for key, value in list(state.items()):
+        if key.startswith(prefix) and "." not in key[len(prefix):] and value.dim() == 1:
+            state[key] = value.reshape(-1, 1)
+
+
+def scalar_rule(table: str, optimizer: torch.optim.Optimizer, spec: MEmComConfig) -> ScalarRule:
+    """The update of a table's scalars given ``optimizer``, the table's: SGD or Adagrad at the
+    lr and eps ``spec`` resolves; other optimizers, or options the update lacks, are refused."""
+    adagrad = SCALAR_OPTIMIZERS.get(type(optimizer))
+    if adagrad is None:
+        raise ValueError(
+            f"table {table!r}: MEmCom per-entity scalars follow the table's optimizer, which must be "
+            f"SGD, Adagrad or RowWiseAdagrad; got {type(optimizer).__name__} (attach one of those "
+            f"with apply_optimizer_in_backward)"
+        )
+    group = optimizer.param_groups[0]
+    odd = {k: group[k] for k, v in NEUTRAL_OPTIONS.items() if k in group and group[k] != v}
+    if odd:
+        raise ValueError(
+            f"table {table!r}: the update of MEmCom per-entity scalars implements plain SGD/Adagrad "
+            f"(lr, eps) only; unsupported optimizer options {odd}"
+        )
+    return spec.scalar_rule(adagrad, float(group["lr"]), float(group.get("eps", 1e-10)))
+
+
+def scalar_optimizer(table: str, optimizer: torch.optim.Optimizer, spec: MEmComConfig, scalars: nn.Parameter) -> torch.optim.Optimizer:
+    """The in-backward optimizer of a table's scalars that follows ``optimizer``, the table's."""
+    rule = scalar_rule(table, optimizer, spec)
+    if rule.adagrad:
+        return torch.optim.Adagrad([scalars], lr=rule.lr, eps=rule.eps)
+    return torch.optim.SGD([scalars], lr=rule.lr)
 
 
 def plan_tables(
@@ -107,17 +177,17 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
             if t.compressed
         }
         self._init_weight = {name: spec.init_weight for name, spec in init_weights.items()}
+        # per compressed table: its init and the settings of its scalars' optimizer
+        self.scalar_configs: Dict[str, MEmComConfig] = init_weights  # type: ignore[assignment]
         # The shared tables, as a stock weighted EBC would hold them: `embedding_bags.T.weight`.
         self.embedding_bags = EmbeddingBagCollection(
             self.hashed_configs(), is_weighted=True, device=device
         ).embedding_bags
         device = device or next(iter(self.embedding_bags.parameters())).device
         self._device = torch.device(device)
-        self.entity_weights = nn.ParameterDict(
+        self.entity_weights = EntityWeights(
             {
-                t.name: nn.Parameter(
-                    torch.full((t.num_embeddings,), self._init_weight[t.name], device=device)
-                )
+                t.name: torch.full((t.num_embeddings,), self._init_weight[t.name], device=device)
                 for t in self.tables
                 if t.compressed
             }
@@ -125,6 +195,10 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
         self._embedding_names = [n for names in get_embedding_names_by_table(tables) for n in names]
         self._dims = [t.embedding_dim for t in tables for _ in t.feature_names]
         self._num_embeddings = feature_sizes(tables)
+
+    def scalar_tables(self) -> List[MEmComTable]:
+        """The tables with per-entity scalars (the compressed ones)."""
+        return [t for t in self.tables if t.compressed]
 
     def hashed_configs(self) -> List[EmbeddingBagConfig]:
         """The configs of the shared tables (``m`` rows) as a stock EBC would take them."""
@@ -135,7 +209,27 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
             for cfg, t in zip(self._embedding_bag_configs, self.tables)
         ]
 
+    def adopt_table_optimizers(self) -> None:
+        """Scalars given in-backward optimizers (``apply_optimizer_in_backward`` over the model's
+        sparse parameters, TorchRec's pattern) take their table's rule instead, as sharded.
+
+        Their hook steps whatever ``_in_backward_optimizers`` holds, so swapping its entries is
+        enough; a RowWiseAdagrad on the 1-D scalars would fail, and an lr other than the
+        resolved one would train them differently from the sharded module.
+        """
+        for name, w in self.entity_weights.items():
+            attached = getattr(w, "_in_backward_optimizers", None)
+            if not attached or getattr(w, "_memcom_rule", None) is attached[0]:
+                continue
+            table = getattr(self.embedding_bags[name].weight, "_in_backward_optimizers", None)
+            rule = scalar_optimizer(name, (table or attached)[0], self.scalar_configs[name], w)
+            attached[:] = [rule]
+            w._optimizer_classes[:] = [type(rule)]  # type: ignore[attr-defined]
+            w._optimizer_kwargs[:] = [{k: rule.defaults[k] for k in ("lr", "eps") if k in rule.defaults}]  # type: ignore[attr-defined]
+            w._memcom_rule = rule  # type: ignore[attr-defined]
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        self.adopt_table_optimizers()
         check_unweighted(features, "MEmCom")
         check_ids(features, self._num_embeddings)
         feature_dict = features.to_dict()
@@ -148,7 +242,7 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
                 if t.compressed:
                     s = slots(ids, t.num_embeddings, t.hash)
                     # in the table's dtype (fp16 tables: F.embedding_bag takes one dtype)
-                    weights = self.entity_weights[t.name][s].to(bag.weight.dtype)
+                    weights = self.entity_weights.flat(t.name)[s].to(bag.weight.dtype)
                     ids = s % t.hash_rows
                 pooled.append(
                     F.embedding_bag(

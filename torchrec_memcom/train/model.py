@@ -12,7 +12,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from torchrec_memcom.compression import compress
+from torchrec_memcom.compression import compress, table_parameters
 from torchrec_memcom.data.schema import CAT_NAMES, INT_NAMES
 from torchrec_memcom.train.config import RunConfig
 
@@ -58,19 +58,10 @@ def build_model(
     model, sharders = compress(DLRMTrain(dlrm), config.embeddings.compression)
     sparse = config.optimizer.sparse
     kwargs = {"lr": sparse.lr} if sparse.type == "sgd" else {"lr": sparse.lr, "eps": sparse.eps}
-    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sparse.type], _table_weights(model, sharders), kwargs)
+    # the tables' parameters (per-entity scalars take their table's rule; not the dense projections)
+    table_params = [p for params in table_parameters(model).values() for _, p in params]
+    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[sparse.type], table_params, kwargs)
     return model, sharders
-
-
-def _table_weights(model: nn.Module, sharders: List[ModuleSharder]) -> List[nn.Parameter]:
-    """The weights the sharders put on FBGEMM tables, whose optimizer FBGEMM fuses."""
-    by_type = {s.module_type: s for s in sharders}
-    return [
-        p
-        for m in model.modules()
-        if type(m) in by_type
-        for p in by_type[type(m)].shardable_parameters(m).values()
-    ]
 
 
 def embedding_bytes(collection: nn.Module, tables: List[str]) -> Dict[str, int]:
