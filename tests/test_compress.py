@@ -145,7 +145,7 @@ def test_fp16_tables_run_unsharded() -> None:
     for cfg, t in zip(tables, ebc.tables):
         w = ebc.embedding_bags[t.name].weight.float()
         jt = kjt.to_dict()[cfg.feature_names[0]]
-        s = ebc.entity_weights[t.name][jt.values()].half().float()
+        s = ebc.entity_weights.flat(t.name)[jt.values()].half().float()
         expected = torch.stack([(w[i % 20] * s[o:e, None]).sum(0) for i, o, e in
                                 [(jt.values()[a:b], a, b) for a, b in zip(jt.offsets()[:-1], jt.offsets()[1:])]])
         torch.testing.assert_close(out[cfg.feature_names[0]], expected, atol=1e-2, rtol=1e-2)
