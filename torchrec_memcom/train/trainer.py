@@ -7,6 +7,7 @@ a checkpoint (when configured) and stops with a ``Stopped`` that names it.
 """
 
 import json
+import logging
 import math
 import os
 import resource
@@ -196,14 +197,16 @@ def train(config: RunConfig, allow_changes: bool = False) -> Dict[str, Any]:
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with warnings.catch_warnings():
-            if dist.get_rank() != 0:  # the ranks' warnings are rank 0's: say them once
+            if dist.get_rank() != 0:  # the ranks' warnings and logged warnings are rank 0's: say them once
                 warnings.simplefilter("ignore")
+                logging.disable(logging.WARNING)
             warnings.filterwarnings("ignore", FBGEMM_AUTOGRAD_WARNING)
             results = _train(config, device, allow_changes, received)
         # every rank's collectives are done before any rank tears its group down and exits
         dist.barrier()
         return results
     finally:
+        logging.disable(logging.NOTSET)
         for s, h in handlers.items():
             signal.signal(s, h)
         if own_group:
