@@ -42,7 +42,7 @@ METHODS = {
     "budgeted": {"method": "budgeted", "params": {"budget_ratio": 3, "tail": True}, "min_rows": 100},
 }
 # 10 steps an epoch at world size 2; the cut at step 12 is mid-epoch, with losses not yet evaluated
-TRAIN = dict(steps=24, checkpoint_every=4, eval_every=8)
+TRAIN = dict(steps=16, checkpoint_every=4, eval_every=8)
 CUT = 12
 WALL_CLOCK = ("examples_per_s", "peak_memory_bytes")
 
@@ -86,12 +86,13 @@ def whole_runs(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Dict[str
     """Every method trained uninterrupted at world size 2 (and a diverging run, which must fail)."""
     root = tmp_path_factory.mktemp("whole")
     configs = {m: write_config(root / m, data, m, **TRAIN) for m in METHODS}
-    diverging = write_config(root / "diverging", data, "none", lr=1e6, steps=30, eval_every=10)
+    diverging = write_config(root / "diverging", data, "none", lr=1e6, steps=10, eval_every=5)
     run_multiprocess(_train_all, 2, [str(c) for c in configs.values()], str(diverging))
-    results = json.loads((root / "diverging" / "run" / "results.json").read_text())
-    # results are valid JSON (json.loads refuses NaN above) and hold only what was evaluated
-    # before the divergence was seen; no checkpoint past it
-    assert all(e["step"] < 30 for e in results["evaluations"])
+    # what was evaluated before the divergence was seen, and no checkpoint past it
+    results = root / "diverging" / "run" / "results.json"
+    assert not results.exists() or all(e["step"] < 10 for e in json.loads(results.read_text())["evaluations"])
+    saved = latest_checkpoint(root / "diverging" / "ckpt")
+    assert saved is None or saved.name != "step_10"
     return {m: c.parent for m, c in configs.items()}
 
 
@@ -139,13 +140,13 @@ def test_every_composition_resumes_as_uninterrupted(
     run_multiprocess(_resume_all, 2, [str(c) for c in configs])
     for method, whole in whole_runs.items():
         cut = tmp_path / method
-        a = _flat(whole / "ckpt" / "step_24", tmp_path / f"{method}_a.pt")
-        b = _flat(cut / "ckpt" / "step_24", tmp_path / f"{method}_b.pt")
+        a = _flat(whole / "ckpt" / "step_16", tmp_path / f"{method}_a.pt")
+        b = _flat(cut / "ckpt" / "step_16", tmp_path / f"{method}_b.pt")
         assert a.keys() == b.keys() and any("optimizer" in k for k in a), method
         for key in a:
             assert torch.equal(a[key], b[key]), (method, key)
         ra, rb = (json.loads((f / "run" / "results.json").read_text()) for f in (whole, cut))
-        assert [e["step"] for e in ra["evaluations"]] == [8, 16, 24]
+        assert [e["step"] for e in ra["evaluations"]] == [8, 16]
         assert _without_wall_clock(ra) == _without_wall_clock(rb), method
 
 
@@ -200,9 +201,9 @@ def test_sigterm_stops_the_whole_job_saves_and_resumes(tmp_path: Path, data: Pat
     text = log.read_text()
     assert not [p for p in ranks if Path(f"/proc/{p}").exists()], "a rank outlived the job"
     stopped = latest_checkpoint(tmp_path / "job" / "ckpt")
-    assert stopped is not None and stopped.name != "step_24", "the job finished before it was stopped"
+    assert stopped is not None and stopped.name != "step_16", "the job finished before it was stopped"
     step = int(stopped.name.split("_")[1])
-    assert f"memcom train: stopped by SIGTERM at step {step} of 24; saved {stopped}" in text
+    assert f"memcom train: stopped by SIGTERM at step {step} of 16; saved {stopped}" in text
     assert "Traceback" not in text
     # what happened, said once: the plan per table, where results and checkpoints go
     assert text.count("results: ") == 1 and text.count(f"checkpoints: {tmp_path / 'job' / 'ckpt'}") == 1
@@ -210,11 +211,20 @@ def test_sigterm_stops_the_whole_job_saves_and_resumes(tmp_path: Path, data: Pat
                for line in text.splitlines())
     assert text.count("is_fx_tracing will return true") <= 1
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
-    a = _flat(whole_runs["memcom"] / "ckpt" / "step_24", tmp_path / "a.pt")
-    b = _flat(tmp_path / "job" / "ckpt" / "step_24", tmp_path / "b.pt")
+    a = _flat(whole_runs["memcom"] / "ckpt" / "step_16", tmp_path / "a.pt")
+    b = _flat(tmp_path / "job" / "ckpt" / "step_16", tmp_path / "b.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((f / "run" / "results.json").read_text()) for f in (whole_runs["memcom"], tmp_path / "job"))
     assert _without_wall_clock(ra) == _without_wall_clock(rb)
+
+
+def test_results_files_are_valid_json(tmp_path: Path, data: Path) -> None:
+    from torchrec_memcom.train.trainer import _write_results
+
+    config = load_config(write_config(tmp_path, data))
+    _write_results(tmp_path / "run", config, [{"step": 1, "auc": float("nan"), "logloss": float("inf")}], 2)
+    text = (tmp_path / "run" / "results.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))["auc"] is None
 
 
 @pytest.fixture
@@ -360,7 +370,7 @@ def test_export_of_a_corrupt_checkpoint_is_one_line(
 ) -> None:
     """DCP's CheckpointException derives from BaseException: it must still end as one line."""
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(whole_runs["hash"] / "ckpt" / "step_24", ckpt)
+    shutil.copytree(whole_runs["hash"] / "ckpt" / "step_16", ckpt)
     (ckpt / ".metadata").write_bytes(b"not a pickle")
     assert memcom_main(["export", str(ckpt), "--out", str(tmp_path / "m.pt"), "--no-check"]) == 1
     err = capsys.readouterr().err

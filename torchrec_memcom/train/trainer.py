@@ -165,15 +165,15 @@ def _base_rate_loss(p: float) -> float:
 
 def plan_table(plan: ShardingPlan, table_bytes: Dict[str, int]) -> str:
     """The sharding plan, one line per sharded parameter: type, kernel, ranks and its table's bytes."""
-    lines = [f"{'module':<42}{'parameter':<22}{'sharding':<14}{'kernel':<16}{'ranks':<10}{'bytes':>14}"]
+    rows = [("module", "parameter", "sharding", "kernel", "ranks", "bytes")]
     for module, params in plan.plan.items():
         for name, ps in params.items():  # type: ignore[union-attr]
             table = next((t for t in table_bytes if name == t or name.startswith(f"{t}.")), None)
-            ranks = ",".join(map(str, ps.ranks or [])) or "all"
-            size = f"{table_bytes[table]:,}" if table else "-"
-            lines.append(f"{module or '(root)':<42}{name:<22}{ps.sharding_type:<14}{ps.compute_kernel:<16}"
-                         f"{ranks:<10}{size:>14}")
-    return "\n".join(lines)
+            rows.append((module or "(root)", name, ps.sharding_type, ps.compute_kernel,
+                         ",".join(map(str, ps.ranks or [])) or "all", f"{table_bytes[table]:,}" if table else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
 
 
 def train(config: RunConfig, allow_changes: bool = False) -> Dict[str, Any]:
@@ -405,7 +405,8 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
         }
         history.append(record)
         if rank == 0:
-            print(json.dumps({k: v for k, v in record.items() if k != "embedding_bytes_per_table"}), flush=True)
+            print(json.dumps(_json_safe({k: v for k, v in record.items() if k != "embedding_bytes_per_table"})),
+                  flush=True)
             _write_results(run_dir, config, history, world)
 
     def save() -> None:
