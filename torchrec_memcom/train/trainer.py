@@ -40,8 +40,9 @@ from torchrec_memcom.train.config import RunConfig, as_dict
 from torchrec_memcom.train.model import build_model, embedding_bytes, table_configs
 
 DENSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}
-# Config keys a resume may change without --allow-changes: where things are written
-PATH_KEYS = ("train.run_dir", "train.checkpoint_dir")
+# Config keys a resume may change without --allow-changes: where things are (the data itself
+# is compared by its manifest)
+PATH_KEYS = ("train.run_dir", "train.checkpoint_dir", "data.path")
 # Divergence (docs/training.md): checked every CHECK_EVERY steps and before every evaluation
 # and save; a window's mean loss above max(2 H(base rate), LOSS_FLOOR) nats fails the run
 CHECK_EVERY = 50
