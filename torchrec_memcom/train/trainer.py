@@ -43,8 +43,9 @@ DENSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "ada
 # Config keys a resume may change without --allow-changes: where things are (the data itself
 # is compared by its manifest)
 PATH_KEYS = ("train.run_dir", "train.checkpoint_dir", "data.path")
-# Divergence (docs/training.md): checked every CHECK_EVERY steps and before every evaluation
-# and save; a window's mean loss above max(2 H(base rate), LOSS_FLOOR) nats fails the run
+# Divergence (docs/training.md): A, a non-finite loss, checked every CHECK_EVERY steps and before
+# every evaluation and save; B, past the first CHECK_EVERY steps (the warm-up), the mean training
+# loss of a window of at least CHECK_EVERY steps above loss_limit(its base rate): each fails the run
 CHECK_EVERY = 50
 LOSS_FLOOR = 1.0
 # FBGEMM warns for data-parallel tables that "an autograd kernel was not registered" for its
@@ -162,6 +163,12 @@ def _base_rate_loss(p: float) -> float:
     """Log loss of always predicting the base rate ``p`` (its binary entropy, in nats)."""
     p = min(max(p, 1e-7), 1 - 1e-7)
     return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+def loss_limit(base_rate: float) -> float:
+    """The mean training loss above which a window counts as diverging: twice the loss of
+    predicting the base rate, and at least LOSS_FLOOR nats (an untrained DLRM starts near ln 2)."""
+    return max(2 * _base_rate_loss(base_rate), LOSS_FLOOR)
 
 
 def plan_table(plan: ShardingPlan, table_bytes: Dict[str, int]) -> str:
@@ -353,32 +360,36 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
     window = torch.zeros(4, dtype=torch.float64, device=device)
     first_bad = torch.full((1,), -1.0, dtype=torch.float64, device=device)
 
-    def check_divergence(final: bool) -> None:
+    lrs = f"optimizer.sparse.lr={config.optimizer.sparse.lr}, optimizer.dense.lr={config.optimizer.dense.lr}"
+
+    def too_high(what: str, loss: float, base: float) -> None:
+        """Rule B: past the warm-up, a mean loss above loss_limit(base) stops the run."""
+        limit = loss_limit(base)
+        if progress["step"] > CHECK_EVERY and loss > limit:
+            raise DivergedError(
+                f"training diverged by step {progress['step']}: the {what} is {loss:.3f}, "
+                f"above {limit:.3f} (the larger of twice the {_base_rate_loss(base):.3f} of predicting the base "
+                f"rate {base:.3f}, and {LOSS_FLOOR}); likely cause: a learning rate too high ({lrs})"
+            )
+
+    def check_divergence() -> None:
         stats = torch.cat([window, first_bad]).cpu()
         stats[4] = stats[4] if stats[4] >= 0 else math.inf
         sums, bad = stats[:4].clone(), stats[4:].clone()
         dist.all_reduce(sums, group=control)
         dist.all_reduce(bad, op=dist.ReduceOp.MIN, group=control)
-        lrs = f"optimizer.sparse.lr={config.optimizer.sparse.lr}, optimizer.dense.lr={config.optimizer.dense.lr}"
-        if math.isfinite(bad):
+        if math.isfinite(bad):  # rule A
             raise DivergedError(
                 f"training diverged at step {int(bad)}: the loss is not finite; likely cause: a learning "
                 f"rate too high for this model ({lrs}); the last checkpoint holds finite weights"
             )
         steps = int(sums[3]) // world
-        if steps == 0 or (steps < CHECK_EVERY and not final):
+        if steps < CHECK_EVERY:  # short windows add up to the next check
             return
-        mean, base = float(sums[0] / (steps * world)), float(sums[1] / sums[2])
-        limit = max(2 * _base_rate_loss(base), LOSS_FLOOR)
-        if mean > limit:
-            first = progress["step"] - steps + 1
-            raise DivergedError(
-                f"training diverged by step {progress['step']}: the mean loss over steps {first}-"
-                f"{progress['step']} is {mean:.3f}, above {limit:.3f} (max of twice the {_base_rate_loss(base):.3f} "
-                f"of predicting the base rate {base:.3f}, and {LOSS_FLOOR}); likely cause: a learning "
-                f"rate too high ({lrs})"
-            )
         window.zero_()
+        first = progress["step"] - steps + 1
+        too_high(f"mean training loss over steps {first}-{progress['step']}", float(sums[0] / (steps * world)),
+                 float(sums[1] / sums[2]))
 
     def evaluate() -> None:
         sums = loss_sum.clone()
@@ -465,7 +476,7 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
                     train_seconds += time.perf_counter() - start
                     examples += done * cfg.batch_size * world
                     start, done = time.perf_counter(), 0
-                    check_divergence(False)
+                    check_divergence()
             train_seconds += time.perf_counter() - start
             examples += done * cfg.batch_size * world
             progress["step"] += done
@@ -473,7 +484,7 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
             if progress["batch"] >= len(train_data):
                 progress["epoch"] += 1
                 progress["batch"] = 0
-            check_divergence(progress["step"] == total_steps)  # never evaluate or save a diverged model
+            check_divergence()  # never evaluate or save a model with a non-finite loss
             if stopped or progress["step"] == total_steps:  # evaluated and saved once, below
                 break
             if cfg.eval_every and progress["step"] % cfg.eval_every == 0:
