@@ -7,6 +7,7 @@ diverging config), the next resumes each from a mid-run checkpoint copied as a k
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from torchrec_memcom.data.schema import CAT_NAMES
 from torchrec_memcom.train.checkpoint import (
     CHECKSUMS, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint,
 )
-from torchrec_memcom.train.config import RunConfig, load_config
+from torchrec_memcom.train.config import load_config
 from torchrec_memcom.train.trainer import (
     DataError, DivergedError, _check_resume, _check_sizes, _checked,
 )
@@ -430,7 +431,7 @@ def _data_parallel_grads(rank: int, world: int) -> None:
         warnings.simplefilter("always")
         out = model(mine)
         (out.values() * weights[rank * 3: rank * 3 + 3]).sum().backward()
-    assert any(__import__("re").match(FBGEMM_AUTOGRAD_WARNING, str(w.message)) for w in caught)
+    assert any(re.match(FBGEMM_AUTOGRAD_WARNING, str(w.message)) for w in caught)
     ref = reference(full)
     (ref.values() * weights).sum().div(world).backward()  # DDP averages the ranks' gradients
     params = dict(model.named_parameters())

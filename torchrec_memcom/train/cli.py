@@ -6,7 +6,6 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import List
 
 # The repository's configs/, beside the package of an editable install (install.sh's).
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
