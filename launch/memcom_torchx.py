@@ -35,6 +35,7 @@ def train(
     memMB: int = 8192,
     torchrun: str = _venv_torchrun(),
     max_retries: int = 0,
+    allow_changes: bool = False,
 ) -> specs.AppDef:
     """DLRM training with compressed tables on ``nnodes`` x ``nproc`` workers.
 
@@ -50,10 +51,12 @@ def train(
         torchrun: the torchrun launcher to use: by default the one beside this Python (the
             venv's); give the image's (e.g. ``torchrun``) on container schedulers
         max_retries: scheduler retries of a failed job (it resumes from its latest checkpoint)
+        allow_changes: resume a checkpoint trained with another config or data (refused by default)
     """
     app = dist.ddp(
         "--config",
         config,
+        *(["--allow-changes"] if allow_changes else []),
         m="torchrec_memcom.train.main",
         image=image,
         name=name,

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
+import torch.distributed as dist
 import yaml
 from conftest import REPO, small_tables
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -42,6 +42,7 @@ from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagC
 from torchrec_memcom.modules.memcom_config import MEmComConfig
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
 from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
+from torchrec_memcom.train.checkpoint import DATA, PROGRESS, save_checkpoint
 from torchrec_memcom.train.cli import launch
 from torchrec_memcom.train.config import as_dict, load_config
 from torchrec_memcom.train.model import build_model
@@ -367,7 +368,7 @@ def test_mod_id_map_and_dense_match_the_converter_on_real_criteo(
 
 
 def _random_checkpoint(tmp: Path, data: Path, compression: Dict[str, Any], arch: str) -> Path:
-    """A checkpoint as memcom train writes it (DCP + config.json), of a randomly filled model."""
+    """A checkpoint as memcom train writes it, of a randomly filled model."""
     config_file = tmp / "config.yaml"
     config_file.write_text(yaml.safe_dump({
         "data": {"path": str(data)},
@@ -383,11 +384,13 @@ def _random_checkpoint(tmp: Path, data: Path, compression: Dict[str, Any], arch:
         for key, value in model.state_dict().items():
             if "sparse_arch" in key:
                 value.copy_(torch.rand(value.shape, generator=g) * 0.6 + (0.7 if "entity" in key else -0.3))
-    step = tmp / "ckpt" / "step_1"
-    dcp.save({"model": model.state_dict(), "progress": {"step": 1, "epoch": 0, "batch": 1, "world_size": 1}},
-             checkpoint_id=str(step), no_dist=True)
-    (step / "config.json").write_text(json.dumps(as_dict(config)))
-    return step
+    progress = {"step": 1, "epoch": 0, "batch": 1, "world_size": 1}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:  # as memcom train writes it: shards, records and checksums
+        return save_checkpoint(tmp / "ckpt", 1, {"model": model.state_dict()}, as_dict(config),
+                               {PROGRESS: progress, DATA: manifest})
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,9 @@ def _convert(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from .synth import synthesize, write_synthetic_tsv
 
+    for flag, value in (("--rows", args.rows), ("--rows-per-shard", args.rows_per_shard)):
+        if value < 1:
+            raise ValueError(f"{flag}: must be >= 1, got {value}")
     options = dict(max_cardinality=args.max_cardinality, zipf_exponent=args.zipf_exponent,
                    base_ctr=args.base_ctr, progress=not args.quiet)
     if args.format == "tsv":
@@ -85,6 +88,8 @@ def _guarded(command: Any) -> Any:
         try:
             return command(args)
         except (ValueError, OSError, EOFError) as e:
+            if getattr(args, "debug", False):
+                raise
             print(f"memcom data {args.data_command}: error: {e}", file=sys.stderr)
             return 1
 

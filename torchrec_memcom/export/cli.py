@@ -62,6 +62,8 @@ def _guarded(name: str, command: Callable[[argparse.Namespace], int]) -> Callabl
             print(f"memcom {name}: error: {e}", file=sys.stderr)
             return 1
         except (ValueError, FileNotFoundError, RuntimeError) as e:
+            if getattr(args, "debug", False):
+                raise
             print(f"memcom {name}: error: {e}", file=sys.stderr)
             return 1
 

@@ -18,7 +18,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec.models.dlrm import InteractionArch, InteractionDCNArch
 
@@ -34,7 +33,9 @@ from torchrec_memcom.export.inference import (
     load_model,
 )
 from torchrec_memcom.export.tables import AnyTable, ExportError, TableExport, build_embeddings, collect_tables
-from torchrec_memcom.train.checkpoint import CONFIG, latest_checkpoint
+from torchrec_memcom.train.checkpoint import (
+    CONFIG, PROGRESS, CheckpointError, latest_checkpoint, load_checkpoint, read_record,
+)
 from torchrec_memcom.train.config import RunConfig, load_config
 from torchrec_memcom.train.model import build_model
 
@@ -106,27 +107,20 @@ class TrainedModel:
         if unsaved:
             raise ExportError(f"the embedding collection's buffers {unsaved} are not checkpointed")
         sparse.to_empty(device=torch.device("cpu"))
-        state: Dict[str, Any] = {"model": train.state_dict(), "progress": {"step": 0, "world_size": 0}}
-        try:
+        state: Dict[str, Any] = {"model": train.state_dict()}
+        try:  # checksums verified first; weights only (no pickle code runs)
             with warnings.catch_warnings():  # "no process group: loading in a single process", as meant
                 warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-                dcp.load(state, checkpoint_id=str(self.path), no_dist=True)
-        except Exception as e:  # DCP wraps every read error; say which checkpoint and model
+                load_checkpoint(self.path, state)
+            self.progress: Dict[str, Any] = read_record(self.path, PROGRESS)
+        except CheckpointError as e:
             raise ExportError(
-                f"{self.path}: cannot read the model the checkpoint's {CONFIG} describes "
-                f"(data folder {self.data_dir}): {e}"
-            ) from e
+                f"{e} (the model its {CONFIG} describes, data folder {self.data_dir})"
+            ) from None
         train.load_state_dict(state["model"])
-        self.progress: Dict[str, int] = state["progress"]
         self.dlrm: nn.Module = train.model.eval()
         # The sharded model's own logits on the first eval rows, if the checkpoint records them.
-        self.probe: Optional[Dict[str, Any]] = None
-        if "progress.probe" in dcp.FileSystemReader(str(self.path)).read_metadata().state_dict_metadata:
-            recorded: Dict[str, Any] = {"progress": {"probe": ""}}
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-                dcp.load(recorded, checkpoint_id=str(self.path), no_dist=True)
-            self.probe = json.loads(recorded["progress"]["probe"]) or None
+        self.probe: Optional[Dict[str, Any]] = self.progress.get("probe") or None
 
     @torch.no_grad()
     def predict(self, dense: torch.Tensor, sparse: Any) -> torch.Tensor:
@@ -351,7 +345,7 @@ def compare_probe(exported: torch.jit.ScriptModule, trained: TrainedModel, toler
     for rank, logits in enumerate(probe["logits"]):
         loader = CriteoParquetLoader(
             trained.data_dir, trained.config.data.eval_split, probe["batch_size"], rank=rank,
-            world_size=world, seed=trained.config.train.seed, shuffle=False, drop_last=True,
+            world_size=world, seed=trained.config.train.seed, shuffle=False, drop_last=False,
         )
         loader.set_epoch(0)
         batch = next(iter(loader))

@@ -2,10 +2,10 @@
 
 import argparse
 import json
-import subprocess
-import sys
+import logging
+import os
+import tempfile
 from pathlib import Path
-from typing import List
 
 # The repository's configs/, beside the package of an editable install (install.sh's).
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -15,6 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train DLRM on Criteo data with compressed tables")
     train.add_argument("--config", required=True, help="YAML run config (see configs/)")
     train.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this machine")
+    train.add_argument("--allow-changes", action="store_true",
+                       help="resume a checkpoint trained with another config or data (refused by default)")
     train.set_defaults(func=_train)
     demo = subparsers.add_parser(
         "demo", help="train DLRM uncompressed and with MEmCom on the synthetic default, side by side"
@@ -30,18 +32,57 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=_demo)
 
 
-def launch(config: str, nproc: int) -> int:
-    """Run the per-rank entry point on ``nproc`` local processes with torchrun."""
-    from torchrec_memcom.train.config import load_config
+class JobFailed(Exception):
+    """A rank failed or the job was stopped; ``code`` is the exit status to end with."""
 
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def launch(config: str, nproc: int, allow_changes: bool = False, debug: bool = False) -> int:
+    """Run the per-rank entry point on ``nproc`` local processes with torchrun's launcher, in this
+    process: it forwards SIGTERM / SIGINT to every rank (which saves a checkpoint and stops).
+    Returns 0, or raises ``JobFailed`` with the ranks' errors, each once, as its message."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from torchrec_memcom.train.config import load_config
+    from torchrec_memcom.train.main import ERROR_FILE
+
+    if nproc < 1:
+        raise ValueError(f"--nproc: must be >= 1, got {nproc}")
     load_config(config)  # fail here, once, with a clear message rather than in every rank
-    cmd: List[str] = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                      f"--nproc_per_node={nproc}", "-m", "torchrec_memcom.train.main", "--config", config]
-    return subprocess.call(cmd)
+    flags = [*(["--allow-changes"] if allow_changes else []), *(["--debug"] if debug else [])]
+    args = parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "torchrec_memcom.train.main",
+                       "--config", config, *flags])
+    if not debug:  # torchrun's own records of a failure repeat what the ranks said
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory() as tmp:
+        errors = Path(tmp) / "errors"
+        os.environ[ERROR_FILE] = str(errors)
+        try:
+            run(args)
+            return 0
+        except ChildFailedError as e:
+            codes = [f.exitcode for f in e.failures.values()]
+            code = next((c for c in codes if c > 128), max(codes) if max(codes) > 0 else 1)
+            raise JobFailed(_messages(errors) or f"a rank failed with exit code {codes}", code) from None
+        except SignalException as e:
+            raise JobFailed(_messages(errors) or f"stopped by {e.sigval.name}", 128 + e.sigval) from None
+        finally:
+            os.environ.pop(ERROR_FILE, None)
+
+
+def _messages(errors: Path) -> str:
+    """The ranks' one-line errors, each once, in the order they were written."""
+    lines = errors.read_text().splitlines() if errors.exists() else []
+    return "\n".join(dict.fromkeys(line for line in lines if line))
 
 
 def _train(args: argparse.Namespace) -> int:
-    return launch(args.config, args.nproc)
+    return launch(args.config, args.nproc, args.allow_changes, getattr(args, "debug", False))
 
 
 def _demo_config(path: str, args: argparse.Namespace) -> str:

@@ -1,6 +1,7 @@
 """Training configs: YAML files mapped onto small dataclasses, strictly (errors name the key)."""
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -80,6 +81,11 @@ class EmbeddingsConfig:
             raise ValueError(f"embeddings.compression.tables.{unknown[0]}: no such table (t_cat_0 .. t_cat_25)")
 
 
+def _check_positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):  # `lr: inf` would train to NaN
+        raise ValueError(f"{key}: must be a finite number > 0, got {value}")
+
+
 @dataclasses.dataclass
 class SparseOptimizerConfig:
     """Fused into FBGEMM's backward: sgd, adagrad or rowwise_adagrad."""
@@ -94,8 +100,7 @@ class SparseOptimizerConfig:
                 f"optimizer.sparse.type: expected sgd, adagrad or rowwise_adagrad, got {self.type!r}"
             )
         for key in ("lr", "eps"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"optimizer.sparse.{key}: must be > 0, got {getattr(self, key)}")
+            _check_positive(f"optimizer.sparse.{key}", getattr(self, key))
 
 
 @dataclasses.dataclass
@@ -106,8 +111,7 @@ class DenseOptimizerConfig:
     def __post_init__(self) -> None:
         if self.type not in ("sgd", "adagrad", "adam"):
             raise ValueError(f"optimizer.dense.type: expected sgd, adagrad or adam, got {self.type!r}")
-        if not self.lr > 0:
-            raise ValueError(f"optimizer.dense.lr: must be > 0, got {self.lr}")
+        _check_positive("optimizer.dense.lr", self.lr)
 
 
 @dataclasses.dataclass
