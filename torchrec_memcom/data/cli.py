@@ -43,7 +43,7 @@ def _convert(args: argparse.Namespace) -> int:
         min_count=args.min_count, split=args.split, train_days=days(args.train_days),
         val_days=days(args.val_days), test_days=days(args.test_days),
         rows_per_shard=args.rows_per_shard, on_bad_line=args.on_bad_line,
-        block_size=args.block_size, progress=not args.quiet, overwrite=args.overwrite,
+        block_size=args.block_size, progress=not args.quiet, overwrite=args.overwrite, workers=args.workers,
     )
     print(_summary(manifest, args.out))
     return 0
@@ -124,6 +124,9 @@ def add_parser(subparsers: Any) -> None:
                          help="malformed line: stop naming file and line, or skip and count it")
     convert.add_argument("--block-size", type=int, default=4 << 20, metavar="BYTES",
                          help="CSV reader block size, bounds memory (default 4 MiB)")
+    convert.add_argument("--workers", type=int, default=1, metavar="N",
+                         help="processes converting at once, over files and line ranges of a file; "
+                              "same output for any N (default 1)")
     convert.add_argument("--overwrite", action="store_true",
                          help="discard previous output in DIR instead of resuming or refusing")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
