@@ -65,8 +65,26 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .manifest import load_manifest
+    from pathlib import Path
 
+    from .manifest import MANIFEST, load_manifest
+
+    if not (Path(args.dir) / MANIFEST).exists() and any(Path(args.dir).glob("day_*_labels.npy")):
+        from .torchrec_npy import describe
+
+        info = describe(args.dir)
+        if args.json:
+            print(json.dumps(info, indent=1))
+            return 0
+        rows = sum(info["days"].values())
+        print(f"{args.dir}: TorchRec npy files (data.format torchrec_npy), {len(info['days'])} days, "
+              f"{rows:,} rows, sparse {info['sparse_dtype']}")
+        for split, part in info.get("splits", {}).items():
+            days = part["days"]
+            print(f"  {split:5s} {part['rows']:>12,} rows  days {days[0]}-{days[-1]}"
+                  + (" (half)" if split != "train" else ""))
+        print(f"  ids: {info['ids']}")
+        return 0
     manifest = load_manifest(args.dir)
     if args.json:
         print(json.dumps(manifest, indent=1))
@@ -151,7 +169,7 @@ def add_parser(subparsers: Any) -> None:
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_guarded(_synth))
 
-    info = commands.add_parser("info", help="summarize a data folder's manifest")
+    info = commands.add_parser("info", help="summarize a data folder's manifest, or a folder of TorchRec npy files")
     info.add_argument("dir", metavar="DIR")
     info.add_argument("--json", action="store_true", help="print the whole manifest")
     info.set_defaults(func=_guarded(_info))
