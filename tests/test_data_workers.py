@@ -80,3 +80,40 @@ def test_first_bad_line_reported_and_resume_with_other_workers(sample: Path, tmp
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rows_skipped"] == 2 and manifest["skipped_by_reason"]["bad_label"] == 2
     assert_same_output(tmp_path / "one", out)
+
+
+# --- several hosts: parts, then a merge ------------------------------------------------------
+
+
+def test_parts_then_merge_equal_one_process(sample: Path, tmp_path: Path) -> None:
+    days = day_folder(sample, tmp_path / "days", bad_lines=[10])
+    options = dict(rows_per_shard=700, on_bad_line="skip", progress=False)
+    convert(days, tmp_path / "one", **options)
+    out = tmp_path / "parts"
+    with pytest.raises(TimeoutError, match=r"parts/0/part.json: part 0 of 3 not finished after 0 s"):
+        convert(days, out, merge_parts=3, wait_s=0, **options)
+    for k in range(3):  # hosts may run different numbers of workers
+        part = convert(days, out, part=(k, 3), workers=1 + (k == 1), **options)
+        assert {r["source"] for r in part["shards"]} == {k, k + 3} & {0, 1, 2, 3}
+    convert(days, out, merge_parts=3, workers=2, **options)
+    assert not (out / ".parts").exists()
+    assert_same_output(tmp_path / "one", out)
+    with pytest.raises(ValueError, match="mod mode only"):
+        convert(days, tmp_path / "freq", mode="frequency", part=(0, 2), progress=False)
+
+
+def test_torchx_component_converts_on_two_hosts(sample: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    days = day_folder(sample, tmp_path / "days")
+    convert(days, tmp_path / "one", num_embeddings=1000, rows_per_shard=700, progress=False)
+    torchx = Path(sys.executable).with_name("torchx")
+    run = subprocess.run(
+        [str(torchx), "run", "-s", "local_cwd", "launch/memcom_torchx.py:convert", "--inputs", str(days),
+         "--out", str(tmp_path / "tx"), "--nnodes", "2", "--workers", "1", "--num_embeddings", "1000",
+         "--extra", "--rows-per-shard 700"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_output(tmp_path / "one", tmp_path / "tx")

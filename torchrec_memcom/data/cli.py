@@ -31,6 +31,14 @@ def _summary(manifest: Dict[str, Any], out: str) -> str:
     return "\n".join(lines)
 
 
+def _part(text: str) -> Any:
+    k, sep, n = text.partition("/")
+    try:
+        return int(k), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N (e.g. 0/4), got {text!r}") from None
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .converter import convert
     from .sources import parse_days
@@ -44,7 +52,12 @@ def _convert(args: argparse.Namespace) -> int:
         val_days=days(args.val_days), test_days=days(args.test_days),
         rows_per_shard=args.rows_per_shard, on_bad_line=args.on_bad_line,
         block_size=args.block_size, progress=not args.quiet, overwrite=args.overwrite, workers=args.workers,
+        part=args.part, merge_parts=args.merge_parts, wait_s=args.wait,
     )
+    if args.part is not None:
+        rows = sum(r["rows_written"] for r in manifest["shards"])
+        print(f"{args.out}: part {args.part[0]}/{args.part[1]} done, {rows:,} rows in {len(manifest['shards'])} shards")
+        return 0
     print(_summary(manifest, args.out))
     return 0
 
@@ -145,6 +158,13 @@ def add_parser(subparsers: Any) -> None:
     convert.add_argument("--workers", type=int, default=1, metavar="N",
                          help="processes converting at once, over files and line ranges of a file; "
                               "same output for any N (default 1)")
+    convert.add_argument("--part", type=_part, metavar="K/N",
+                         help="several hosts: convert only inputs K, K+N, ... (mod mode) into DIR/.parts/K")
+    convert.add_argument("--merge-parts", type=int, default=0, metavar="N",
+                         help="several hosts, the last step: wait for parts 0..N-1, then move their shards "
+                              "into place, count ids and write the manifest")
+    convert.add_argument("--wait", type=float, default=24 * 3600.0, metavar="SECONDS",
+                         help="--merge-parts: how long to wait for the parts (default 1 day)")
     convert.add_argument("--overwrite", action="store_true",
                          help="discard previous output in DIR instead of resuming or refusing")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import time
 from bisect import bisect_right
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -44,7 +45,7 @@ from .parse import (
     reason_of_column,
 )
 from .schema import CAT_NAMES, COLUMN_NAMES, INT_NAMES, PARQUET_SCHEMA, SPLITS, kaggle_split
-from .shards import ShardFile, temporary_files
+from .shards import ShardFile, shard_name, temporary_files
 from .sources import (
     CriteoReadError, PathLike, Source, count_lines, discover, is_compressed, line_index, open_at_line, open_stream,
 )
@@ -558,10 +559,11 @@ class _Conversion:
         self.save()
 
     # -- several processes: the shards planned from line counts, converted by a process pool ----
-    def index_lines(self, pool: Any) -> None:
-        """Count every input's lines and index where every `rows_per_shard`-th line starts."""
+    def index_lines(self, pool: Any, sources: Any) -> None:
+        """Count the lines of inputs `sources` (indices) and index where every `rows_per_shard`-th
+        line starts."""
         every = self.config["rows_per_shard"]
-        todo = [s.path for s in self.sources if s.path not in self.state["line_index"]]
+        todo = [self.sources[i].path for i in sorted(sources) if self.sources[i].path not in self.state["line_index"]]
         if todo and self.progress:
             print(f"counting lines of {len(todo)} input file(s)", file=sys.stderr)
         for path, (lines, offsets) in zip(todo, pool.map(line_index, todo, [every] * len(todo))):
@@ -812,6 +814,9 @@ def convert(
     progress: bool = True,
     overwrite: bool = False,
     workers: int = 1,
+    part: Optional[Tuple[int, int]] = None,
+    merge_parts: int = 0,
+    wait_s: float = 24 * 3600.0,
 ) -> Dict[str, Any]:
     """Convert Criteo TSV files into `out_dir/<split>/part-XXXXX.parquet` plus manifest and frequencies.
 
@@ -826,6 +831,10 @@ def convert(
     workers: processes converting at once, over input files and line ranges of each file, each
         with the memory of one (`block_size`, one shard's row group, in frequency mode its id
         counts); the output is the same for any number. Needs a line-counting pass first.
+    part: `(K, N)`: convert only inputs K, K + N, K + 2N, ... (one host's share of the days, mod
+        mode) into `out_dir/.parts/K/`; then `merge_parts=N` (the last step, on one host) waits up
+        to `wait_s` seconds for all N parts, moves their shards into place under the names one
+        process gives them, counts ids and writes the manifest: the same folder as one process.
     Re-running on an unfinished `out_dir` resumes it (with any `workers`); on a finished one with the same inputs and
     options it returns the manifest without work. Returns the manifest.
     """
@@ -860,30 +869,58 @@ def convert(
         "test_days": test_days and list(test_days),
         **({"num_embeddings": sizes} if mode == "mod" else {"min_count": min_count}),
     })
-    with mf.locked(out):
+    if part is not None or merge_parts:
+        if mode == "frequency":
+            raise ValueError("--part/--merge-parts convert in mod mode only: frequency mode needs one id map "
+                             "over all days first (use --workers on one host)")
+        if part is not None and not 0 <= part[0] < part[1]:
+            raise ValueError(f"--part {part[0]}/{part[1]}: expected K/N with 0 <= K < N")
+    if merge_parts:
+        return _merge_parts(out, sources, config, merge_parts, split, (train_days, val_days, test_days),
+                            on_bad_line, block_size, progress, workers, wait_s)
+    work = out if part is None else out / mf.PARTS / str(part[0])
+    owned = set(range(len(sources))) if part is None else {i for i in range(len(sources)) if i % part[1] == part[0]}
+    with mf.locked(work):
         if overwrite:
-            mf.clear(out)
-        if (out / mf.MANIFEST).is_file():
-            existing = mf.load_manifest(out)
+            mf.clear(work)
+        done_file = work / (mf.MANIFEST if part is None else mf.PART)
+        if done_file.is_file():
+            existing = json.loads(done_file.read_text()) if part is not None else mf.load_manifest(out)
             if existing.get("config") == config:
                 return existing
-            raise ValueError(f"{out} already holds converted data from other inputs or options; use --overwrite")
-        job = _Conversion(out, sources, config, on_bad_line, block_size, progress)
+            raise ValueError(f"{work} already holds converted data from other inputs or options; use --overwrite")
+        job = _Conversion(work, sources, config, on_bad_line, block_size, progress)
+
+        def lines_of(source: int) -> int:  # another part's files are that part's to count
+            return job.lines_of(source) if source in owned else 0
+
+        def finish(segments: List[Segment], rule: Dict[str, Any], sizes: Dict[str, int], map_fn: Any) -> Dict[str, Any]:
+            if part is None:
+                return _write_manifest(job, segments, rule, sizes, min_count, map_fn)
+            record = {"config": config, "part": list(part), "rule": rule, "shards": job.state["shards"],
+                      "line_counts": job.state["line_counts"]}
+            mf.write_json_atomic(done_file, record)
+            (work / mf.STATE).unlink()
+            return record
+
+        days = (train_days, val_days, test_days)
         if workers == 1 and not job.state["planned"]:
-            segments, rule = _segments(sources, split, train_days, val_days, test_days, job.lines_of)
+            segments, rule = _segments(sources, split, *days, lines_of)
+            mine = [s for s in segments if s.source in owned]
             if mode == "mod":
                 map_ids, sizes_by_name = _mod_map(sizes), dict(zip(CAT_NAMES, sizes))
             else:
-                vocabs = job.build_vocab(segments, min_count)
+                vocabs = job.build_vocab(mine, min_count)
                 map_ids = _vocab_map(vocabs)
                 sizes_by_name = {n: v.num_embeddings for n, v in zip(CAT_NAMES, vocabs)}
-            job.run(segments, map_ids)
-            return _write_manifest(job, segments, rule, sizes_by_name, min_count, map)
+            job.run(mine, map_ids)
+            return finish(segments, rule, sizes_by_name, map)
         job.state["planned"] = True  # resumed with any number of workers from now on
         with _pool(workers) as (pool, queue):
-            job.index_lines(pool)
-            segments, rule = _segments(sources, split, train_days, val_days, test_days, job.lines_of)
-            plan = _plan(segments, [job.lines_of(i) for i in range(len(sources))], rows_per_shard)
+            job.index_lines(pool, owned)
+            segments, rule = _segments(sources, split, *days, lines_of)
+            mine = [s for s in segments if s.source in owned]
+            plan = _plan(mine, [lines_of(i) for i in range(len(sources))], rows_per_shard)
             if mode == "mod":
                 id_map: Tuple[str, List[int]] = ("mod", sizes)
                 sizes_by_name = dict(zip(CAT_NAMES, sizes))
@@ -892,7 +929,57 @@ def convert(
                 id_map = ("frequency", [])
                 sizes_by_name = {n: v.num_embeddings for n, v in zip(CAT_NAMES, vocabs)}
             job.convert_parallel(pool, queue, plan, workers, id_map)
-            return _write_manifest(job, segments, rule, sizes_by_name, min_count, pool.map)
+            return finish(segments, rule, sizes_by_name, pool.map)
+
+
+def _merge_parts(out: Path, sources: List[Source], config: Dict[str, Any], parts: int, split: str,
+                 days: Tuple[Any, Any, Any], on_bad_line: str, block_size: int, progress: bool, workers: int,
+                 wait_s: float) -> Dict[str, Any]:
+    """The last step of a conversion in parts (one per host): wait for every part, move their
+    shards into place under the names one process would give them, count ids, write the manifest."""
+    with mf.locked(out):
+        if (out / mf.MANIFEST).is_file():
+            existing = mf.load_manifest(out)
+            if existing.get("config") == config:
+                return existing
+            raise ValueError(f"{out} already holds converted data from other inputs or options; use --overwrite")
+        deadline = time.monotonic() + wait_s
+        records, counts = [], {}
+        for k in range(parts):
+            done = out / mf.PARTS / str(k) / mf.PART
+            while not done.is_file():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{done}: part {k} of {parts} not finished after {wait_s:.0f} s")
+                time.sleep(1.0)
+            record = json.loads(done.read_text())
+            if record["config"] != config or record["part"] != [k, parts]:
+                raise ValueError(f"{done}: part {record['part']} of another conversion (other inputs or options)")
+            records += [{**r, "part": k} for r in record["shards"]]
+            counts.update(record["line_counts"])
+        segments, rule = _segments(sources, split, *days, lambda i: counts[sources[i].path])
+        index: Counter = Counter()
+        merged = []
+        for original in sorted(records, key=lambda r: (r["source"], r["first"])):  # one process's order
+            r = {key: value for key, value in original.items() if key != "part"}
+            r["index"] = index[r["split"]]
+            index[r["split"]] += 1
+            if r["path"]:
+                r["path"] = shard_name(r["split"], r["index"])
+                src, dest = out / mf.PARTS / str(original["part"]) / original["path"], out / r["path"]
+                if src.is_file():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, dest)
+                elif not dest.is_file():  # else moved by a merge killed part-way
+                    raise FileNotFoundError(f"{src}: listed by part {original['part']} but missing")
+            merged.append(r)
+        job = _Conversion(out, sources, config, on_bad_line, block_size, progress)
+        job.state["shards"] = merged
+        job.save()
+        sizes = dict(zip(CAT_NAMES, config["num_embeddings"]))
+        with _pool(workers) as (pool, _):
+            manifest = _write_manifest(job, segments, rule, sizes, DEFAULT_MIN_COUNT, pool.map if workers > 1 else map)
+        shutil.rmtree(out / mf.PARTS)
+        return manifest
 
 
 def _check_id_spaces(sizes: List[int]) -> None:

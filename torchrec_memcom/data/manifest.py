@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 STATE = ".convert_state.json"  # progress of an unfinished conversion
 LOCK = ".lock"  # held by the process writing the folder
+PARTS = ".parts"  # a conversion in parts (one per host): part K in .parts/K until merged
+PART = "part.json"  # in .parts/K: written last, when part K is finished
 VOCAB = "vocab"  # frequency mode: raw id of each id
 COUNTS = ".counts"  # frequency mode, several workers: each one's raw-id counts until merged
 FREQUENCIES = "frequencies"
@@ -66,7 +68,7 @@ def clear(data_dir: Path) -> None:
     """Remove what a conversion or synthesis writes in `data_dir`, nothing else."""
     for name in (MANIFEST, STATE):
         (data_dir / name).unlink(missing_ok=True)
-    for name in (FREQUENCIES, VOCAB, COUNTS):
+    for name in (FREQUENCIES, VOCAB, COUNTS, PARTS):
         shutil.rmtree(data_dir / name, ignore_errors=True)
     for split in SPLITS:
         for pattern in ("part-*.parquet", ".part-*.parquet.tmp"):
