@@ -153,7 +153,7 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
             seed=cfg.seed, shuffle=shuffle, drop_last=True,
             # a GPU step leaves the CPU (and the GIL) to the prefetch thread; a CPU step competes
             # with it for both, and measured slower with it (docs/data.md)
-            prefetch=2 if device.type != "cpu" else 0,
+            prefetch=2 if device.type != "cpu" else 0, pin_memory=device.type != "cpu",
         )
 
     train_data, eval_data = loader(config.data.train_split, True), loader(config.data.eval_split, False)
