@@ -117,3 +117,36 @@ def test_torchx_component_converts_on_two_hosts(sample: Path, tmp_path: Path) ->
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_output(tmp_path / "one", tmp_path / "tx")
+
+
+def test_sigkilled_parallel_conversion_resumes(sample: Path, tmp_path: Path) -> None:
+    """`kill -9` of a `--workers 2` convert: its workers die with it; the same command resumes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    days = day_folder(sample, tmp_path / "days")
+    out = tmp_path / "out"
+    args = ["data", "convert", str(days), "--out", str(out), "--rows-per-shard", "100", "--workers", "2", "--quiet"]
+    code = f"import sys; from torchrec_memcom.cli import main; sys.exit(main({args!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    state = out / ".convert_state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and state.read_text().count('"rows_written"') >= 6:
+            break
+        time.sleep(0.01)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "conversion finished before it could be killed"
+    assert children, "no worker processes seen"
+    time.sleep(1.0)
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
+             and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+    assert not alive, f"workers {alive} outlived their parent"
+    from torchrec_memcom.cli import main
+
+    assert main(args) == 0
+    convert(days, tmp_path / "one", rows_per_shard=100, progress=False)
+    assert_same_output(tmp_path / "one", out)

@@ -6,6 +6,11 @@ fixed ranges of input lines (`rows_per_shard` lines, never spanning two files or
 conversion is deterministic and a killed one resumes: the shards `.convert_state.json` records are
 kept, the one in progress (or one renamed into place, always complete, but not yet recorded) is
 redone, and `manifest.json` is written last.
+
+With `workers > 1` the inputs' lines are counted first, so every shard is planned before any is
+written (the same lines and names as one process), and a pool of spawned processes converts them;
+with `part=(K, N)` one host converts its share of the inputs and `merge_parts=N` assembles the
+parts. One process at a time writes a folder (`manifest.locked`).
 """
 
 import contextlib
@@ -17,6 +22,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 from bisect import bisect_right
@@ -718,6 +724,12 @@ _QUEUE: Any = None  # in a worker: where finished shards are announced
 def _init_worker(queue: Any) -> None:
     global _QUEUE
     _QUEUE = queue
+    if sys.platform == "linux":  # a worker outliving a killed parent would race the resumed run's files
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no API in os
+        if os.getppid() == 1:  # the parent died before the line above
+            os._exit(1)
 
 
 @functools.lru_cache(maxsize=1)
