@@ -111,3 +111,43 @@ def convert(
         specs.Role(name="merge", image=image, entrypoint=python, num_replicas=1, resource=resource,
                    args=[*common, "--merge-parts", str(nnodes)]),
     ])
+
+
+def bench(
+    config: str,
+    data: str,
+    out: str,
+    methods: str = "hash qr memcom",
+    ratios: str = "2 4 8 16 32 64",
+    seeds: str = "0",
+    nproc: int = 2,
+    image: str = ".",
+    name: str = "memcom-bench",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    python: str = sys.executable,
+) -> specs.AppDef:
+    """``memcom bench`` as a job on one host: every arm trains with ``nproc`` processes (torchrun).
+
+    Args:
+        config: memcom train config (model, optimizer, train settings)
+        data: converted data folder or TorchRec npy folder
+        out: folder for the arms and the results (a re-run keeps finished arms)
+        methods: methods besides none, space-separated
+        ratios: target ratios, space-separated
+        seeds: seeds, space-separated
+        nproc: processes per training run (one per GPU)
+        image: image (container schedulers) or working directory (local_cwd)
+        name: job name
+        cpu: CPUs
+        gpu: GPUs
+        memMB: memory in MB
+        python: the Python with this package (by default this one; ``python`` in an image)
+    """
+    args = ["-m", "torchrec_memcom.cli", "bench", "--config", config, "--data", data, "--out", out,
+            "--methods", *methods.split(), "--ratios", *ratios.split(), "--seeds", *seeds.split(),
+            "--nproc", str(nproc)]
+    return specs.AppDef(name=name, roles=[specs.Role(
+        name="bench", image=image, entrypoint=python, num_replicas=1,
+        resource=specs.Resource(cpu=cpu, gpu=gpu, memMB=memMB), args=args)])

@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "demo": "torchrec_memcom.train.cli",
     "export": "torchrec_memcom.export.cli",
     "score": "torchrec_memcom.export.cli",
+    "bench": "torchrec_memcom.bench",
 }
 
 
