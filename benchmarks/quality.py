@@ -33,18 +33,28 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import platform
 import shutil
 import socket
-import statistics
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from torchrec_memcom.bench import (  # the sweep's pieces, shared with `memcom bench`
+    build_meta,
+    compressed_tables_ratio,
+    compression,
+    hanley_mcneil_se,
+    plot,
+    summarize,
+    table,
+    unreachable,
+    within_tolerance,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CRITEO_SAMPLE = REPO.parent / "shared" / "data" / "criteo_kaggle_sample_8k.tsv"
@@ -62,75 +72,6 @@ def methods() -> List[str]:
 
     extra = [m for m in ("budgeted",) if m in METHODS]
     return ["none", *[m for m in BASE_METHODS if m in METHODS], *extra]
-
-
-def compression(method: str, ratio: float, min_rows: int, data: Path) -> Dict[str, Any]:
-    """The config's ``embeddings.compression`` block for ``method`` at a target ``ratio``."""
-    if method == "none":
-        return {"method": "none"}
-    if method == "budgeted":
-        # one budget for the collection of all tables of at least min_rows rows, parameters
-        # only; the heuristic allocation, with a MEmCom tail for the rarest ids (BET's option)
-        params: Dict[str, Any] = {"budget_ratio": ratio, "frequencies": str(data), "tail": True}
-    else:
-        params = {"ratio": ratio}
-    return {"method": method, "params": params, "min_rows": min_rows}
-
-
-def build_meta(block: Dict[str, Any], dim: int, sizes: Sequence[int]) -> Any:
-    """The compressed collection ``block`` asks for, on the meta device (no memory); the
-    method's own solver raises ``ValueError`` if it cannot build it."""
-    import torch
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
-
-    from torchrec_memcom.compression import CompressionSpec, compress_collection
-    from torchrec_memcom.train.config import _build
-    from torchrec_memcom.train.model import table_configs
-
-    spec = _build(CompressionSpec, block, "embeddings.compression")
-    ebc = EmbeddingBagCollection(table_configs(dim, list(sizes)), device=torch.device("meta"))
-    return compress_collection(ebc, spec)[0]
-
-
-def within_tolerance(block: Dict[str, Any], dim: int, sizes: Sequence[int]) -> Dict[str, Any]:
-    """``block``, or for a budget below the smallest feasible one by at most 1%, that smallest
-    budget: the tolerance the other methods' ratio solvers give (they accept a size within 1%
-    of the target), so that budgeted tables are not unreachable where the others are not."""
-    if block.get("method") != "budgeted":
-        return block
-    from torchrec_memcom.modules.budget_config import smallest_feasible_bytes, uncompressed_bytes
-
-    shapes = {f"t_cat_{i}": (n, dim) for i, n in enumerate(sizes) if n >= block["min_rows"]}
-    floor = smallest_feasible_bytes(shapes, None, bool(block["params"].get("tail")))
-    best = sum(uncompressed_bytes(n, d, None) for n, d in shapes.values()) / floor
-    ratio = block["params"]["budget_ratio"]
-    if best < ratio <= 1.01 * best:
-        params = {k: v for k, v in block["params"].items() if k != "budget_ratio"}
-        return {**block, "params": {**params, "budget_bytes": floor}}
-    return block
-
-
-def unreachable(method: str, block: Dict[str, Any], dim: int, sizes: Sequence[int]) -> Optional[str]:
-    """Why ``method`` cannot build these tables as ``block`` asks (None: it can).
-
-    Builds the compressed collection on the meta device, so the method's own ratio solver
-    decides (QR tops out near sqrt(n)/2 per table, MEmCom and budgeted tables below the dim).
-    """
-    if method == "none":
-        return None
-    try:
-        build_meta(block, dim, sizes)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def compressed_tables_ratio(embedding_bytes: int, sizes: Sequence[int], dim: int, min_rows: int) -> float:
-    """The ratio over the compressed tables only (those of at least ``min_rows`` rows): what the
-    target asks for. The tables left stock cost ``n*d`` fp32 each, so they come off both sides."""
-    stock = sum(4 * n * dim for n in sizes if n < min_rows)
-    full = 4 * dim * sum(sizes)
-    return 1.0 if full == stock else (full - stock) / (embedding_bytes - stock)
 
 
 def free_port() -> int:
@@ -217,34 +158,6 @@ def train_once(run_dir: Path, data: Path, block: Dict[str, Any], seed: int, t: D
         results = train(load_config(path))  # (its progress bar and JSON lines)
     gc.collect()
     return results
-
-
-def hanley_mcneil_se(auc: float, positives: int, negatives: int) -> float:
-    """Standard error of an AUC on a fixed evaluation set (Hanley and McNeil, 1982)."""
-    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc))
-    return math.sqrt(var / (positives * negatives))
-
-
-def _mean_std(xs: List[float]) -> Dict[str, float]:
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
-
-
-def summarize(runs: List[Dict[str, Any]], baseline: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
-    """Mean and std over seeds, and the paired change against the same seed's stock model."""
-    out = {
-        "achieved_ratio": _mean_std([r["compression_ratio"] for r in runs]),
-        "embedding_bytes": runs[0]["embedding_bytes"],
-        "auc": _mean_std([r["auc"] for r in runs]),
-        "logloss": _mean_std([r["logloss"] for r in runs]),
-        "seeds": [r["seed"] for r in runs],
-        "runs": [{k: r[k] for k in ("seed", "auc", "logloss", "train_loss", "compression_ratio", "seconds")}
-                 for r in runs],
-    }
-    if all(r["seed"] in baseline for r in runs):
-        out["delta_auc_vs_none"] = _mean_std([r["auc"] - baseline[r["seed"]]["auc"] for r in runs])
-        out["delta_logloss_vs_none"] = _mean_std([r["logloss"] - baseline[r["seed"]]["logloss"] for r in runs])
-    return out
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -421,115 +334,6 @@ def _eval_positives(data: Path) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Report
-
-
-def on_compressed(result: Dict[str, Any], entry: Dict[str, Any], cell: Dict[str, Any]) -> float:
-    """A cell's achieved ratio over the compressed tables (also for files written before it was
-    stored: from their bytes, table sizes, dim and min_rows)."""
-    setup = result["setup"]
-    return compressed_tables_ratio(cell["embedding_bytes"], entry["table_rows"], setup["dim"], setup["min_rows"])
-
-
-def table(result: Dict[str, Any]) -> str:
-    """Markdown tables: per dataset, one row per method and target ratio, then the paired AUC
-    change against the stock model by method and target (the tables of docs/benchmarks.md)."""
-    lines = []
-    for dataset, entry in result["datasets"].items():
-        lines += [f"\n{dataset}: {entry['description']}"]
-        if entry.get("best_auc") is not None:
-            lines += [f"best possible AUC (val) {entry['best_auc']:.4f}, log loss {entry['best_logloss']:.4f}"]
-        lines += ["", "| method | target | achieved (compressed tables / all) | AUC | dAUC vs none | log loss | "
-                  "dlogloss vs none |", "|---|---|---|---|---|---|---|"]
-        for method, cells in entry["methods"].items():
-            for key, c in sorted(cells.items(), key=lambda kv: float(kv[0])):
-                if not c["reachable"]:
-                    lines.append(f"| {method} | {key}x | unreachable | | | | |")
-                    continue
-                if "auc" not in c:
-                    lines.append(f"| {method} | {key}x | failed | | | | |")
-                    continue
-                d = c.get("delta_auc_vs_none", {"mean": 0.0, "std": 0.0})
-                dl = c.get("delta_logloss_vs_none", {"mean": 0.0, "std": 0.0})
-                lines.append(
-                    f"| {method} | {key}x | {on_compressed(result, entry, c):.2f}x / "
-                    f"{c['achieved_ratio']['mean']:.2f}x | "
-                    f"{c['auc']['mean']:.4f} ± {c['auc']['std']:.4f} | {d['mean']:+.4f} ± {d['std']:.4f} | "
-                    f"{c['logloss']['mean']:.4f} ± {c['logloss']['std']:.4f} | {dl['mean']:+.4f} ± {dl['std']:.4f} |"
-                )
-        keys = [f"{r:g}" for r in result["target_ratios"]]
-        lines += ["", "paired AUC change vs stock (same seed), mean ± std over seeds:", "",
-                  "| method | " + " | ".join(f"{k}x" for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for method, cells in entry["methods"].items():
-            if method == "none":
-                continue
-            row = []
-            for k in keys:
-                c = cells.get(k, {})
-                d = c.get("delta_auc_vs_none")
-                if d:
-                    row.append(f"{d['mean']:+.4f} ± {d['std']:.4f}")
-                else:
-                    row.append("unreachable" if c.get("reachable") is False else "")
-            lines.append(f"| {method} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-STYLE = {"none": ("black", "s"), "hash": ("tab:orange", "o"), "qr": ("tab:green", "^"),
-         "memcom": ("tab:blue", "D"), "budgeted": ("tab:purple", "v")}
-
-
-def plot(result: Dict[str, Any], path: Path) -> None:
-    """AUC, its paired change against the stock model, and log loss against the achieved ratio
-    over the compressed tables (log2 axis), one column per dataset; error bars: std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    datasets = list(result["datasets"])
-    if not datasets:
-        return
-    rows = (("auc", "validation AUC"), ("delta_auc_vs_none", "AUC change vs stock (same seed)"),
-            ("logloss", "validation log loss"))
-    fig, axes = plt.subplots(len(rows), len(datasets), figsize=(6.2 * len(datasets), 3.6 * len(rows)), squeeze=False)
-    for col, dataset in enumerate(datasets):
-        entry = result["datasets"][dataset]
-        for row, (metric, label) in enumerate(rows):
-            ax = axes[row][col]
-            for method, cells in entry["methods"].items():
-                pts = sorted((on_compressed(result, entry, c), c[metric]["mean"], c[metric]["std"])
-                             for c in cells.values() if c.get("reachable") and metric in c)
-                if not pts:
-                    continue
-                color, marker = STYLE.get(method, ("gray", "x"))
-                xs, ys, es = zip(*pts)
-                ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=3, lw=1.2,
-                            label="none (stock EBC)" if method == "none" else method)
-                if method == "none":
-                    ax.axhline(ys[0], color="black", lw=0.6, ls=":")
-            best = {"auc": entry.get("best_auc"), "logloss": entry.get("best_logloss")}.get(metric)
-            if best is not None:
-                ax.axhline(best, color="gray", ls="--", lw=1, label=f"best possible ({best:.3f})")
-            se = entry.get("auc_standard_error_of_eval_set")
-            if metric == "delta_auc_vs_none" and se:
-                ax.axhspan(-se, se, color="gray", alpha=0.12, label=f"± eval-set AUC s.e. ({se:.3f})")
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}x"))
-            ax.set_xlabel("achieved compression ratio of the compressed tables' parameters")
-            ax.set_ylabel(label)
-            kept = len(entry["table_rows"]) - len(entry["uncompressed_tables"])
-            ax.set_title(f"{dataset}: {entry['train_rows']} train / {entry['eval_rows']} eval rows; "
-                         f"{kept} of {len(entry['table_rows'])} tables compressed", fontsize=10)
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=7)
-    seeds = len(result["seeds"])
-    fig.suptitle(f"DLRM, dim {result['setup']['dim']}: mean ± std over {seeds} seed{'s' if seeds > 1 else ''}"
-                 + (" (SMOKE RUN: not a result)" if result["smoke"] else ""))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def replot(json_path: Path) -> None:

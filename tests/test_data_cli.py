@@ -92,3 +92,17 @@ def test_days_options(tmp_path: Path) -> None:
     splits = load_manifest(tmp_path / "out")["splits"]
     assert {s: v["rows"] for s, v in splits.items()} == {"train": 1400, "val": 350, "test": 350}
     assert main(["data", "convert", str(tmp_path), "--out", str(tmp_path / "x"), "--train-days", "a"]) == 1
+
+
+def test_convert_with_workers_and_parts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    if not SAMPLE.is_file():
+        pytest.skip(f"real Criteo sample not found at {SAMPLE}")
+    common = [str(SAMPLE), "--num-embeddings", "500", "--rows-per-shard", "3000", "--quiet"]
+    assert main(["data", "convert", *common, "--out", str(tmp_path / "one")]) == 0
+    assert main(["data", "convert", *common, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    capsys.readouterr()
+    assert load_manifest(tmp_path / "one") == load_manifest(tmp_path / "two")
+    assert main(["data", "convert", *common, "--out", str(tmp_path / "p"), "--part", "1/1"]) == 1
+    assert "--part 1/1: expected K/N with 0 <= K < N" in capsys.readouterr().err
+    assert main(["data", "convert", *common, "--out", str(tmp_path / "p"), "--workers", "0"]) == 1
+    assert "workers must be at least 1" in capsys.readouterr().err

@@ -352,7 +352,7 @@ def test_killed_conversion_resumes(sample: Path, tmp_path: Path, monkeypatch: py
         load_manifest(out)
     visible = sorted(p.name for p in (out / "train").glob("part-*.parquet"))
     assert visible == ["part-00000.parquet", "part-00001.parquet"]
-    assert (out / "train" / ".part-00002.parquet.tmp").exists()  # hidden from readers
+    assert not (out / "train" / ".part-00002.parquet.tmp").exists()  # a failed run drops its open shard
     assert ds.dataset(out / "train").count_rows() == 2000
     stamps = {p: p.stat().st_mtime_ns for p in (out / "train").glob("part-*.parquet")}
 

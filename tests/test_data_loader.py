@@ -157,6 +157,16 @@ def test_prefetch_gives_the_same_batches(data: Path) -> None:
         assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
 
 
+def test_pinned_batches_are_the_same_batches(data: Path) -> None:
+    """pin_memory changes where a batch lives (page-locked, with an accelerator), never what it holds."""
+    plain = CriteoParquetLoader(data, "train", 1000, seed=5, prefetch=0)
+    pinned = CriteoParquetLoader(data, "train", 1000, seed=5, prefetch=2, pin_memory=True)
+    for a, b in zip(plain, pinned, strict=True):
+        assert torch.equal(a.dense_features, b.dense_features) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
+        assert b.dense_features.is_pinned() == b.labels.is_pinned() == torch.accelerator.is_available()
+
+
 def prefetch_threads() -> List[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "CriteoParquetLoader-prefetch"]
 

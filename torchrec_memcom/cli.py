@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "demo": "torchrec_memcom.train.cli",
     "export": "torchrec_memcom.export.cli",
     "score": "torchrec_memcom.export.cli",
+    "bench": "torchrec_memcom.bench",
 }
 DEBUG_HELP = "print the traceback of an expected failure too (default: one line)"
 

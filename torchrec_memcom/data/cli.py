@@ -31,6 +31,14 @@ def _summary(manifest: Dict[str, Any], out: str) -> str:
     return "\n".join(lines)
 
 
+def _part(text: str) -> Any:
+    k, sep, n = text.partition("/")
+    try:
+        return int(k), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K/N (e.g. 0/4), got {text!r}") from None
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .converter import convert
     from .sources import parse_days
@@ -43,8 +51,13 @@ def _convert(args: argparse.Namespace) -> int:
         min_count=args.min_count, split=args.split, train_days=days(args.train_days),
         val_days=days(args.val_days), test_days=days(args.test_days),
         rows_per_shard=args.rows_per_shard, on_bad_line=args.on_bad_line,
-        block_size=args.block_size, progress=not args.quiet, overwrite=args.overwrite,
+        block_size=args.block_size, progress=not args.quiet, overwrite=args.overwrite, workers=args.workers,
+        part=args.part, merge_parts=args.merge_parts, wait_s=args.wait,
     )
+    if args.part is not None:
+        rows = sum(r["rows_written"] for r in manifest["shards"])
+        print(f"{args.out}: part {args.part[0]}/{args.part[1]} done, {rows:,} rows in {len(manifest['shards'])} shards")
+        return 0
     print(_summary(manifest, args.out))
     return 0
 
@@ -68,8 +81,26 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .manifest import load_manifest
+    from pathlib import Path
 
+    from .manifest import MANIFEST, load_manifest
+
+    if not (Path(args.dir) / MANIFEST).exists() and any(Path(args.dir).glob("day_*_labels.npy")):
+        from .torchrec_npy import describe
+
+        info = describe(args.dir)
+        if args.json:
+            print(json.dumps(info, indent=1))
+            return 0
+        rows = sum(info["days"].values())
+        print(f"{args.dir}: TorchRec npy files (data.format torchrec_npy), {len(info['days'])} days, "
+              f"{rows:,} rows, sparse {info['sparse_dtype']}")
+        for split, part in info.get("splits", {}).items():
+            days = part["days"]
+            print(f"  {split:5s} {part['rows']:>12,} rows  days {days[0]}-{days[-1]}"
+                  + (" (half)" if split != "train" else ""))
+        print(f"  ids: {info['ids']}")
+        return 0
     manifest = load_manifest(args.dir)
     if args.json:
         print(json.dumps(manifest, indent=1))
@@ -129,6 +160,16 @@ def add_parser(subparsers: Any) -> None:
                          help="malformed line: stop naming file and line, or skip and count it")
     convert.add_argument("--block-size", type=int, default=4 << 20, metavar="BYTES",
                          help="CSV reader block size, bounds memory (default 4 MiB)")
+    convert.add_argument("--workers", type=int, default=1, metavar="N",
+                         help="processes converting at once, over files and line ranges of a file; "
+                              "same output for any N (default 1)")
+    convert.add_argument("--part", type=_part, metavar="K/N",
+                         help="several hosts: convert only inputs K, K+N, ... (mod mode) into DIR/.parts/K")
+    convert.add_argument("--merge-parts", type=int, default=0, metavar="N",
+                         help="several hosts, the last step: wait for parts 0..N-1, then move their shards "
+                              "into place, count ids and write the manifest")
+    convert.add_argument("--wait", type=float, default=24 * 3600.0, metavar="SECONDS",
+                         help="--merge-parts: how long to wait for the parts (default 1 day)")
     convert.add_argument("--overwrite", action="store_true",
                          help="discard previous output in DIR instead of resuming or refusing")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -153,7 +194,7 @@ def add_parser(subparsers: Any) -> None:
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_guarded(_synth))
 
-    info = commands.add_parser("info", help="summarize a data folder's manifest")
+    info = commands.add_parser("info", help="summarize a data folder's manifest, or a folder of TorchRec npy files")
     info.add_argument("dir", metavar="DIR")
     info.add_argument("--json", action="store_true", help="print the whole manifest")
     info.set_defaults(func=_guarded(_info))

@@ -4,11 +4,13 @@ A data folder is complete exactly when `manifest.json` exists: it is written las
 and it lists the shards, so nothing reads the shards of an unfinished conversion.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,7 +23,11 @@ if TYPE_CHECKING:
 
 MANIFEST = "manifest.json"
 STATE = ".convert_state.json"  # progress of an unfinished conversion
+LOCK = ".lock"  # held by the process writing the folder
+PARTS = ".parts"  # a conversion in parts (one per host): part K in .parts/K until merged
+PART = "part.json"  # in .parts/K: written last, when part K is finished
 VOCAB = "vocab"  # frequency mode: raw id of each id
+COUNTS = ".counts"  # frequency mode, several workers: each one's raw-id counts until merged
 FREQUENCIES = "frequencies"
 FORMAT = "torchrec-memcom-criteo/1"
 
@@ -36,11 +42,33 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def locked(data_dir: Path) -> Iterator[None]:
+    """Hold `data_dir`'s lock while writing it; refuse, naming the holder, if another process has it.
+
+    An flock: the kernel releases it when its holder dies, so a killed run never leaves it behind.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(f"{data_dir} is in use by process {holder}: wait for it to finish, "
+                             "or write to another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def clear(data_dir: Path) -> None:
     """Remove what a conversion or synthesis writes in `data_dir`, nothing else."""
     for name in (MANIFEST, STATE):
         (data_dir / name).unlink(missing_ok=True)
-    for name in (FREQUENCIES, VOCAB):
+    for name in (FREQUENCIES, VOCAB, COUNTS, PARTS):
         shutil.rmtree(data_dir / name, ignore_errors=True)
     for split in SPLITS:
         for pattern in ("part-*.parquet", ".part-*.parquet.tmp"):
@@ -86,38 +114,23 @@ def _add_counts(counts: np.ndarray, ids: np.ndarray) -> None:
         counts[unique] += occurrences
 
 
-def count_ids(
-    data_dir: Path, shards: Mapping[str, Iterable[str]], num_embeddings: Mapping[str, int]
-) -> Tuple[Dict[str, np.ndarray], Dict[str, int]]:
-    """Read the ids back from the shards: train frequencies and distinct ids seen in all splits.
-
-    One feature at a time, so memory is one id space, not 26.
-    """
-    frequencies: Dict[str, np.ndarray] = {}
-    cardinality: Dict[str, int] = {}
-    shards = {split: list(paths) for split, paths in shards.items()}
-    for name in CAT_NAMES:
-        size = num_embeddings[name]
-        per_split = {split: np.zeros(size, dtype=np.int64) for split in shards}
-        for split, paths in shards.items():
-            for rel in paths:
-                ids = pq.read_table(data_dir / rel, columns=[name]).column(0).to_numpy()
-                if ids.size and (ids.min() < 0 or ids.max() >= size):
-                    raise ValueError(f"{rel}: {name} has ids outside [0, {size})")
-                _add_counts(per_split[split], ids)
-        frequencies[name] = per_split.get("train", np.zeros(size, dtype=np.int64))
-        cardinality[name] = int(np.count_nonzero(sum(per_split.values())))
-    return frequencies, cardinality
-
-
-def write_frequencies(data_dir: Path, frequencies: Mapping[str, np.ndarray]) -> None:
+def count_feature(data_dir: Path, shards: Mapping[str, List[str]], name: str, size: int) -> int:
+    """Read feature `name`'s ids back from the shards, write its train frequencies; its cardinality
+    (distinct ids seen in all splits). Memory: one id space per split."""
+    per_split = {split: np.zeros(size, dtype=np.int64) for split in shards}
+    for split, paths in shards.items():
+        for rel in paths:
+            ids = pq.read_table(data_dir / rel, columns=[name]).column(0).to_numpy()
+            if ids.size and (ids.min() < 0 or ids.max() >= size):
+                raise ValueError(f"{rel}: {name} has ids outside [0, {size})")
+            _add_counts(per_split[split], ids)
     folder = data_dir / FREQUENCIES
     folder.mkdir(parents=True, exist_ok=True)
-    for name, counts in frequencies.items():
-        tmp = folder / f".{name}.npy.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, counts.astype(np.int64))
-        os.replace(tmp, folder / f"{name}.npy")
+    tmp = folder / f".{name}.npy.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, per_split.get("train", np.zeros(size, dtype=np.int64)))
+    os.replace(tmp, folder / f"{name}.npy")
+    return int(np.count_nonzero(sum(per_split.values())))
 
 
 def finish(
@@ -125,15 +138,17 @@ def finish(
     shards: Mapping[str, List[Dict[str, Any]]],
     num_embeddings: Mapping[str, int],
     fields: Mapping[str, Any],
+    map_fn: Callable[..., Iterable[Any]] = map,
 ) -> Dict[str, Any]:
     """Count ids, write the frequencies, then the manifest (last: it marks the folder complete).
 
     `shards[split]` lists `{"path": relative path, "rows": n}`; `fields` adds kind-specific keys.
+    `map_fn` (e.g. a process pool's `map`) counts the features, one feature per call.
     """
-    frequencies, cardinality = count_ids(
-        data_dir, {s: [d["path"] for d in lst] for s, lst in shards.items()}, num_embeddings
-    )
-    write_frequencies(data_dir, frequencies)
+    paths = {s: [d["path"] for d in lst] for s, lst in shards.items()}
+    n = len(CAT_NAMES)
+    cardinality = dict(zip(CAT_NAMES, map_fn(count_feature, [data_dir] * n, [paths] * n, CAT_NAMES,
+                                             [int(num_embeddings[c]) for c in CAT_NAMES])))
     manifest: Dict[str, Any] = {"format": FORMAT, **fields}
     manifest["splits"] = {
         split: {"rows": sum(d["rows"] for d in lst), "shards": lst} for split, lst in shards.items()

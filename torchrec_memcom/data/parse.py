@@ -22,7 +22,8 @@ FIELD_COUNT = "field_count"
 BAD_LABEL = "bad_label"
 NON_INTEGER = "non_integer"
 NON_HEX = "non_hex"
-REASONS = (FIELD_COUNT, BAD_LABEL, NON_INTEGER, NON_HEX)
+TOO_LONG = "too_long"  # longer than the reader's block size
+REASONS = (FIELD_COUNT, BAD_LABEL, NON_INTEGER, NON_HEX, TOO_LONG)
 
 _MAX_INT_CHARS = 18  # always fits int64
 _MAX_HEX_DIGITS = 16  # always fits uint64
@@ -80,16 +81,23 @@ def reason_of_column(column: int) -> str:
     return NON_INTEGER if column <= len(INT_NAMES) else NON_HEX
 
 
+def quote(raw: bytes, limit: int = 40) -> str:
+    """`raw` quoted for a message, cut to `limit` bytes (a bad field may be megabytes long)."""
+    if len(raw) <= limit:
+        return repr(raw.decode("utf-8", errors="replace"))
+    return f"{raw[:limit].decode('utf-8', errors='replace')!r}... ({len(raw):,} bytes)"
+
+
 def describe_bad_field(batch: pa.RecordBatch, row: int, column: int) -> str:
-    """Human-readable reason for a malformed field, quoting its value."""
+    """Human-readable reason for a malformed field, quoting its value (cut short)."""
     raw = batch.column(column)[row].as_py()
-    value = "" if raw is None else raw.decode("utf-8", errors="replace")
+    value = quote(b"" if raw is None else raw)
     name = COLUMN_NAMES[column]
     if column == 0:
-        return f"label {value!r} is not 0 or 1"
+        return f"label {value} is not 0 or 1"
     if column <= len(INT_NAMES):
-        return f"{name} {value!r} is not an integer (at most {_MAX_INT_CHARS} characters)"
-    return f"{name} {value!r} is not a hex id (1 to {_MAX_HEX_DIGITS} hex digits)"
+        return f"{name} {value} is not an integer (at most {_MAX_INT_CHARS} characters)"
+    return f"{name} {value} is not a hex id (1 to {_MAX_HEX_DIGITS} hex digits)"
 
 
 def _buffers(arr: pa.Array) -> Tuple[np.ndarray, np.ndarray]:

@@ -65,6 +65,16 @@ class ShardFile:
             self._pending.result()
             self._pending = None
 
+    def abort(self) -> None:
+        """Drop the unfinished file (the run failed): no writer thread or open file outlives it."""
+        try:
+            self._wait()
+        finally:
+            self._encoder.shutdown()
+            if self._writer is not None:
+                self._writer.close()
+            self.tmp.unlink(missing_ok=True)
+
     def close(self) -> Optional[str]:
         """Finish the file; its path relative to the data folder, or None if it got no rows."""
         if self._buffered:

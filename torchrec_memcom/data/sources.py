@@ -1,23 +1,26 @@
-"""Input files of a conversion: discovery of day files, line counting and positioned reading.
+r"""Input files of a conversion: discovery of day files, line counting and positioned reading.
 
 Inputs are plain text or compressed (`.gz`; `.bz2`, `.zst`, `.lz4` work too, through pyarrow's
-decompressing streams). Positions are physical 1-based line numbers, the numbers that error
-messages and the split rules use.
+decompressing streams). Positions are 1-based line numbers, the numbers that error messages, the
+split rules and resumed conversions use. One rule says where a line ends, pyarrow's CSV reader's
+(and Python's `bytes.splitlines`): at `\n`, at `\r\n`, or at a lone `\r`. The line counter and the
+resume offset follow it too, so every line the reader sees is counted and none is lost on resume.
 """
 
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-_DAY_RE = re.compile(r"^day_(\d+)(\..+)?$")
 _COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
+# day_N, day_N.gz, day_N.tsv.gz ...: the data files of a day folder (not day_N.md5 and the like).
+_DAY_RE = re.compile(r"^day_(\d+)((\.tsv|\.txt)?(\.gz|\.bz2|\.zst|\.lz4)?)$")
 _CHUNK = 16 << 20
 
 
@@ -30,7 +33,10 @@ class CriteoReadError(ValueError):
     def __init__(self, path: str, line: int, error: Exception) -> None:
         where = f" past line {line:,}" if line else ""
         super().__init__(f"{path}: cannot be read{where}: {error}")
-        self.path, self.line = path, line
+        self.path, self.line, self.error = path, line, error
+
+    def __reduce__(self) -> Tuple[Any, Tuple[str, int, Exception]]:  # crosses from a worker process
+        return type(self), (self.path, self.line, ValueError(str(self.error)))
 
 
 @dataclass(frozen=True)
@@ -58,12 +64,18 @@ def discover(inputs: Sequence[PathLike]) -> List[Source]:
             paths.append(item)
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
+    seen: dict = {}
+    for p in paths:
+        resolved = str(p.resolve())
+        if resolved in seen:
+            raise ValueError(f"{p}: the same input file is given twice (also as {seen[resolved]})")
+        seen[resolved] = p
     matches = [_DAY_RE.match(p.name) for p in paths]
     if all(matches):
         numbered = sorted((int(m.group(1)), str(p.resolve())) for m, p in zip(matches, paths))  # type: ignore[union-attr]
-        days_seen = [d for d, _ in numbered]
-        if len(set(days_seen)) != len(days_seen):
-            raise ValueError(f"the same day number is given twice: {days_seen}")
+        for (day, a), (next_day, b) in zip(numbered, numbered[1:]):
+            if day == next_day:
+                raise ValueError(f"day {day} is given twice: {a} and {b}")
         return [Source(path=p, day=d) for d, p in numbered]
     return [Source(path=str(p.resolve()), day=i) for i, p in enumerate(paths)]
 
@@ -77,6 +89,8 @@ def parse_days(spec: str) -> List[int]:
             lo, hi = int(first), int(last or first)
         except ValueError:
             raise ValueError(f"bad day spec {spec!r}: use e.g. 0-22, 23 or 0,2,5-7") from None
+        if hi < lo:
+            raise ValueError(f"bad day spec {spec!r}: range {part} runs backwards; write {hi}-{lo}")
         days.extend(range(lo, hi + 1))
     return days
 
@@ -90,42 +104,76 @@ def open_stream(path: str) -> pa.NativeFile:
     return pa.input_stream(path, compression="detect")
 
 
-def count_lines(path: str) -> int:
-    """Number of physical lines (a last line without newline counts) without parsing them."""
-    lines, last = 0, b"\n"
+def _line_ends(stream: pa.NativeFile) -> Iterator[np.ndarray]:
+    r"""Per chunk read, the stream offsets of the bytes that end a line (`\n`, or a `\r` not followed
+    by `\n`); last, the offset of the last byte if the stream ends inside a line (else nothing)."""
+    base, held_cr, last = 0, False, b"\n"
+    while chunk := stream.read(_CHUNK):
+        buf = np.frombuffer(chunk, dtype=np.uint8)
+        ends = buf == ord("\n")
+        cr = buf == ord("\r")
+        cr[:-1] &= ~ends[1:]
+        cr[-1] = False  # decided by the next chunk's first byte
+        found = np.flatnonzero(ends | cr) + base
+        if held_cr and buf[0] != ord("\n"):
+            found = np.r_[base - 1, found]
+        yield found
+        held_cr, last = buf[-1] == ord("\r"), chunk[-1:]
+        base += len(chunk)
+    if held_cr:
+        yield np.array([base - 1])
+    yield np.array([base - 1] if last not in (b"\n", b"\r") else [], dtype=np.int64)
+
+
+def line_index(path: str, every: int = 0) -> Tuple[int, List[int]]:
+    """(number of lines, a last one without line end counting; with `every`, the stream offsets
+    where lines 1, every + 1, 2 * every + 1, ... start), without parsing the lines."""
+    lines, offsets = 0, [0] if every else []
     try:
         with open_stream(path) as stream:
-            while chunk := stream.read(_CHUNK):
-                lines += chunk.count(b"\n")
-                last = chunk[-1:]
+            for ends in _line_ends(stream):
+                if every:  # ends[i] ends line lines + i + 1; keep the ends of lines k * every
+                    offsets += (ends[(-lines - 1) % every :: every] + 1).tolist()
+                lines += len(ends)
     except OSError as e:
         raise CriteoReadError(path, lines, e) from e
-    return lines + (last != b"\n")
+    return lines, offsets
 
 
-def _offset_of_line(path: str, line: int) -> int:
-    """Byte offset (in the decompressed stream) where physical line `line` (1-based) starts."""
-    to_skip, offset = line - 1, 0
-    with open_stream(path) as stream:
-        while to_skip:
-            chunk = stream.read(_CHUNK)
-            if not chunk:
-                raise EOFError(f"{path}: has fewer than {line} lines")
-            newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == ord("\n"))
-            if len(newlines) >= to_skip:
-                return offset + int(newlines[to_skip - 1]) + 1
-            to_skip -= len(newlines)
-            offset += len(chunk)
-    return offset
+def count_lines(path: str) -> int:
+    """Number of lines (a last line without line end counts) without parsing them."""
+    return line_index(path)[0]
 
 
-def open_at_line(path: str, line: int) -> pa.NativeFile:
-    """A stream of the file positioned at the start of physical line `line` (1-based).
+def _offset_of_line(path: str, line: int, from_line: int = 1, from_offset: int = 0) -> int:
+    """Byte offset (in the decompressed stream) where line `line` (1-based) starts, scanning a
+    plain file from `from_offset`, the known start of line `from_line`."""
+    to_skip = line - from_line
+    if not to_skip:
+        return from_offset
+    with open_stream(path) if not from_offset else pa.OSFile(path) as stream:
+        if from_offset:
+            stream.seek(from_offset)
+        for ends in _line_ends(stream):
+            if len(ends) >= to_skip:
+                return int(ends[to_skip - 1]) + 1 + from_offset
+            to_skip -= len(ends)
+    raise EOFError(f"{path}: has fewer than {line} lines")
 
-    Plain files seek; compressed ones are decompressed up to that point (no parsing), which is
-    what a resumed conversion pays to skip its finished shards.
+
+def open_at_line(path: str, line: int, index: Optional[Tuple[int, List[int]]] = None) -> pa.NativeFile:
+    """A stream of the file positioned at the start of line `line` (1-based).
+
+    Plain files seek (from the nearest line `index`, `(every, offsets)` of `line_index`, if
+    given); compressed ones are decompressed up to that point (no parsing), which is what a
+    resumed conversion or a worker starting inside the file pays.
     """
-    offset = _offset_of_line(path, line)
+    from_line, from_offset = 1, 0
+    if index is not None and not is_compressed(path):
+        every, offsets = index
+        k = min((line - 1) // every, len(offsets) - 1)
+        from_line, from_offset = k * every + 1, offsets[k]
+    offset = _offset_of_line(path, line, from_line, from_offset)
     if not is_compressed(path):
         stream = pa.OSFile(path)
         stream.seek(offset)

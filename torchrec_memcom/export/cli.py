@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, TextIO
@@ -107,6 +108,10 @@ def _score(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be positive")
+    if args.out != "-" and Path(args.out).exists():  # opening it truncates: refuse to empty an input
+        for given in [args.model, *args.inputs]:
+            if given != "-" and Path(given).exists() and os.path.samefile(args.out, given):
+                raise ValueError(f"--out {args.out} is the input {given}: writing would empty it")
     model = load_model(args.model)
     scores: List[torch.Tensor] = []
     labels: List[Optional[torch.Tensor]] = []

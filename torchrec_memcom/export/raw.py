@@ -7,8 +7,10 @@ Plain Python and torch: `examples/score_raw_criteo.py` repeats it for boxes with
 """
 
 import gzip
+import io
 import re
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator, List, Optional, Tuple
@@ -19,6 +21,11 @@ NUM_INTS, NUM_CATS = 13, 26
 _INT = re.compile(r"-?[0-9]+")
 _HEX = re.compile(r"[0-9a-fA-F]{1,16}")
 _MAX_INT_CHARS = 18
+_QUOTE = 40  # characters of a bad value quoted in an error (a bad field may be megabytes long)
+
+
+def _quote(text: str) -> str:
+    return repr(text) if len(text) <= _QUOTE else f"{text[:_QUOTE]!r}... ({len(text):,} characters)"
 
 
 class RawLineError(ValueError):
@@ -41,7 +48,7 @@ def parse_line(line: str) -> Tuple[Optional[int], List[int], List[int]]:
     if len(fields) == 1 + NUM_INTS + NUM_CATS:
         label_text, fields = fields[0], fields[1:]
         if label_text not in ("0", "1"):
-            raise ValueError(f"label {label_text!r} is not 0 or 1")
+            raise ValueError(f"label {_quote(label_text)} is not 0 or 1")
         label: Optional[int] = int(label_text)
     elif len(fields) == NUM_INTS + NUM_CATS:
         label = None
@@ -53,12 +60,12 @@ def parse_line(line: str) -> Tuple[Optional[int], List[int], List[int]]:
     ints = []
     for i, text in enumerate(fields[:NUM_INTS]):
         if text and (len(text) > _MAX_INT_CHARS or not _INT.fullmatch(text)):
-            raise ValueError(f"int_{i} {text!r} is not an integer (at most {_MAX_INT_CHARS} characters)")
+            raise ValueError(f"int_{i} {_quote(text)} is not an integer (at most {_MAX_INT_CHARS} characters)")
         ints.append(int(text) if text else 0)
     cats = []
     for i, text in enumerate(fields[NUM_INTS:]):
         if text and not _HEX.fullmatch(text):
-            raise ValueError(f"cat_{i} {text!r} is not a hex id (1 to 16 hex digits)")
+            raise ValueError(f"cat_{i} {_quote(text)} is not a hex id (1 to 16 hex digits)")
         value = int(text, 16) if text else 0
         cats.append(value - (1 << 64) if value >= 1 << 63 else value)
     return label, ints, cats
@@ -73,6 +80,12 @@ def parse_lines(
     ints: List[List[int]] = []
     cats: List[List[int]] = []
     for number, line in enumerate(lines, first_line):
+        try:
+            line.encode("utf-8")  # read with surrogateescape: a non-UTF-8 byte is a lone surrogate
+        except UnicodeEncodeError as e:
+            byte = ord(line[e.start]) - 0xDC00
+            raise RawLineError(f"{source}:{number}: not UTF-8 text (byte 0x{byte:02x} at character "
+                               f"{e.start + 1})") from None
         try:
             label, i, c = parse_line(line)
         except ValueError as e:
@@ -92,22 +105,35 @@ def parse_lines(
 
 
 def _open(path: str) -> IO[str]:
+    """UTF-8 text, line ends as the data path's (`\n`, `\r\n`, lone `\r`), bad bytes kept as
+    surrogates so that the parser names their line."""
     if path == "-":
-        return sys.stdin
+        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape", newline="")
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", newline="")
-    return open(path, newline="")
+        return gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape", newline="")
+    return open(path, encoding="utf-8", errors="surrogateescape", newline="")
+
+
+def _lines(f: IO[str], source: str) -> Iterator[str]:
+    """The lines of `f`, without a leading UTF-8 BOM (convert ignores it too); a file that cannot
+    be read (a corrupt or truncated .gz) is a RawLineError naming it."""
+    number = 0
+    try:
+        for number, line in enumerate(f, 1):
+            yield line[1:] if number == 1 and line.startswith("\ufeff") else line
+    except (OSError, EOFError, zlib.error) as e:
+        raise RawLineError(f"{source}: cannot be read past line {number:,}: {e}") from None
 
 
 def read_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
     """Batches of ``batch_size`` lines of a TSV file (``.gz`` works; ``-`` is stdin)."""
-    source = "<stdin>" if path == "-" else Path(path).name
+    source = "<stdin>" if path == "-" else path
     f = _open(path)
     labelled: Optional[bool] = None
     try:
         chunk: List[str] = []
         first = 1
-        for line in f:
+        for line in _lines(f, source):
             chunk.append(line)
             if len(chunk) == batch_size:
                 batch = parse_lines(chunk, source, first, labelled)
@@ -118,5 +144,5 @@ def read_batches(path: str, batch_size: int) -> Iterator[RawBatch]:
         if chunk:
             yield parse_lines(chunk, source, first, labelled)
     finally:
-        if f is not sys.stdin:
+        if path != "-":
             f.close()

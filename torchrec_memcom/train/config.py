@@ -23,12 +23,21 @@ class SynthConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    """A folder made by ``memcom data convert`` or ``memcom data synth``."""
+    """A folder made by ``memcom data convert`` or ``memcom data synth`` (``format: parquet``), or
+    TorchRec's preprocessed Criteo npy files (``format: torchrec_npy``; needs
+    ``embeddings.num_embeddings``, ids hashed modulo it)."""
 
     path: str = "runs/data/synthetic"
+    format: str = "parquet"
     synthetic: Optional[SynthConfig] = None
     train_split: str = "train"
     eval_split: str = "val"
+
+    def __post_init__(self) -> None:
+        if self.format not in ("parquet", "torchrec_npy"):
+            raise ValueError(f"data.format: expected parquet or torchrec_npy, got {self.format!r}")
+        if self.format == "torchrec_npy" and self.synthetic is not None:
+            raise ValueError("data.synthetic generates Parquet data: it does not go with data.format torchrec_npy")
 
 
 @dataclasses.dataclass

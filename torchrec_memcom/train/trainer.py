@@ -32,6 +32,8 @@ from tqdm import tqdm
 
 from torchrec_memcom.data import CriteoParquetLoader, load_manifest, synthesize
 from torchrec_memcom.data.schema import CAT_NAMES
+from torchrec_memcom.data.torchrec_npy import TorchRecNpyLoader
+from torchrec_memcom.data.torchrec_npy import describe as describe_npy
 from torchrec_memcom.distributed.planner import memcom_planner
 from torchrec_memcom.train.checkpoint import (
     CONFIG, DATA, PROGRESS, CheckpointError, latest_checkpoint, load_checkpoint, read_record, save_checkpoint,
@@ -231,8 +233,14 @@ def train(config: RunConfig, allow_changes: bool = False) -> Dict[str, Any]:
 
 
 def _prepare_data(config: RunConfig) -> Dict[str, Any]:
-    """The manifest of ``data.path``; synthesized there first (by rank 0) when asked and absent."""
+    """The manifest of ``data.path``; synthesized there first (by rank 0) when asked and absent.
+    For TorchRec npy files, their description (the files checked)."""
     path = Path(config.data.path)
+    if config.data.format == "torchrec_npy":
+        if config.embeddings.num_embeddings == "from_data":
+            raise ValueError(f"{path}: data.format torchrec_npy holds raw ids: set embeddings.num_embeddings "
+                             "(26 sizes; ids are hashed modulo them, as TorchRec's DLRM example does)")
+        return describe_npy(path)
     if config.data.synthetic is not None and dist.get_rank() == 0 and not (path / "manifest.json").exists():
         s = config.data.synthetic
         synthesize(s.rows, path, seed=s.seed, max_cardinality=s.max_cardinality)
@@ -314,13 +322,16 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_optimizer])
     pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
 
-    def loader(split: str, shuffle: bool) -> CriteoParquetLoader:
+    def loader(split: str, shuffle: bool) -> Any:
+        if config.data.format == "torchrec_npy":
+            return TorchRecNpyLoader(config.data.path, split, cfg.batch_size, rank=rank, world_size=world,
+                                     num_embeddings=list(sizes), seed=cfg.seed, shuffle=shuffle, drop_last=True)
         return CriteoParquetLoader(
             config.data.path, split, cfg.batch_size, rank=rank, world_size=world,
             seed=cfg.seed, shuffle=shuffle, drop_last=shuffle,  # evaluation reads every row
             # a GPU step leaves the CPU (and the GIL) to the prefetch thread; a CPU step competes
             # with it for both, and measured slower with it (docs/data.md)
-            prefetch=2 if device.type != "cpu" else 0,
+            prefetch=2 if device.type != "cpu" else 0, pin_memory=device.type != "cpu",
         )
 
     try:
