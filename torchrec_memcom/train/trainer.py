@@ -25,10 +25,10 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from torchrec_memcom.data import CriteoParquetLoader, load_manifest, synthesize
-from torchrec_memcom.data.schema import CAT_NAMES
+from torchrec_memcom.data.manifest import features_of
 from torchrec_memcom.distributed.planner import memcom_planner
 from torchrec_memcom.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from torchrec_memcom.train.config import RunConfig, as_dict
+from torchrec_memcom.train.config import RunConfig, as_dict, check_features
 from torchrec_memcom.train.model import build_model, embedding_bytes, table_configs
 
 DENSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}
@@ -114,12 +114,14 @@ def _train(config: RunConfig, device: torch.device) -> Dict[str, Any]:
     cfg = config.train
     torch.manual_seed(cfg.seed)
     manifest = _prepare_data(config)
+    features = features_of(manifest)
+    check_features(config, features.sparse, f"{config.data.path}'s")
     sizes = config.embeddings.num_embeddings
     if sizes == "from_data":
-        sizes = [manifest["features"][f]["num_embeddings"] for f in CAT_NAMES]
+        sizes = [manifest["features"][f]["num_embeddings"] for f in features.sparse]
 
-    model, sharders = build_model(config, list(sizes), device)
-    configs = table_configs(config.embeddings.dim, list(sizes))
+    model, sharders = build_model(config, list(sizes), device, features)
+    configs = table_configs(config.embeddings.dim, list(sizes), features.sparse)
     bytes_per_table = embedding_bytes(model.model.sparse_arch.embedding_bag_collection, [t.name for t in configs])
     uncompressed = {t.name: t.num_embeddings * t.embedding_dim * 4 for t in configs}
     planner = memcom_planner(_topology(device), batch_size=cfg.batch_size)
