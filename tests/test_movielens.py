@@ -177,3 +177,55 @@ def test_manifests_written_before_feature_names_are_criteo(tmp_path: Path) -> No
     loader = CriteoParquetLoader(data, "train", 100, seed=2)
     assert [b.sparse_features.values().tolist() for b in loader] == before
     assert next(iter(loader)).dense_features.shape == (100, 13)
+
+
+def _without_genres(data: Path, out: Path) -> Path:
+    """A copy of a MovieLens folder without its multi-hot feature: six one-id features, no dense."""
+    import shutil
+
+    shutil.copytree(data, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for info in manifest["splits"].values():
+        for shard in info["shards"]:
+            pq.write_table(pq.read_table(out / shard["path"]).drop_columns(["genres"]), out / shard["path"])
+    del manifest["features"]["genres"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def _train_checkpoint(data: Path, work: Path) -> Path:
+    from torchrec_memcom.train.cli import launch
+
+    config = {
+        "data": {"path": str(data)},
+        "model": {"dense_arch_layer_sizes": [16], "over_arch_layer_sizes": [16, 1]},
+        "embeddings": {"dim": 8, "compression": {"method": "memcom", "params": {"ratio": 4}, "min_rows": 100}},
+        "optimizer": {"sparse": {"type": "rowwise_adagrad", "lr": 0.1}, "dense": {"lr": 0.1}},
+        "train": {"batch_size": 64, "steps": 5, "run_dir": str(work / "run"), "checkpoint_dir": str(work / "ckpt")},
+    }
+    work.mkdir()
+    (work / "config.yaml").write_text(json.dumps(config))
+    assert launch(str(work / "config.yaml"), 1) == 0
+    return work / "ckpt"
+
+
+def test_export_reads_the_features_from_the_manifest(tmp_path: Path) -> None:
+    """A model of six one-id features and no dense ones exports and matches the trained model
+    (export's own check); a multi-hot one is refused, naming the feature."""
+    from torchrec_memcom.export.export import export_checkpoint
+    from torchrec_memcom.export.inference import load_model
+    from torchrec_memcom.export.tables import ExportError
+
+    data = tmp_path / "ml"
+    convert_movielens(write_movielens(tmp_path / "src", "grouplens", **movielens_rows(200, 40, 3000)), data)
+    one_hot = _without_genres(data, tmp_path / "one_hot")
+    report = export_checkpoint(_train_checkpoint(one_hot, tmp_path / "a"), tmp_path / "m.pt", "fp32",
+                               raw_ids=False, check_rows=None)
+    assert report["check"]["max_abs_diff"] <= 1e-5 and report["check"]["rows"] == load_manifest(one_hot)["splits"]["val"]["rows"]
+    model = load_model(tmp_path / "m.pt")
+    meta = json.loads(model.metadata)
+    assert meta["dense_features"] == [] and meta["sparse_features"] == ["user", "movie", "gender", "age", "occupation", "zip"]
+    p = model(torch.zeros(3, 0), torch.ones(3, 6, dtype=torch.int64))
+    assert p.shape == (3,) and bool(((p > 0) & (p < 1)).all())
+    with pytest.raises(ExportError, match="feature 'genres' is multi-hot"):
+        export_checkpoint(_train_checkpoint(data, tmp_path / "b"), tmp_path / "g.pt", "fp32", raw_ids=False)
