@@ -2,9 +2,9 @@
 data, results on the test split, several seeds, paired deltas against the stock model.
 
 For each dataset, dim, method and target ratio, the DLRM (as in quality.py) trains once per
-learning rate of ``--lrs`` with the first seed and is evaluated on ``val``; the learning rate of
-the best val AUC then trains every seed, evaluated on ``test``. Per arm the JSON holds the lr
-grid's val AUCs, the chosen lr, test AUC / log loss per seed, their mean and standard error, and
+learning rate of ``--lrs`` (times the values of ``--param-grid`` params of that method) with the
+first seed and is evaluated on ``val``; the setting of the best val AUC then trains every seed,
+evaluated on ``test``. Per arm the JSON holds the grid's val AUCs, the chosen setting, test AUC / log loss per seed, their mean and standard error, and
 the paired change against the stock model of the same seed (mean and standard error of the
 paired differences). Methods: none, hash, qr, memcom, budgeted and TorchRec's own managed
 collisions (``ManagedCollisionEmbeddingBagCollection``, benchmarks/managed_collision.py) at the
@@ -115,12 +115,36 @@ def managed_collision_unavailable(device: str) -> Optional[str]:
             "(it shards row-wise only; the EBC sharder has no row-wise there)")
 
 
-def run_arm(run: Callable[[float, int, str], Dict[str, Any]], lrs: Sequence[float], seeds: Sequence[int]) -> Dict[str, Any]:
-    """The lr grid on val with the first seed, then every seed at the best lr on test."""
-    grid = {f"{lr:g}": run(lr, seeds[0], "val")["auc"] for lr in lrs}
-    best = max(grid, key=lambda k: grid[k])
-    tests = [{**run(float(best), s, "test"), "seed": s} for s in seeds]
-    return {"val_auc_by_lr": grid, "lr": float(best), "runs": tests}
+def run_arm(run: Callable[[float, Dict[str, Any], int, str], Dict[str, Any]], lrs: Sequence[float],
+            extra: Dict[str, List[Any]], seeds: Sequence[int]) -> Dict[str, Any]:
+    """The grid (every lr, times every value of each ``extra`` method param) on val with the
+    first seed, then every seed at the best setting on test."""
+    settings = [{}]
+    for key, values in extra.items():
+        settings = [{**p, key: v} for p in settings for v in values]
+    grid = [{"lr": lr, "params": p, "val_auc": run(lr, p, seeds[0], "val")["auc"]} for lr in lrs for p in settings]
+    best = max(grid, key=lambda g: g["val_auc"])
+    tests = [{**run(best["lr"], best["params"], s, "test"), "seed": s} for s in seeds]
+    return {"grid": grid, "lr": best["lr"], "chosen_params": best["params"], "runs": tests}
+
+
+def param_grid(specs: Sequence[str]) -> Dict[str, Dict[str, List[Any]]]:
+    """``METHOD.KEY=V1,V2`` specs as {method: {key: [values]}} (values as JSON, else strings)."""
+    out: Dict[str, Dict[str, List[Any]]] = {}
+    for spec in specs:
+        head, _, values = spec.partition("=")
+        method, _, key = head.partition(".")
+        if not (method and key and values):
+            raise SystemExit(f"--param-grid {spec!r}: expected METHOD.KEY=V1,V2 (e.g. memcom.scalar_lr=0.05,0.5)")
+
+        def parse(v: str) -> Any:
+            try:
+                return json.loads(v)
+            except ValueError:
+                return v
+
+        out.setdefault(method, {})[key] = [parse(v) for v in values.split(",")]
+    return out
 
 
 def summarize(arm: Dict[str, Any], baseline: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -156,6 +180,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--ratios", nargs="+", type=float, default=RATIOS)
     parser.add_argument("--dims", nargs="+", type=int, default=[32, 128])
     parser.add_argument("--lrs", nargs="+", type=float, default=LRS, help="grid each method's lr is picked from on val")
+    parser.add_argument("--param-grid", nargs="*", default=[], metavar="METHOD.KEY=V1,V2",
+                        help="more of a method's params to pick on val with the lr, e.g. MEmCom's scalar "
+                             "settings once MEmComConfig has them")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--min-rows", type=int, default=1000, help="smaller tables stay uncompressed")
     parser.add_argument("--synthetic-rows", type=int, default=1_000_000)
@@ -169,6 +196,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default=str(REPO / "docs"))
     parser.add_argument("--name", default="fair_benchmark")
     args = parser.parse_args(argv)
+    extra = param_grid(args.param_grid)
     steps = None
     quality.quiet()
     import torch
@@ -194,7 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "command": " ".join(["python", "benchmarks/fair.py", *sys.argv[1:]]),
             "smoke": args.smoke, "machine": {**quality.machine(), "torch_threads": args.threads},
             "methods": args.methods, "target_ratios": args.ratios, "dims": args.dims, "lrs": args.lrs,
-            "seeds": args.seeds, "min_rows": args.min_rows, "steps": steps,
+            "seeds": args.seeds, "min_rows": args.min_rows, "steps": steps, "param_grid": extra,
             "protocol": "lr picked on val AUC with the first seed; every seed at that lr reported on test; "
                         "paired deltas against the stock model of the same seed; se = standard error of the mean",
             "datasets": {},
@@ -233,15 +261,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                         if why:
                             cells.setdefault(method, {})[key] = {"target_ratio": ratio, "reachable": False, "reason": why}
                             continue
-                        arm = run_arm(lambda lr, seed, split: train_run(work, ds["path"], block, t, lr, seed, split),
-                                      args.lrs, args.seeds)
+                        def run(lr: float, params: Dict[str, Any], seed: int, split: str,
+                                block: Dict[str, Any] = block) -> Dict[str, Any]:
+                            with_params = {**block, "params": {**block.get("params", {}), **params}} if params else block
+                            return train_run(work, ds["path"], with_params, t, lr, seed, split)
+
+                        arm = run_arm(run, args.lrs, extra.get(method, {}), args.seeds)
                         cell = {"target_ratio": ratio, "reachable": True,
                                 **summarize(arm, arm if method == "none" else baseline)}
                         if method == "none":
                             baseline = arm
                         cells.setdefault(method, {})[key] = cell
                         d = cell.get("delta_auc_vs_none", {"mean": 0.0, "se": 0.0})
-                        print(f"[{dataset} d{dim}] {method:>17} {key:>3}x lr {cell['lr']:g}: test auc "
+                        print(f"[{dataset} d{dim}] {method:>17} {key:>3}x lr {cell['lr']:g} {cell['chosen_params'] or ''}: test auc "
                               f"{cell['auc']['mean']:.4f} ± {cell['auc']['se']:.4f}, delta {d['mean']:+.4f} ± {d['se']:.4f}",
                               flush=True)
                 entry["dims"][str(dim)] = cells

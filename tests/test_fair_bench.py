@@ -18,8 +18,9 @@ import fair  # noqa: E402
 import managed_collision  # noqa: E402
 
 
-def test_fair_smoke_picks_lr_on_val_and_reports_paired_test_deltas(tmp_path: Path) -> None:
+def test_fair_smoke_picks_settings_on_val_and_reports_paired_test_deltas(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fair.py"), "--smoke", "--datasets", "movielens",
+                           "--param-grid", "hash.hash=mod,mix",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "fair_smoke.json").read_text())
@@ -32,9 +33,11 @@ def test_fair_smoke_picks_lr_on_val_and_reports_paired_test_deltas(tmp_path: Pat
             if not cell["reachable"]:
                 assert method == managed_collision.NAME and not torch.cuda.is_available() and cell["reason"]
                 continue
-            grid = cell["val_auc_by_lr"]
-            assert set(grid) == {f"{lr:g}" for lr in result["lrs"]}
-            assert cell["lr"] == float(max(grid, key=grid.get))  # chosen on val
+            grid = cell["grid"]
+            expected = {(lr, v) for lr in result["lrs"] for v in (["mod", "mix"] if method == "hash" else [None])}
+            assert {(g["lr"], g["params"].get("hash")) for g in grid} == expected
+            best = max(grid, key=lambda g: g["val_auc"])  # chosen on val
+            assert (cell["lr"], cell["chosen_params"]) == (best["lr"], best["params"])
             aucs = [r["auc"] for r in cell["runs"]]
             assert [r["seed"] for r in cell["runs"]] == result["seeds"] == [0, 1]
             assert cell["auc"]["mean"] == pytest.approx(statistics.fmean(aucs))

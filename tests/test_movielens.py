@@ -229,3 +229,20 @@ def test_export_reads_the_features_from_the_manifest(tmp_path: Path) -> None:
     assert p.shape == (3,) and bool(((p > 0) & (p < 1)).all())
     with pytest.raises(ExportError, match="feature 'genres' is multi-hot"):
         export_checkpoint(_train_checkpoint(data, tmp_path / "b"), tmp_path / "g.pt", "fp32", raw_ids=False)
+
+
+def test_config_checks_tables_against_the_datas_features(tmp_path: Path, records: Dict[str, List[Any]]) -> None:
+    from torchrec_memcom.train.config import load_config
+
+    data = tmp_path / "ml"
+    convert_movielens(write_movielens(tmp_path / "src", "grouplens", **records), data)
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps({"data": {"path": str(data)}, "embeddings": {"compression": {
+        "tables": {"t_zip": {"method": "hash", "params": {"ratio": 2}}}}}}))
+    assert load_config(path).embeddings.compression.tables["t_zip"].method == "hash"
+    path.write_text(json.dumps({"data": {"path": str(data)}, "embeddings": {"compression": {"tables": {"t_cat_3": {}}}}}))
+    with pytest.raises(ValueError, match=r"tables.t_cat_3: no such table \(.*'s t_user .. t_genres\)"):
+        load_config(path)
+    path.write_text(json.dumps({"data": {"path": str(data)}, "embeddings": {"num_embeddings": [10] * 26}}))
+    with pytest.raises(ValueError, match="expected 7 sizes"):
+        load_config(path)
