@@ -151,6 +151,17 @@ def test_loader_gives_multi_hot_bags_and_no_dense(tmp_path: Path, records: Dict[
         genres = torch.split(kjt["genres"].values(), kjt["genres"].lengths().tolist())
         got += zip(kjt["user"].values().tolist(), kjt["movie"].values().tolist(), [tuple(g.tolist()) for g in genres])
     assert sorted(got) == sorted(zip(table["user"], table["movie"], [tuple(g) for g in table["genres"]]))
+    # two ranks: rank 1's part starts inside a row group (a sliced list column)
+    halves = []
+    for rank in (0, 1):
+        for batch in CriteoParquetLoader(data, "train", batch_size=40, rank=rank, world_size=2, shuffle=False):
+            kjt = batch.sparse_features.to_dict()
+            genres = torch.split(kjt["genres"].values(), kjt["genres"].lengths().tolist())
+            halves += zip(kjt["user"].values().tolist(), [tuple(g.tolist()) for g in genres])
+    rows = list(zip(table["user"], [tuple(g) for g in table["genres"]]))
+    half = len(rows) // 2
+    used = half // 40 * 40
+    assert halves == rows[:used] + rows[half:half + used]
 
 
 def test_frequencies_count_every_id_of_a_bag(tmp_path: Path, records: Dict[str, List[Any]]) -> None:

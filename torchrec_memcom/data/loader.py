@@ -155,8 +155,8 @@ class CriteoParquetLoader:
                 bags = {}
                 for name in self.features.multi_hot:
                     column = table.column(name).combine_chunks()
-                    bags[name] = (column.offsets.to_numpy().astype(np.int64) - column.offset,
-                                  column.values.to_numpy())
+                    offsets = column.offsets.to_numpy().astype(np.int64)  # into the unsliced values
+                    bags[name] = (offsets - offsets[0], column.flatten().to_numpy())
                 yield _Rows(labels, dense, ids, bags)
                 window, rows = [], 0
 

@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Tuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .schema import INT_NAMES, SPLITS, Features
 from .sources import PathLike
