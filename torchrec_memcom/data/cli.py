@@ -102,8 +102,8 @@ def _guarded(command: Any) -> Any:
 
 def add_parser(subparsers: Any) -> None:
     """Register `memcom data` and its subcommands."""
-    data = subparsers.add_parser("data", help="convert, synthesize and inspect Criteo data",
-                                 description="Criteo data: TSV -> Parquet shards, synthetic data, manifests.")
+    data = subparsers.add_parser("data", help="convert (Criteo, MovieLens), synthesize and inspect data",
+                                 description="Criteo TSV or MovieLens -> Parquet shards, synthetic data, manifests.")
     commands = data.add_subparsers(dest="data_command", required=True)
 
     convert = commands.add_parser(
