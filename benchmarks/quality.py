@@ -136,14 +136,15 @@ def prepare_criteo(work: Path, sample: Path, train_lines: int) -> Dict[str, Any]
 
 
 def train_once(run_dir: Path, data: Path, block: Dict[str, Any], seed: int, t: Dict[str, Any]) -> Dict[str, Any]:
-    """One in-process, single-rank training run; its results (results.json)."""
+    """One in-process, single-rank training run, evaluated on ``t["eval_split"]`` (default
+    val); its results (results.json)."""
     import yaml
 
     from torchrec_memcom.train.config import load_config
     from torchrec_memcom.train.trainer import train
 
     config = {
-        "data": {"path": str(data)},
+        "data": {"path": str(data), "eval_split": t.get("eval_split", "val")},
         "model": {"arch": "DLRM", "dense_arch_layer_sizes": [64], "over_arch_layer_sizes": [64, 32, 1]},
         "embeddings": {"dim": t["dim"], "compression": block},
         "optimizer": {"sparse": {"type": "rowwise_adagrad", "lr": t["lr"]}, "dense": {"type": "adagrad", "lr": t["lr"]}},

@@ -32,9 +32,15 @@ def compression(method: str, ratio: float, min_rows: int, data: Path) -> Dict[st
     return {"method": method, "params": params, "min_rows": min_rows}
 
 
-def build_meta(block: Dict[str, Any], dim: int, sizes: Sequence[int]) -> Any:
+def _names(sizes: Sequence[int], names: Optional[Sequence[str]]) -> List[str]:
+    """The categorical features of tables of ``sizes``: ``names``, else Criteo's cat_0, cat_1, ..."""
+    return list(names) if names is not None else [f"cat_{i}" for i in range(len(sizes))]
+
+
+def build_meta(block: Dict[str, Any], dim: int, sizes: Sequence[int], names: Optional[Sequence[str]] = None) -> Any:
     """The compressed collection ``block`` asks for, on the meta device (no memory); the
-    method's own solver raises ``ValueError`` if it cannot build it."""
+    method's own solver raises ``ValueError`` if it cannot build it. ``names``: the features
+    (default Criteo's)."""
     import torch
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -43,11 +49,12 @@ def build_meta(block: Dict[str, Any], dim: int, sizes: Sequence[int]) -> Any:
     from torchrec_memcom.train.model import table_configs
 
     spec = _build(CompressionSpec, block, "embeddings.compression")
-    ebc = EmbeddingBagCollection(table_configs(dim, list(sizes)), device=torch.device("meta"))
+    ebc = EmbeddingBagCollection(table_configs(dim, list(sizes), _names(sizes, names)), device=torch.device("meta"))
     return compress_collection(ebc, spec)[0]
 
 
-def within_tolerance(block: Dict[str, Any], dim: int, sizes: Sequence[int]) -> Dict[str, Any]:
+def within_tolerance(block: Dict[str, Any], dim: int, sizes: Sequence[int],
+                     names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """``block``, or for a budget below the smallest feasible one by at most 1%, that smallest
     budget: the tolerance the other methods' ratio solvers give (they accept a size within 1%
     of the target), so that budgeted tables are not unreachable where the others are not."""
@@ -55,7 +62,7 @@ def within_tolerance(block: Dict[str, Any], dim: int, sizes: Sequence[int]) -> D
         return block
     from torchrec_memcom.modules.budget_config import smallest_feasible_bytes, uncompressed_bytes
 
-    shapes = {f"t_cat_{i}": (n, dim) for i, n in enumerate(sizes) if n >= block["min_rows"]}
+    shapes = {f"t_{f}": (n, dim) for f, n in zip(_names(sizes, names), sizes) if n >= block["min_rows"]}
     floor = smallest_feasible_bytes(shapes, None, bool(block["params"].get("tail")))
     best = sum(uncompressed_bytes(n, d, None) for n, d in shapes.values()) / floor
     ratio = block["params"]["budget_ratio"]
@@ -65,7 +72,8 @@ def within_tolerance(block: Dict[str, Any], dim: int, sizes: Sequence[int]) -> D
     return block
 
 
-def unreachable(method: str, block: Dict[str, Any], dim: int, sizes: Sequence[int]) -> Optional[str]:
+def unreachable(method: str, block: Dict[str, Any], dim: int, sizes: Sequence[int],
+                names: Optional[Sequence[str]] = None) -> Optional[str]:
     """Why ``method`` cannot build these tables as ``block`` asks (None: it can).
 
     Builds the compressed collection on the meta device, so the method's own ratio solver
@@ -74,7 +82,7 @@ def unreachable(method: str, block: Dict[str, Any], dim: int, sizes: Sequence[in
     if method == "none":
         return None
     try:
-        build_meta(block, dim, sizes)
+        build_meta(block, dim, sizes, names)
     except ValueError as e:
         return str(e)
     return None

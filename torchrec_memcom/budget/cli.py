@@ -111,7 +111,8 @@ class Problem:
 
 def problem_from_args(args: argparse.Namespace) -> Problem:
     """Resolve the config (if any) and the flags, which win, into a ``Problem``."""
-    from torchrec_memcom.data import CAT_NAMES, load_frequencies, load_manifest, synthesize
+    from torchrec_memcom.data import load_frequencies, load_manifest, synthesize
+    from torchrec_memcom.data.manifest import features_of
     from torchrec_memcom.modules.budget_config import Budget, check_training_optimizer
     from torchrec_memcom.modules.budgeted_embedding_bag import collection_params, table_counts
     from torchrec_memcom.train.model import table_configs
@@ -129,10 +130,11 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
         synthesize(s.rows, data, seed=s.seed, max_cardinality=s.max_cardinality)
     manifest = load_manifest(data)
     dim = args.dim or (config.embeddings.dim if config else DEFAULT_DIM)
-    sizes = [manifest["features"][f]["num_embeddings"] for f in CAT_NAMES]
+    features = features_of(manifest).sparse
+    sizes = [manifest["features"][f]["num_embeddings"] for f in features]
     if config and config.embeddings.num_embeddings != "from_data":
         sizes = list(config.embeddings.num_embeddings)
-    tables = table_configs(dim, sizes)
+    tables = table_configs(dim, sizes, features)
     params: Dict[str, Any] = {}
     budgeted = tables
     if config:

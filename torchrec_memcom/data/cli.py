@@ -1,4 +1,4 @@
-"""`memcom data {convert,synth,info}`: the command-line side of torchrec_memcom.data.
+"""`memcom data {convert,synth,movielens,info}`: the command-line side of torchrec_memcom.data.
 
 Only argparse is imported at module level, so `memcom --help` stays fast; each command imports
 what it needs when it runs.
@@ -80,6 +80,15 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _movielens(args: argparse.Namespace) -> int:
+    from .movielens import convert_movielens
+
+    manifest = convert_movielens(args.src, args.out, seed=args.seed, on_bad_line=args.on_bad_line,
+                                 rows_per_shard=args.rows_per_shard, overwrite=args.overwrite)
+    print(_summary(manifest, args.out))
+    return 0
+
+
 def _info(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -129,8 +138,8 @@ def _guarded(command: Any) -> Any:
 
 def add_parser(subparsers: Any) -> None:
     """Register `memcom data` and its subcommands."""
-    data = subparsers.add_parser("data", help="convert, synthesize and inspect Criteo data",
-                                 description="Criteo data: TSV -> Parquet shards, synthetic data, manifests.")
+    data = subparsers.add_parser("data", help="convert (Criteo, MovieLens), synthesize and inspect data",
+                                 description="Criteo TSV or MovieLens -> Parquet shards, synthetic data, manifests.")
     commands = data.add_subparsers(dest="data_command", required=True)
 
     convert = commands.add_parser(
@@ -193,6 +202,21 @@ def add_parser(subparsers: Any) -> None:
     synth.add_argument("--overwrite", action="store_true", help="replace other data in DIR")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_guarded(_synth))
+
+    movielens = commands.add_parser(
+        "movielens", help="convert MovieLens-1M (GroupLens .dat or RecBole atomic files) to Parquet shards",
+        description="MovieLens-1M ratings into the same Parquet layout: label = rating >= 4; user, movie, "
+                    "gender, age, occupation, zip one id each, genres a multi-hot bag; rows shuffled "
+                    "(--seed), then the Kaggle split (6/7 train, 1/14 val, 1/14 test).")
+    movielens.add_argument("src", metavar="SRC",
+                           help="folder with ratings.dat, users.dat, movies.dat or *.inter, *.user, *.item")
+    movielens.add_argument("--out", required=True, metavar="DIR")
+    movielens.add_argument("--seed", type=int, default=0, help="row shuffle seed (default 0)")
+    movielens.add_argument("--on-bad-line", choices=["error", "skip"], default="error",
+                           help="malformed line: stop naming file and line, or skip and count it")
+    movielens.add_argument("--rows-per-shard", type=int, default=1_000_000, metavar="N")
+    movielens.add_argument("--overwrite", action="store_true", help="replace other data in DIR")
+    movielens.set_defaults(func=_guarded(_movielens))
 
     info = commands.add_parser("info", help="summarize a data folder's manifest, or a folder of TorchRec npy files")
     info.add_argument("dir", metavar="DIR")

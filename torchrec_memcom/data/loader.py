@@ -1,4 +1,7 @@
-"""Training batches from a data folder: `torchrec.datasets.utils.Batch` with a KJT of 26 features.
+"""Training batches from a data folder: `torchrec.datasets.utils.Batch` with a KJT of its features.
+
+The features are the manifest's (Criteo's 13 dense and 26 one-id categorical ones by default);
+a multi-hot feature holds a list of ids per row and comes out as a bag of that length.
 
 Shuffling is two-level, the way large click logs are usually shuffled without holding them in
 memory: every epoch the row groups of all shards (65,536 rows each) are permuted with a generator
@@ -22,14 +25,14 @@ import math
 import queue
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .manifest import load_manifest
-from .schema import CAT_NAMES, INT_NAMES, LABEL_NAME
+from .manifest import features_of, load_manifest
+from .schema import LABEL_NAME
 from .sources import PathLike
 
 if TYPE_CHECKING:
@@ -38,7 +41,8 @@ if TYPE_CHECKING:
 
 
 class CriteoParquetLoader:
-    """Iterable of `Batch` (dense float32 [B, 13], KJT cat_0..cat_25 one id each, labels float32 [B]).
+    """Iterable of `Batch`: dense float32 [B, dense features], a KJT of the categorical features
+    (one id each, multi-hot ones a bag each), labels float32 [B]; Criteo: [B, 13], cat_0..cat_25.
 
     Call `set_epoch(e)` before each epoch, as with torch's DistributedSampler: the order depends
     only on (seed, epoch, rank, world_size), never on how often the loader was iterated.
@@ -73,10 +77,12 @@ class CriteoParquetLoader:
         self.prefetch = prefetch
         self.pin_memory = pin_memory
         self.epoch = 0
-        self.keys: List[str] = list(CAT_NAMES)
+        self.features = features_of(manifest)
+        self.keys: List[str] = list(self.features.sparse)
+        self._one_hot = [k for k in self.keys if k not in self.features.multi_hot]
         self._lengths_offsets: Dict[int, Tuple["torch.Tensor", "torch.Tensor"]] = {}
         self.num_embeddings: Dict[str, int] = {
-            name: manifest["features"][name]["num_embeddings"] for name in CAT_NAMES
+            name: manifest["features"][name]["num_embeddings"] for name in self.keys
         }
         # Row groups of all shards, in file order: (path, row group, rows).
         self._blocks: List[Tuple[Path, int, int]] = []
@@ -133,8 +139,8 @@ class CriteoParquetLoader:
             lo, k = stop, k + 1
         return pieces
 
-    def _windows(self, pieces: List[Tuple[int, int, int]]) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(labels float32 [n], dense float32 [n, 13], ids int64 [26, n]) per window of pieces."""
+    def _windows(self, pieces: List[Tuple[int, int, int]]) -> Iterator["_Rows"]:
+        """The rows of each window of pieces."""
         window: List[pa.Table] = []
         rows = 0
         for k, (block, lo, hi) in enumerate(pieces):
@@ -144,13 +150,18 @@ class CriteoParquetLoader:
             if rows >= self.shuffle_window or k == len(pieces) - 1:
                 table = pa.concat_tables(window)
                 labels = table.column(LABEL_NAME).to_numpy().astype(np.float32)
-                dense = np.empty((table.num_rows, len(INT_NAMES)), dtype=np.float32)
-                for j, name in enumerate(INT_NAMES):
+                dense = np.empty((table.num_rows, len(self.features.dense)), dtype=np.float32)
+                for j, name in enumerate(self.features.dense):
                     dense[:, j] = table.column(name).to_numpy()
-                ids = np.empty((len(CAT_NAMES), table.num_rows), dtype=np.int64)
-                for j, name in enumerate(CAT_NAMES):
+                ids = np.empty((len(self._one_hot), table.num_rows), dtype=np.int64)
+                for j, name in enumerate(self._one_hot):
                     ids[j] = table.column(name).to_numpy()
-                yield labels, dense, ids
+                bags = {}
+                for name in self.features.multi_hot:
+                    column = table.column(name).combine_chunks()
+                    offsets = column.offsets.to_numpy().astype(np.int64)  # into the unsliced values
+                    bags[name] = (offsets - offsets[0], column.flatten().to_numpy())
+                yield _Rows(labels, dense, ids, bags)
                 window, rows = [], 0
 
     def __iter__(self) -> Iterator["Batch"]:
@@ -164,50 +175,94 @@ class CriteoParquetLoader:
 
     def _batches(self) -> Iterator["Batch"]:
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, self.world_size])
-        carry = None  # rows of the previous window that did not fill a batch
+        carry: Optional[_Rows] = None  # rows of the previous window that did not fill a batch
         emitted = 0
-        for labels, dense, ids in self._windows(self._pieces()):
+        for window in self._windows(self._pieces()):
             if carry is not None:
-                labels = np.concatenate([carry[0], labels])
-                dense = np.concatenate([carry[1], dense])
-                ids = np.concatenate([carry[2], ids], axis=1)
-            order = rng.permutation(len(labels)) if self.shuffle else np.arange(len(labels))
-            full = len(order) // self.batch_size * self.batch_size
+                window = carry.concat(window)
+            n = len(window.labels)
+            order = rng.permutation(n) if self.shuffle else np.arange(n)
+            full = n // self.batch_size * self.batch_size
             for s in range(0, full, self.batch_size):
                 if emitted == self.num_batches:
                     return
-                yield self._batch(labels, dense, ids, order[s : s + self.batch_size])
+                yield self._batch(window, order[s : s + self.batch_size])
                 emitted += 1
-            rest = order[full:]
-            carry = (labels[rest], dense[rest], ids[:, rest])
-        if emitted < self.num_batches and carry is not None and len(carry[0]):
-            yield self._batch(*carry, np.arange(len(carry[0])))
+            carry = window.take(order[full:])
+        if emitted < self.num_batches and carry is not None and len(carry.labels):
+            yield self._batch(carry, np.arange(len(carry.labels)))
 
-    def _batch(self, labels: np.ndarray, dense: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> "Batch":
+    def _batch(self, window: "_Rows", rows: np.ndarray) -> "Batch":
         import torch
         from torchrec.datasets.utils import Batch
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
         n = len(rows)
-        features = len(CAT_NAMES)
-        if n not in self._lengths_offsets:  # one id per feature and example: shared, read-only
-            self._lengths_offsets[n] = (torch.from_numpy(np.ones(features * n, dtype=np.int32)),
-                                        torch.from_numpy(np.arange(features * n + 1, dtype=np.int32)))
-        lengths, offsets = self._lengths_offsets[n]
-        kjt = KeyedJaggedTensor(
+        dense = torch.from_numpy(window.dense[rows])
+        labels = torch.from_numpy(window.labels[rows])
+        features = len(self.keys)
+        if not window.bags:
+            if n not in self._lengths_offsets:  # one id per feature and example: shared, read-only
+                self._lengths_offsets[n] = (torch.from_numpy(np.ones(features * n, dtype=np.int32)),
+                                            torch.from_numpy(np.arange(features * n + 1, dtype=np.int32)))
+            lengths, offsets = self._lengths_offsets[n]
+            kjt = KeyedJaggedTensor(
+                keys=self.keys,
+                values=torch.from_numpy(window.ids[:, rows].reshape(-1)),
+                lengths=lengths,
+                offsets=offsets,
+                stride=n,
+                length_per_key=[n] * features,
+                offset_per_key=[n * f for f in range(features + 1)],
+            )
+            return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
+        picked = window.take(rows)
+        one_hot = dict(zip(self._one_hot, picked.ids))
+        values, lengths = [], []
+        for key in self.keys:
+            if key in picked.bags:
+                offsets, ids = picked.bags[key]
+                values.append(ids)
+                lengths.append(np.diff(offsets))
+            else:
+                values.append(one_hot[key])
+                lengths.append(np.ones(n, dtype=np.int64))
+        kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=self.keys,
-            values=torch.from_numpy(ids[:, rows].reshape(-1)),
-            lengths=lengths,
-            offsets=offsets,
+            values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
+            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
             stride=n,
-            length_per_key=[n] * features,
-            offset_per_key=[n * f for f in range(features + 1)],
         )
-        return Batch(
-            dense_features=torch.from_numpy(dense[rows]),
-            sparse_features=kjt,
-            labels=torch.from_numpy(labels[rows]),
-        )
+        return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
+
+
+class _Rows:
+    """Rows of a window: labels [n], dense [n, D], one-id features [F, n] and, per multi-hot
+    feature, (offsets [n + 1], ids) of its bags."""
+
+    def __init__(self, labels: np.ndarray, dense: np.ndarray, ids: np.ndarray,
+                 bags: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> None:
+        self.labels, self.dense, self.ids, self.bags = labels, dense, ids, bags
+
+    def take(self, rows: np.ndarray) -> "_Rows":
+        bags = {}
+        for name, (offsets, ids) in self.bags.items():
+            starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+            new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=new_offsets[1:])
+            # positions of the kept rows' ids: each bag's start, then consecutive
+            positions = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+            bags[name] = (new_offsets, ids[positions])
+        return _Rows(self.labels[rows], self.dense[rows], self.ids[:, rows], bags)
+
+    def concat(self, other: "_Rows") -> "_Rows":
+        bags = {}
+        for name, (offsets, ids) in self.bags.items():
+            other_offsets, other_ids = other.bags[name]
+            bags[name] = (np.concatenate([offsets, other_offsets[1:] + offsets[-1]]),
+                          np.concatenate([ids, other_ids]))
+        return _Rows(np.concatenate([self.labels, other.labels]), np.concatenate([self.dense, other.dense]),
+                     np.concatenate([self.ids, other.ids], axis=1), bags)
 
 
 def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:

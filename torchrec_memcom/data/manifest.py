@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .schema import CAT_NAMES, SPLITS
+from .schema import INT_NAMES, SPLITS, Features
 from .sources import PathLike
 
 if TYPE_CHECKING:
@@ -96,13 +98,23 @@ def load_manifest(data_dir: PathLike) -> Dict[str, Any]:
     return manifest
 
 
+def features_of(manifest: Mapping[str, Any]) -> Features:
+    """The feature names of a data folder; manifests without ``dense_features`` (written before
+    other datasets were supported) are Criteo's: 13 dense features and ``features``' 26."""
+    return Features(
+        dense=list(manifest.get("dense_features", INT_NAMES)),
+        sparse=list(manifest["features"]),
+        multi_hot=[name for name, f in manifest["features"].items() if f.get("multi_hot")],
+    )
+
+
 def load_frequencies(data_dir: PathLike) -> Dict[str, "torch.Tensor"]:
     """Per feature, how often each id occurs in the train split: int64 [num_embeddings]."""
     import torch
 
-    load_manifest(data_dir)  # refuse unfinished folders
+    manifest = load_manifest(data_dir)  # refuse unfinished folders
     folder = Path(data_dir) / FREQUENCIES
-    return {name: torch.from_numpy(np.load(folder / f"{name}.npy")) for name in CAT_NAMES}
+    return {name: torch.from_numpy(np.load(folder / f"{name}.npy")) for name in manifest["features"]}
 
 
 def _add_counts(counts: np.ndarray, ids: np.ndarray) -> None:
@@ -114,13 +126,21 @@ def _add_counts(counts: np.ndarray, ids: np.ndarray) -> None:
         counts[unique] += occurrences
 
 
+def read_ids(path: Path, name: str) -> np.ndarray:
+    """Every id of one feature column of a shard (a multi-hot column's lists flattened)."""
+    column = pq.read_table(path, columns=[name]).column(0)
+    if isinstance(column.type, (pa.ListType, pa.LargeListType)):
+        column = pc.list_flatten(column)
+    return column.to_numpy()
+
+
 def count_feature(data_dir: Path, shards: Mapping[str, List[str]], name: str, size: int) -> int:
     """Read feature `name`'s ids back from the shards, write its train frequencies; its cardinality
     (distinct ids seen in all splits). Memory: one id space per split."""
     per_split = {split: np.zeros(size, dtype=np.int64) for split in shards}
     for split, paths in shards.items():
         for rel in paths:
-            ids = pq.read_table(data_dir / rel, columns=[name]).column(0).to_numpy()
+            ids = read_ids(data_dir / rel, name)
             if ids.size and (ids.min() < 0 or ids.max() >= size):
                 raise ValueError(f"{rel}: {name} has ids outside [0, {size})")
             _add_counts(per_split[split], ids)
@@ -139,26 +159,32 @@ def finish(
     num_embeddings: Mapping[str, int],
     fields: Mapping[str, Any],
     map_fn: Callable[..., Iterable[Any]] = map,
+    features: Features = Features(),
 ) -> Dict[str, Any]:
     """Count ids, write the frequencies, then the manifest (last: it marks the folder complete).
 
-    `shards[split]` lists `{"path": relative path, "rows": n}`; `fields` adds kind-specific keys.
-    `map_fn` (e.g. a process pool's `map`) counts the features, one feature per call.
+    `shards[split]` lists `{"path": relative path, "rows": n}`; `fields` adds kind-specific keys
+    (and may replace the Criteo descriptions of label and dense columns); `num_embeddings` has
+    the categorical features in `features.sparse` order. `map_fn` (e.g. a process pool's `map`)
+    counts the features, one feature per call.
     """
     paths = {s: [d["path"] for d in lst] for s, lst in shards.items()}
-    n = len(CAT_NAMES)
-    cardinality = dict(zip(CAT_NAMES, map_fn(count_feature, [data_dir] * n, [paths] * n, CAT_NAMES,
-                                             [int(num_embeddings[c]) for c in CAT_NAMES])))
+    names = list(features.sparse)
+    n = len(names)
+    cardinality = dict(zip(names, map_fn(count_feature, [data_dir] * n, [paths] * n, names,
+                                         [int(num_embeddings[c]) for c in names])))
     manifest: Dict[str, Any] = {"format": FORMAT, **fields}
     manifest["splits"] = {
         split: {"rows": sum(d["rows"] for d in lst), "shards": lst} for split, lst in shards.items()
     }
+    manifest["dense_features"] = list(features.dense)
     manifest["features"] = {
-        name: {"num_embeddings": int(num_embeddings[name]), "cardinality": cardinality[name]}
-        for name in CAT_NAMES
+        name: {"num_embeddings": int(num_embeddings[name]), "cardinality": cardinality[name],
+               **({"multi_hot": True} if name in features.multi_hot else {})}
+        for name in features.sparse
     }
-    manifest["label"] = "int8 0/1"
-    manifest["dense"] = "float32 log(max(x, 0) + 1), missing -> 0"
+    manifest.setdefault("label", "int8 0/1")
+    manifest.setdefault("dense", "float32 log(max(x, 0) + 1), missing -> 0")
     manifest["frequencies"] = f"{FREQUENCIES}/<feature>.npy: int64 [num_embeddings], train split"
     write_json_atomic(data_dir / MANIFEST, manifest)
     return manifest

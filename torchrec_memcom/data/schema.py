@@ -5,6 +5,7 @@ Names equal TorchRec's (`torchrec.datasets.criteo.DEFAULT_LABEL_NAME`, `DEFAULT_
 imports torch.
 """
 
+from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 import pyarrow as pa
@@ -28,6 +29,16 @@ PARQUET_SCHEMA = pa.schema(
     + [pa.field(n, pa.float32(), nullable=False) for n in INT_NAMES]
     + [pa.field(n, pa.int64(), nullable=False) for n in CAT_NAMES]
 )
+
+
+@dataclass(frozen=True)
+class Features:
+    """A dataset's columns: dense (float32) and categorical (int64 ids; ``multi_hot`` ones a list
+    of ids per row) feature names, in the order batches and models use them. Criteo's by default."""
+
+    dense: List[str] = field(default_factory=lambda: list(INT_NAMES))
+    sparse: List[str] = field(default_factory=lambda: list(CAT_NAMES))
+    multi_hot: List[str] = field(default_factory=list)
 
 
 def kaggle_split(num_rows: int) -> Dict[str, Tuple[int, int]]:

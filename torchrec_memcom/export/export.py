@@ -22,8 +22,7 @@ from torch import nn
 from torchrec.models.dlrm import InteractionArch, InteractionDCNArch
 
 from torchrec_memcom.data import CriteoParquetLoader, load_manifest, roc_auc
-from torchrec_memcom.data.manifest import VOCAB
-from torchrec_memcom.data.schema import CAT_NAMES, INT_NAMES
+from torchrec_memcom.data.manifest import VOCAB, features_of
 from torchrec_memcom.export.inference import (
     PRECISIONS,
     FlatInteractionArch,
@@ -94,11 +93,12 @@ class TrainedModel:
                 f"{e}. The checkpoint was trained on {self.config.data.path}: pass the data folder "
                 f"it was trained on (--data DIR), whose id mapping the export keeps"
             ) from None
+        self.features = features_of(self.manifest)
         sizes = self.config.embeddings.num_embeddings
         if sizes == "from_data":
-            sizes = [self.manifest["features"][f]["num_embeddings"] for f in CAT_NAMES]
+            sizes = [self.manifest["features"][f]["num_embeddings"] for f in self.features.sparse]
         self.num_embeddings: List[int] = list(sizes)
-        train, _ = build_model(self.config, self.num_embeddings, torch.device("cpu"))
+        train, _ = build_model(self.config, self.num_embeddings, torch.device("cpu"), self.features)
         # Only the tables start on `meta`; the dense layers are built real, with the buffers the
         # checkpoint does not hold (DLRM's interaction indices). `to_empty` leaves the tables
         # uninitialized, so all their state must come from the checkpoint.
@@ -132,14 +132,15 @@ def raw_id_map(data_dir: Path, manifest: Dict[str, Any], num_embeddings: List[in
     """The raw-value -> id mapping the data folder was made with, and its mode."""
     mode = manifest.get("mode")
     empty = torch.zeros(0, dtype=torch.int64)
+    names = features_of(manifest).sparse
     if mode == "mod":
-        modulus = [manifest["features"][f]["num_embeddings"] for f in CAT_NAMES]
-        for f, m, n in zip(CAT_NAMES, modulus, num_embeddings):
+        modulus = [manifest["features"][f]["num_embeddings"] for f in names]
+        for f, m, n in zip(names, modulus, num_embeddings):
             if m > n:
                 raise ExportError(f"{data_dir}: {f} has ids up to {m - 1}, but its table has {n} rows")
         return RawIdMap("mod", torch.tensor(modulus, dtype=torch.int64), empty, empty.int()), mode
     if mode == "frequency":
-        raw = [np.load(data_dir / VOCAB / f"{f}.npy").astype(np.uint64) for f in CAT_NAMES]
+        raw = [np.load(data_dir / VOCAB / f"{f}.npy").astype(np.uint64) for f in names]
         ids = [np.arange(1, len(r) + 1) for r in raw]
     elif mode == "synthetic":
         from torchrec_memcom.data.synth import ClickModel
@@ -152,12 +153,15 @@ def raw_id_map(data_dir: Path, manifest: Dict[str, Any], num_embeddings: List[in
             strings = model.hex_strings(f, ids[-1]).fill_null("0").to_pylist()
             raw.append(np.array([int(s, 16) for s in strings], dtype=np.uint64))
     else:
-        raise ExportError(f"{data_dir}: unknown id mode {mode!r} (expected mod, frequency or synthetic)")
+        raise ExportError(
+            f"{data_dir}: ids in mode {mode!r} have no raw Criteo values to map (mod, frequency and "
+            f"synthetic data do): export without them (--no-raw-ids) and feed table ids"
+        )
     keys, values = [], []
     for f, (r, i) in enumerate(zip(raw, ids)):
         if len(r) and int(r.max()) >= 1 << 32:
             raise ExportError(
-                f"{data_dir}: {CAT_NAMES[f]}'s id map holds raw values of more than 32 bits; export "
+                f"{data_dir}: {names[f]}'s id map holds raw values of more than 32 bits; export "
                 f"supports Criteo's 8-hex-digit values (convert such data in mod mode)"
             )
         key = (np.int64(f) << np.int64(32)) | r.astype(np.int64)
@@ -194,24 +198,31 @@ def build_inference_model(
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
     dlrm = trained.dlrm
+    names = trained.features.sparse
     features = list(dlrm.sparse_arch.sparse_feature_names)
-    if features != CAT_NAMES:
-        raise ExportError(f"the model's sparse features are {features}, expected {CAT_NAMES} in order")
+    if features != names:
+        raise ExportError(f"the model's sparse features are {features}, expected the data's {names} in order")
+    if trained.features.multi_hot:
+        raise ExportError(
+            f"{trained.data_dir}: feature {trained.features.multi_hot[0]!r} is multi-hot; the exported "
+            f"model takes one id per feature"
+        )
     tables = collect_tables(dlrm.sparse_arch.embedding_bag_collection)
     if raw_ids:
         id_map, mode = raw_id_map(trained.data_dir, trained.manifest, trained.num_embeddings)
     else:
         empty = torch.zeros(0, dtype=torch.int64)
-        id_map, mode = RawIdMap("none", torch.ones(len(CAT_NAMES), dtype=torch.int64), empty, empty), trained.manifest.get("mode")
+        id_map, mode = RawIdMap("none", torch.ones(len(names), dtype=torch.int64), empty, empty), trained.manifest.get("mode")
+    dense_names = trained.features.dense
     metadata = {
         "format": FORMAT,
         "precision": precision,
         "inputs": {
-            "forward": "dense float32 [B, 13] = log(max(x, 0) + 1), ids int64 [B, 26] (table ids)",
-            "score_raw": "raw_ints int64 [B, 13], raw_cats int64 [B, 26] (hex values; missing = 0)",
+            "forward": f"dense float32 [B, {len(dense_names)}] = log(max(x, 0) + 1), ids int64 [B, {len(names)}] (table ids)",
+            "score_raw": f"raw_ints int64 [B, {len(dense_names)}], raw_cats int64 [B, {len(names)}] (hex values; missing = 0)",
         },
-        "dense_features": INT_NAMES,
-        "sparse_features": CAT_NAMES,
+        "dense_features": dense_names,
+        "sparse_features": names,
         "id_map": {"kind": id_map.kind, "data_mode": mode, "data": str(trained.data_dir)},
         "tables": {t.name: _table_info(t) for t in tables},
         "arch": trained.config.model.arch,
@@ -228,12 +239,12 @@ def build_inference_model(
     else:
         raise ExportError(f"unknown interaction {type(inter_arch).__name__}: export supports DLRM and DLRM_DCN")
     module = InferenceDLRM(
-        build_embeddings(tables, CAT_NAMES, precision),
+        build_embeddings(tables, names, precision),
         id_map,
         dlrm.dense_arch,
         inter_arch,
         dlrm.over_arch,
-        len(INT_NAMES),
+        len(dense_names),
         json.dumps(metadata, sort_keys=True),
     )
     return module, tables
@@ -300,9 +311,10 @@ def compare(exported: torch.jit.ScriptModule, trained: TrainedModel, data_dir: P
     for batch in loader:
         kjt = batch.sparse_features
         b = batch.dense_features.shape[0]
-        if kjt.keys() != CAT_NAMES or not bool((kjt.lengths() == 1).all()):
-            raise ExportError(f"{data_dir}: expected one id per feature {CAT_NAMES}")
-        ids = kjt.values().view(len(CAT_NAMES), b).t()
+        names = trained.features.sparse
+        if kjt.keys() != names or not bool((kjt.lengths() == 1).all()):
+            raise ExportError(f"{data_dir}: expected one id per feature {names}")
+        ids = kjt.values().view(len(names), b).t()
         ours.append(exported(batch.dense_features, ids))
         theirs.append(trained.predict(batch.dense_features, kjt))
         labels.append(batch.labels)
@@ -351,7 +363,7 @@ def compare_probe(exported: torch.jit.ScriptModule, trained: TrainedModel, toler
         batch = next(iter(loader))
         k = len(logits)
         kjt = batch.sparse_features
-        ids = kjt.values().view(len(CAT_NAMES), -1).t()
+        ids = kjt.values().view(len(trained.features.sparse), -1).t()
         sharded.append(torch.sigmoid(torch.tensor(logits)))
         rebuilt.append(trained.predict(batch.dense_features, kjt)[:k])
         ours.append(exported(batch.dense_features, ids)[:k])
@@ -379,7 +391,7 @@ def _check_folder(check_dir: Path, trained: TrainedModel) -> None:
             f"{check_dir}: ids are in mode {manifest.get('mode')!r}, the model's data in "
             f"{trained.manifest.get('mode')!r}: check on data converted like the training data"
         )
-    for f, n in zip(CAT_NAMES, trained.num_embeddings):
+    for f, n in zip(trained.features.sparse, trained.num_embeddings):
         if manifest["features"][f]["num_embeddings"] > n:
             raise ExportError(
                 f"{check_dir}: {f} has {manifest['features'][f]['num_embeddings']} ids, the model's "

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from torchrec_memcom.compression import CompressionSpec
+from torchrec_memcom.data.manifest import MANIFEST, features_of, load_manifest
 from torchrec_memcom.data.schema import CAT_NAMES
 
 
@@ -61,9 +62,10 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class EmbeddingsConfig:
-    """``num_embeddings``: 26 per-feature sizes, or ``from_data`` (the data's id spaces);
-    ``compression`` is checked when built (``CompressionSpec``), so that a typo in its params
-    stops the launcher, not every rank of the job."""
+    """``num_embeddings``: one size per categorical feature of the data (in its order), or
+    ``from_data`` (the data's id spaces); ``compression`` is checked when built
+    (``CompressionSpec``), so that a typo in its params stops the launcher, not every rank of
+    the job."""
 
     dim: int = 16
     num_embeddings: Union[str, List[int]] = "from_data"
@@ -74,20 +76,10 @@ class EmbeddingsConfig:
             raise ValueError(
                 f"embeddings.num_embeddings: expected 'from_data' or a list, got {self.num_embeddings!r}"
             )
-        if isinstance(self.num_embeddings, list):
-            if len(self.num_embeddings) != len(CAT_NAMES):
-                raise ValueError(
-                    f"embeddings.num_embeddings: expected {len(CAT_NAMES)} sizes (one per feature "
-                    f"cat_0 .. cat_25), got {len(self.num_embeddings)}"
-                )
-            if min(self.num_embeddings) < 1:
-                raise ValueError(f"embeddings.num_embeddings: sizes must be >= 1, got {self.num_embeddings}")
+        if isinstance(self.num_embeddings, list) and min(self.num_embeddings, default=1) < 1:
+            raise ValueError(f"embeddings.num_embeddings: sizes must be >= 1, got {self.num_embeddings}")
         if self.dim < 1 or self.dim % 4:
             raise ValueError(f"embeddings.dim: must be a positive multiple of 4, got {self.dim}")
-        tables = {f"t_{f}" for f in CAT_NAMES}
-        unknown = sorted(set(self.compression.tables) - tables)
-        if unknown:
-            raise ValueError(f"embeddings.compression.tables.{unknown[0]}: no such table (t_cat_0 .. t_cat_25)")
 
 
 def _check_positive(key: str, value: float) -> None:
@@ -166,6 +158,30 @@ class RunConfig:
     embeddings: EmbeddingsConfig = dataclasses.field(default_factory=EmbeddingsConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        # The data's features when it is there already; else Criteo's (what synth and convert make).
+        manifest = Path(self.data.path) / MANIFEST
+        if manifest.is_file():
+            check_features(self, features_of(load_manifest(self.data.path)).sparse, f"{self.data.path}'s")
+        else:
+            check_features(self, CAT_NAMES, "Criteo's")
+
+
+def check_features(config: RunConfig, features: List[str], whose: str) -> None:
+    """Per-feature settings fit the data's categorical ``features`` (tables are ``t_<feature>``)."""
+    sizes = config.embeddings.num_embeddings
+    if isinstance(sizes, list) and len(sizes) != len(features):
+        raise ValueError(
+            f"embeddings.num_embeddings: expected {len(features)} sizes (one per feature of "
+            f"{whose} {features[0]} .. {features[-1]}), got {len(sizes)}"
+        )
+    tables = [f"t_{f}" for f in features]
+    unknown = sorted(set(config.embeddings.compression.tables) - set(tables))
+    if unknown:
+        raise ValueError(
+            f"embeddings.compression.tables.{unknown[0]}: no such table ({whose} {tables[0]} .. {tables[-1]})"
+        )
 
 
 def _build(tp: Any, value: Any, key: str) -> Any:

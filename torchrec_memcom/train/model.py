@@ -1,7 +1,7 @@
 """The DLRM of a run config, compressed as its `embeddings.compression` block says."""
 
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from torchrec_memcom.compression import compress, table_parameters
-from torchrec_memcom.data.schema import CAT_NAMES, INT_NAMES
+from torchrec_memcom.data.schema import Features
 from torchrec_memcom.train.config import RunConfig
 
 SPARSE_OPTIMIZERS = {
@@ -23,29 +23,35 @@ SPARSE_OPTIMIZERS = {
 }
 
 
-def table_configs(dim: int, num_embeddings: List[int]) -> List[EmbeddingBagConfig]:
-    """One table per Criteo categorical feature, named ``t_<feature>``."""
-    if len(num_embeddings) != len(CAT_NAMES):
+def table_configs(
+    dim: int, num_embeddings: List[int], features: Optional[Sequence[str]] = None
+) -> List[EmbeddingBagConfig]:
+    """One table per categorical feature (default: Criteo's), named ``t_<feature>``; SUM pooling,
+    which sums a multi-hot feature's bag."""
+    features = list(features if features is not None else Features().sparse)
+    if len(num_embeddings) != len(features):
         raise ValueError(
-            f"embeddings.num_embeddings: expected {len(CAT_NAMES)} sizes, got {len(num_embeddings)}"
+            f"embeddings.num_embeddings: expected {len(features)} sizes, got {len(num_embeddings)}"
         )
     return [
         EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=n, feature_names=[f])
-        for f, n in zip(CAT_NAMES, num_embeddings)
+        for f, n in zip(features, num_embeddings)
     ]
 
 
 def build_model(
-    config: RunConfig, num_embeddings: List[int], device: torch.device
+    config: RunConfig, num_embeddings: List[int], device: torch.device, features: Optional[Features] = None
 ) -> Tuple[DLRMTrain, List[ModuleSharder]]:
-    """DLRMTrain with its tables on ``meta`` (DMP materialises them where the plan puts them),
-    the sparse optimizer attached for FBGEMM to fuse, and the sharders DMP needs."""
-    tables = table_configs(config.embeddings.dim, num_embeddings)
+    """DLRMTrain over the data's ``features`` (default: Criteo's) with its tables on ``meta`` (DMP
+    materialises them where the plan puts them), the sparse optimizer attached for FBGEMM to
+    fuse, and the sharders DMP needs."""
+    features = features or Features()
+    tables = table_configs(config.embeddings.dim, num_embeddings, features.sparse)
     ebc = EmbeddingBagCollection(tables, device=torch.device("meta"))
     m = config.model
     common = dict(
         embedding_bag_collection=ebc,
-        dense_in_features=len(INT_NAMES),
+        dense_in_features=len(features.dense),
         dense_arch_layer_sizes=m.dense_arch_layer_sizes + [config.embeddings.dim],
         over_arch_layer_sizes=m.over_arch_layer_sizes,
         dense_device=device,

@@ -31,14 +31,14 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from torchrec_memcom.data import CriteoParquetLoader, load_manifest, synthesize
-from torchrec_memcom.data.schema import CAT_NAMES
+from torchrec_memcom.data.manifest import features_of
 from torchrec_memcom.data.torchrec_npy import TorchRecNpyLoader
 from torchrec_memcom.data.torchrec_npy import describe as describe_npy
 from torchrec_memcom.distributed.planner import memcom_planner
 from torchrec_memcom.train.checkpoint import (
     CONFIG, DATA, PROGRESS, CheckpointError, latest_checkpoint, load_checkpoint, read_record, save_checkpoint,
 )
-from torchrec_memcom.train.config import RunConfig, as_dict
+from torchrec_memcom.train.config import RunConfig, as_dict, check_features
 from torchrec_memcom.train.model import build_model, embedding_bytes, table_configs
 
 DENSE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam}
@@ -248,9 +248,9 @@ def _prepare_data(config: RunConfig) -> Dict[str, Any]:
     return load_manifest(path)
 
 
-def _check_sizes(config: RunConfig, manifest: Dict[str, Any], sizes: List[int]) -> None:
+def _check_sizes(config: RunConfig, manifest: Dict[str, Any], sizes: List[int], features: List[str]) -> None:
     """Refuse tables smaller than the data's id space (its manifest's ``num_embeddings``)."""
-    for i, (feature, n) in enumerate(zip(CAT_NAMES, sizes)):
+    for i, (feature, n) in enumerate(zip(features, sizes)):
         space = manifest["features"][feature]["num_embeddings"]
         if n < space:
             raise DataError(
@@ -292,11 +292,13 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
     cfg = config.train
     torch.manual_seed(cfg.seed)
     manifest = _prepare_data(config)
+    features = features_of(manifest)
+    check_features(config, features.sparse, f"{config.data.path}'s")
     sizes = config.embeddings.num_embeddings
     if sizes == "from_data":
-        sizes = [manifest["features"][f]["num_embeddings"] for f in CAT_NAMES]
-    _check_sizes(config, manifest, list(sizes))
-    id_limits = dict(zip(CAT_NAMES, sizes))
+        sizes = [manifest["features"][f]["num_embeddings"] for f in features.sparse]
+    _check_sizes(config, manifest, list(sizes), list(features.sparse))
+    id_limits = dict(zip(features.sparse, sizes))
     # stop requests and divergence checks agree over a CPU group, without a device sync
     control = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
@@ -304,8 +306,8 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
     resumed = checkpoints and latest_checkpoint(checkpoints)
     saved_progress = _check_resume(resumed, config, manifest, world, allow_changes) if resumed else None
 
-    model, sharders = build_model(config, list(sizes), device)
-    configs = table_configs(config.embeddings.dim, list(sizes))
+    model, sharders = build_model(config, list(sizes), device, features)
+    configs = table_configs(config.embeddings.dim, list(sizes), features.sparse)
     bytes_per_table = embedding_bytes(model.model.sparse_arch.embedding_bag_collection, [t.name for t in configs])
     uncompressed = {t.name: t.num_embeddings * t.embedding_dim * 4 for t in configs}
     planner = memcom_planner(_topology(device), batch_size=cfg.batch_size)
