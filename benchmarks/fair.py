@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import managed_collision  # noqa: E402
 import quality  # noqa: E402
+from torchrec_memcom.bench import STYLE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path.home() / ".cache" / "torchrec_memcom"
@@ -305,7 +306,7 @@ def plot(result: Dict[str, Any], path: Path) -> None:
             pts = sorted((c["target_ratio"], c["delta_auc_vs_none"]["mean"], c["delta_auc_vs_none"]["se"])
                          for c in cells.values() if c.get("reachable") and "delta_auc_vs_none" in c)
             if pts and method != "none":
-                color, marker = quality.STYLE.get(method, ("tab:red", "x"))
+                color, marker = STYLE.get(method, ("tab:red", "x"))
                 xs, ys, es = zip(*pts)
                 ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=3, label=method)
         ax.axhline(0, color="black", lw=0.6, ls=":")

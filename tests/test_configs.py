@@ -53,7 +53,7 @@ def _train_each(rank: int, world_size: int, runs: List[RunConfig], out: Dict[str
     from torchrec_memcom.train.trainer import _train
 
     for config in runs:
-        result = _train(config, torch.device("cpu"))
+        result = _train(config, torch.device("cpu"), False, [])
         out[config.train.run_dir] = result["train_loss"]
 
 

@@ -329,11 +329,11 @@ def test_ids_beyond_a_table_are_refused_naming_feature_and_bound(tmp_path: Path,
     config = load_config(write_config(tmp_path, data, "none"))
     manifest = load_manifest(data)
     sizes = [manifest["features"][f]["num_embeddings"] for f in CAT_NAMES]
-    _check_sizes(config, manifest, sizes)
+    _check_sizes(config, manifest, sizes, CAT_NAMES)
     small = list(sizes)
     small[3] -= 1
     with pytest.raises(DataError, match=rf"num_embeddings\[3\]: table t_cat_3 has {small[3]} rows.*cat_3"):
-        _check_sizes(config, manifest, small)
+        _check_sizes(config, manifest, small, CAT_NAMES)
     batches = list(CriteoParquetLoader(data, "train", 64, shuffle=False))
     bounds = dict(zip(CAT_NAMES, sizes))
     assert len(list(_checked(batches, bounds, "train"))) == len(batches)

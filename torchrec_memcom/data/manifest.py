@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .schema import INT_NAMES, SPLITS, Features
+from .schema import CAT_NAMES, INT_NAMES, SPLITS, Features
 from .sources import PathLike
 
 if TYPE_CHECKING:
@@ -100,11 +100,13 @@ def load_manifest(data_dir: PathLike) -> Dict[str, Any]:
 
 def features_of(manifest: Mapping[str, Any]) -> Features:
     """The feature names of a data folder; manifests without ``dense_features`` (written before
-    other datasets were supported) are Criteo's: 13 dense features and ``features``' 26."""
+    other datasets were supported) are Criteo's: 13 dense features and ``features``' 26; a
+    description without ``features`` (TorchRec's npy days) has Criteo's 26."""
+    sparse = manifest.get("features", {name: {} for name in CAT_NAMES})
     return Features(
         dense=list(manifest.get("dense_features", INT_NAMES)),
-        sparse=list(manifest["features"]),
-        multi_hot=[name for name, f in manifest["features"].items() if f.get("multi_hot")],
+        sparse=list(sparse),
+        multi_hot=[name for name, f in sparse.items() if f.get("multi_hot")],
     )
 
 

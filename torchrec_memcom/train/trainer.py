@@ -12,6 +12,7 @@ import math
 import os
 import resource
 import signal
+import sys
 import time
 import warnings
 from itertools import islice
@@ -251,7 +252,8 @@ def _prepare_data(config: RunConfig) -> Dict[str, Any]:
 def _check_sizes(config: RunConfig, manifest: Dict[str, Any], sizes: List[int], features: List[str]) -> None:
     """Refuse tables smaller than the data's id space (its manifest's ``num_embeddings``)."""
     for i, (feature, n) in enumerate(zip(features, sizes)):
-        space = manifest["features"][feature]["num_embeddings"]
+        # data read modulo the table size (TorchRec's npy days) records no id space
+        space = manifest.get("features", {}).get(feature, {}).get("num_embeddings", 0)
         if n < space:
             raise DataError(
                 f"embeddings.num_embeddings[{i}]: table t_{feature} has {n} rows, but feature {feature} "
@@ -423,7 +425,10 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
         seconds = float(slowest)
         limit = cfg.eval_batches or len(eval_data)
         eval_data.set_epoch(0)
-        mine = max(0, min(eval_data.rows_per_rank, eval_data.num_rows - rank * eval_data.rows_per_rank))
+        if isinstance(eval_data, TorchRecNpyLoader):  # TorchRec's reader splits rows without padding
+            mine = sys.maxsize
+        else:
+            mine = max(0, min(eval_data.rows_per_rank, eval_data.num_rows - rank * eval_data.rows_per_rank))
         batches = _checked(islice(iter(eval_data), limit), id_limits, f"{config.data.path} split {config.data.eval_split!r}")
         metrics = evaluator.run(pipeline, batches, mine)
         probes = [torch.zeros_like(evaluator.probe) for _ in range(world)]
