@@ -45,12 +45,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from torchrec_memcom.bench import (  # the sweep's pieces, shared with `memcom bench`
+    add_cells,
     build_meta,
     compressed_tables_ratio,
     compression,
     hanley_mcneil_se,
     plot,
-    summarize,
     table,
     unreachable,
     within_tolerance,
@@ -275,18 +275,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     runs[(method, ratio)].append(r)
                     print(f"[{dataset}] {method:>8} {ratio:>4g}x seed {seed}: auc {r['auc']:.4f} logloss "
                           f"{r['logloss']:.4f} achieved {r['compression_ratio']:.2f}x ({r['seconds']:.1f}s)", flush=True)
-            baseline = {r["seed"]: r for r in runs.get(("none", 1.0), []) if "error" not in r}
-            for (method, ratio), rs in runs.items():
-                ok = [r for r in rs if "error" not in r]
-                key = "1" if method == "none" else f"{ratio:g}"
-                params = {k: v for k, v in blocks[(method, ratio)].get("params", {}).items() if k != "frequencies"}
-                cell: Dict[str, Any] = {"target_ratio": ratio, "reachable": True, "params": params,
-                                        "errors": [r for r in rs if "error" in r]}
-                if ok:
-                    cell.update(summarize(ok, baseline))
-                    cell["achieved_ratio_compressed_tables"] = compressed_tables_ratio(
-                        cell["embedding_bytes"], sizes, args.dim, args.min_rows)
-                entry["methods"][method][key] = cell
+            baseline = add_cells(entry, runs, blocks, sizes, args.dim, args.min_rows)
             if baseline:
                 positives = _eval_positives(ds["path"])
                 negatives = entry["eval_rows"] - positives

@@ -8,8 +8,6 @@ step checks the gradients: SGD moves each value by ``lr`` times its gradient), a
 loaded into a different plan all equal the unsharded module. Two gloo ranks, one launch.
 """
 
-import copy
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 

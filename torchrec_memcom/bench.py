@@ -124,6 +124,24 @@ def summarize(runs: List[Dict[str, Any]], baseline: Dict[int, Dict[str, Any]]) -
     return out
 
 
+def add_cells(entry: Dict[str, Any], runs: Dict[Any, List[Dict[str, Any]]], blocks: Dict[Any, Dict[str, Any]],
+              sizes: Sequence[int], dim: int, min_rows: int) -> Dict[int, Dict[str, Any]]:
+    """Summarize each arm's seeds into ``entry["methods"][method][ratio]``, paired with the
+    uncompressed arm of the same seed; returns that baseline by seed (empty if it failed)."""
+    baseline = {r["seed"]: r for r in runs.get(("none", 1.0), []) if "error" not in r}
+    for (method, ratio), rs in runs.items():
+        ok = [r for r in rs if "error" not in r]
+        key = "1" if method == "none" else f"{ratio:g}"
+        params = {k: v for k, v in blocks[(method, ratio)].get("params", {}).items() if k != "frequencies"}
+        cell: Dict[str, Any] = {"target_ratio": ratio, "reachable": True, "params": params,
+                                "errors": [r for r in rs if "error" in r]}
+        if ok:
+            cell.update(summarize(ok, baseline))
+            cell["achieved_ratio_compressed_tables"] = compressed_tables_ratio(cell["embedding_bytes"], sizes, dim, min_rows)
+        entry["methods"][method][key] = cell
+    return baseline
+
+
 def on_compressed(result: Dict[str, Any], entry: Dict[str, Any], cell: Dict[str, Any]) -> float:
     """A cell's achieved ratio over the compressed tables (also for files written before it was
     stored: from their bytes, table sizes, dim and min_rows)."""
@@ -315,17 +333,7 @@ def sweep(config_path: str, data: str, methods: Sequence[str], ratios: Sequence[
             runs[(method, ratio)].append(r)
             print(f"{arm.name}: auc {r['auc']:.4f} logloss {r['logloss']:.4f} achieved "
                   f"{r['compression_ratio']:.2f}x", flush=True)
-    baseline = {r["seed"]: r for r in runs.get(("none", 1.0), []) if "error" not in r}
-    for (method, ratio), rs in runs.items():
-        ok = [r for r in rs if "error" not in r]
-        key = "1" if method == "none" else f"{ratio:g}"
-        params = {k: v for k, v in blocks[(method, ratio)].get("params", {}).items() if k != "frequencies"}
-        cell: Dict[str, Any] = {"target_ratio": ratio, "reachable": True, "params": params,
-                                "errors": [r for r in rs if "error" in r]}
-        if ok:
-            cell.update(summarize(ok, baseline))
-            cell["achieved_ratio_compressed_tables"] = compressed_tables_ratio(cell["embedding_bytes"], sizes, dim, min_rows)
-        entry["methods"][method][key] = cell
+    add_cells(entry, runs, blocks, sizes, dim, min_rows)
     result: Dict[str, Any] = {
         "command": " ".join(["memcom", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "memcom bench",
         "smoke": False, "methods": names, "target_ratios": list(ratios), "seeds": list(seeds),

@@ -12,7 +12,6 @@ import re
 import sys
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Iterable, Iterator, List, Optional, Tuple
 
 import torch
