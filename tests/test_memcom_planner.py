@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_multiprocess
+from sharded_utils import Wrapper
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -56,15 +57,6 @@ CASES = [  # (sharding type, optimizer applied in backward or None for the shard
     ("table_wise", RowWiseAdagrad), ("row_wise", RowWiseAdagrad), ("row_wise", None), ("table_wise", torch.optim.Adagrad),
 ]
 BATCH = 32
-
-
-class Wrapper(nn.Module):
-    def __init__(self, ebc: nn.Module) -> None:
-        super().__init__()
-        self.ebc = ebc
-
-    def forward(self, kjt):  # type: ignore[no-untyped-def]
-        return self.ebc(kjt).to_dict()
 
 
 def _storage_equals_allocation(rank: int, world_size: int) -> None:

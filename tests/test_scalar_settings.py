@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from conftest import batch_slice, random_kjt, small_tables
 from dist_utils import run_multiprocess
+from sharded_utils import Wrapper
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -85,15 +86,6 @@ def _dmp(module: nn.Module, sharder: Any, world_size: int, tables: Any) -> Distr
         Wrapper(module), env=ShardingEnv.from_process_group(dist.group.WORLD), plan=ShardingPlan({"ebc": meta_plan}),
         sharders=[sharder], device=torch.device("cpu"),
     )
-
-
-class Wrapper(nn.Module):
-    def __init__(self, ebc: nn.Module) -> None:
-        super().__init__()
-        self.ebc = ebc
-
-    def forward(self, kjt):  # type: ignore[no-untyped-def]
-        return self.ebc(kjt).to_dict()
 
 
 def _local(value: Any, full: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
