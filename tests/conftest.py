@@ -1,7 +1,7 @@
 """Shared fixtures: small table configs and random KJTs with ragged and empty bags."""
 
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 import torch
@@ -86,3 +86,21 @@ def criteo_sample() -> Path:
     if not CRITEO_SAMPLE.exists():
         pytest.skip(f"real Criteo sample not found at {CRITEO_SAMPLE}")
     return CRITEO_SAMPLE
+
+
+def flat_checkpoint(checkpoint: Path, out: Path) -> Dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint folder by its dotted key (via ``out``, a torch.save file)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint, out)
+    flat: Dict[str, torch.Tensor] = {}
+
+    def walk(d: Dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, torch.Tensor):
+                flat[prefix + k] = v
+
+    walk(torch.load(out, weights_only=True), "")
+    return flat

@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from conftest import flat_checkpoint
 from dist_utils import run_multiprocess
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from torchrec_memcom.cli import main as memcom_main
 from torchrec_memcom.data import CriteoParquetLoader, load_manifest, synthesize
@@ -96,21 +96,6 @@ def whole_runs(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Dict[str
     return {m: c.parent for m, c in configs.items()}
 
 
-def _flat(checkpoint: Path, out: Path) -> Dict[str, torch.Tensor]:
-    dcp_to_torch_save(checkpoint, out)
-    flat: Dict[str, torch.Tensor] = {}
-
-    def walk(d: Dict[str, Any], prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif isinstance(v, torch.Tensor):
-                flat[prefix + k] = v
-
-    walk(torch.load(out, weights_only=True), "")
-    return flat
-
-
 def _without_wall_clock(results: Dict[str, Any]) -> Dict[str, Any]:
     out = {k: v for k, v in results.items() if k not in (*WALL_CLOCK, "config")}
     out["evaluations"] = [{k: v for k, v in e.items() if k not in WALL_CLOCK} for e in results["evaluations"]]
@@ -140,8 +125,8 @@ def test_every_composition_resumes_as_uninterrupted(
     run_multiprocess(_resume_all, 2, [str(c) for c in configs])
     for method, whole in whole_runs.items():
         cut = tmp_path / method
-        a = _flat(whole / "ckpt" / "step_16", tmp_path / f"{method}_a.pt")
-        b = _flat(cut / "ckpt" / "step_16", tmp_path / f"{method}_b.pt")
+        a = flat_checkpoint(whole / "ckpt" / "step_16", tmp_path / f"{method}_a.pt")
+        b = flat_checkpoint(cut / "ckpt" / "step_16", tmp_path / f"{method}_b.pt")
         assert a.keys() == b.keys() and any("optimizer" in k for k in a), method
         for key in a:
             assert torch.equal(a[key], b[key]), (method, key)
@@ -211,8 +196,8 @@ def test_sigterm_stops_the_whole_job_saves_and_resumes(tmp_path: Path, data: Pat
                for line in text.splitlines())
     assert text.count("is_fx_tracing will return true") <= 1
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
-    a = _flat(whole_runs["memcom"] / "ckpt" / "step_16", tmp_path / "a.pt")
-    b = _flat(tmp_path / "job" / "ckpt" / "step_16", tmp_path / "b.pt")
+    a = flat_checkpoint(whole_runs["memcom"] / "ckpt" / "step_16", tmp_path / "a.pt")
+    b = flat_checkpoint(tmp_path / "job" / "ckpt" / "step_16", tmp_path / "b.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((f / "run" / "results.json").read_text()) for f in (whole_runs["memcom"], tmp_path / "job"))
     assert _without_wall_clock(ra) == _without_wall_clock(rb)

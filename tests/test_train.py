@@ -15,9 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from conftest import REPO
+from conftest import REPO, flat_checkpoint
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from torchrec_memcom.cli import main as memcom_main
 from torchrec_memcom.compression import METHODS
@@ -234,19 +233,7 @@ def test_every_method_trains_in_the_pipeline(
 
 
 def _final_checkpoint(folder: Path, out: Path) -> Dict[str, torch.Tensor]:
-    latest = folder / (folder / "latest").read_text().strip()
-    dcp_to_torch_save(latest, out)
-    flat: Dict[str, torch.Tensor] = {}
-
-    def walk(d: Dict[str, Any], prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            elif isinstance(v, torch.Tensor):
-                flat[prefix + k] = v
-
-    walk(torch.load(out, weights_only=False), "")
-    return flat
+    return flat_checkpoint(folder / (folder / "latest").read_text().strip(), out)
 
 
 def _descendants(pid: int) -> list[int]:
