@@ -31,7 +31,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -494,7 +494,9 @@ class _Conversion:
             self.save()
         return counts[path]
 
-    def save_vocabs(self, counters: List["_IdCounter"], min_count: int) -> List["_Vocab"]:
+    def save_vocabs(self, counters: Iterable["_IdCounter"], min_count: int) -> List["_Vocab"]:
+        """Each feature's vocabulary from its counter (taken one at a time, in feature order),
+        written beside the shards; the state records that they are."""
         (self.out_dir / mf.VOCAB).mkdir(parents=True, exist_ok=True)
         vocabs = []
         for name, counter in zip(CAT_NAMES, counters):
@@ -502,6 +504,7 @@ class _Conversion:
             vocab = _Vocab.from_counts(counter.keys, counter.counts, min_count)
             mf.write_atomic(self.out_dir / mf.VOCAB / f"{name}.npy", _npy_bytes(vocab.by_id))
             vocabs.append(vocab)
+            del counter  # before a lazy `counters` makes the next one
         self.state["vocab"] = True
         self.save()
         return vocabs
@@ -619,19 +622,14 @@ class _Conversion:
                 errors.append(error)
         if errors:
             raise min(errors, key=self._position)
-        (self.out_dir / mf.VOCAB).mkdir(parents=True, exist_ok=True)
-        vocabs = []
-        for j, name in enumerate(CAT_NAMES):  # one feature's counts in memory at a time
+        def merged(j: int) -> _IdCounter:  # one feature's counts in memory at a time
             counter = _IdCounter()
             for part in names:
                 with np.load(folder / part) as counts:
                     counter.add_counts(counts[f"keys_{j}"], counts[f"counts_{j}"])
-            counter.merge()
-            vocab = _Vocab.from_counts(counter.keys, counter.counts, min_count)
-            mf.write_atomic(self.out_dir / mf.VOCAB / f"{name}.npy", _npy_bytes(vocab.by_id))
-            vocabs.append(vocab)
-        self.state["vocab"] = True
-        self.save()
+            return counter
+
+        vocabs = self.save_vocabs((merged(j) for j in range(len(CAT_NAMES))), min_count)
         shutil.rmtree(folder)
         return vocabs
 
