@@ -34,9 +34,10 @@ from torchrec_memcom.export.export import (
     raw_id_map,
     script,
 )
-from torchrec_memcom.export.inference import JoinedEmbeddings, TieredEmbeddings, load_model
+from torchrec_memcom.export.inference import load_model
+from torchrec_memcom.inference.stores import JoinedEmbeddings, TieredEmbeddings
 from torchrec_memcom.export.raw import RawLineError, parse_lines
-from torchrec_memcom.export.tables import ExportError, build_embeddings, collect_tables
+from torchrec_memcom.inference.tables import ExportError, build_embeddings, collect_tables
 from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 from torchrec_memcom.modules.memcom_config import MEmComConfig
@@ -531,7 +532,7 @@ def test_out_of_range_ids_and_missing_raw_map_are_refused(
 def test_unsupported_collections_and_fp16_overflow_are_refused() -> None:
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-    from torchrec_memcom.export.tables import TableExport, build_embeddings, collect_tables
+    from torchrec_memcom.inference.tables import TableExport, build_embeddings, collect_tables
 
     class Custom(torch.nn.Module):
         def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
@@ -554,7 +555,7 @@ def test_int8_lookups_equal_torchrec_quantized_tables() -> None:
     from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from torchrec_memcom.export.tables import TableExport, build_embeddings
+    from torchrec_memcom.inference.tables import TableExport, build_embeddings
 
     n, m, d, batch = 500, 64, 8, 32
     torch.manual_seed(0)

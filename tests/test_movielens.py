@@ -225,7 +225,7 @@ def test_export_reads_the_features_from_the_manifest(tmp_path: Path) -> None:
     (export's own check); a multi-hot one is refused, naming the feature."""
     from torchrec_memcom.export.export import export_checkpoint
     from torchrec_memcom.export.inference import load_model
-    from torchrec_memcom.export.tables import ExportError
+    from torchrec_memcom.inference.tables import ExportError
 
     data = tmp_path / "ml"
     convert_movielens(write_movielens(tmp_path / "src", "grouplens", **movielens_rows(200, 40, 3000)), data)

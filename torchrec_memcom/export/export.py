@@ -31,7 +31,7 @@ from torchrec_memcom.export.inference import (
     StackedLowRankCrossNet,
     load_model,
 )
-from torchrec_memcom.export.tables import AnyTable, ExportError, TableExport, build_embeddings, collect_tables
+from torchrec_memcom.inference.tables import AnyTable, ExportError, TableExport, build_embeddings, collect_tables
 from torchrec_memcom.train.checkpoint import (
     CONFIG, PROGRESS, CheckpointError, latest_checkpoint, load_checkpoint, read_record,
 )

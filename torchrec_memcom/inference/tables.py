@@ -1,4 +1,4 @@
-"""From a trained (unsharded) embedding collection to the exported row store.
+"""From a trained (unsharded) embedding collection to row stores in an inference precision.
 
 Reads the tables out of the collections `compress` builds (stock, MEmCom, hashed, QR, budgeted,
 and mixes of them), then packs them for `CompressedEmbeddings` (budgeted tables:
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from torchrec_memcom.export.inference import (
+from torchrec_memcom.inference.stores import (
     INDEX_FIELDS,
     TIER_FIELDS,
     TIERED_FEATURE_FIELDS,
