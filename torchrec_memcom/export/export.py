@@ -31,6 +31,7 @@ from torchrec_memcom.export.inference import (
     StackedLowRankCrossNet,
     load_model,
 )
+from torchrec_memcom.inference.stores import store_bytes
 from torchrec_memcom.inference.tables import AnyTable, ExportError, TableExport, build_embeddings, collect_tables
 from torchrec_memcom.train.checkpoint import (
     CONFIG, PROGRESS, CheckpointError, latest_checkpoint, load_checkpoint, read_record,
@@ -267,26 +268,18 @@ def _tensor_bytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-# Tensors of the embeddings module by the last part of their name (plain, tiered or joined stores).
-EMBEDDING_GROUPS = {"rows": "tables", "scale_bias": "tables", "scalars": "entity_scalars",
-                    "projections": "projections", "remap": "remap"}
-
-
 def size_report(file: Path, module: torch.jit.ScriptModule, tables: List[AnyTable],
                 num_embeddings: List[int]) -> Dict[str, Any]:
     """The file's real size, what its tensors take, and the fp32 models it replaces."""
     state = module.state_dict()
-    embedding_keys = [k for k in state if k.startswith("embeddings.")]
-    groups = {
-        **{name: [k for k in embedding_keys if EMBEDDING_GROUPS.get(k.rsplit(".", 1)[1]) == name]
-           for name in dict.fromkeys(EMBEDDING_GROUPS.values())},
-        "id_map": [k for k in state if k.startswith("id_map.")],
-        "dense_layers": [k for k in state if k.split(".")[0] in ("dense_arch", "inter_arch", "over_arch")],
-    }
-    grouped = {name: _tensor_bytes(state[k] for k in keys) for name, keys in groups.items()}
+    grouped = store_bytes({k: v for k, v in state.items() if k.startswith("embeddings.")})
+    del grouped["feature_index"]  # counted below with every other small tensor
+    dense_layers = [k for k in state if k.split(".")[0] in ("dense_arch", "inter_arch", "over_arch")]
+    grouped["id_map"] = _tensor_bytes(v for k, v in state.items() if k.startswith("id_map."))
+    grouped["dense_layers"] = _tensor_bytes(state[k] for k in dense_layers)
     grouped["feature_index"] = _tensor_bytes(state.values()) - sum(grouped.values())
     file_bytes = file.stat().st_size
-    dense_fp32 = sum(p.numel() * 4 for k, p in state.items() if k in groups["dense_layers"] and p.is_floating_point())
+    dense_fp32 = sum(p.numel() * 4 for k, p in state.items() if k in dense_layers and p.is_floating_point())
     dim = tables[0].embedding_dim
     uncompressed = sum(n * dim * 4 for n in num_embeddings) + dense_fp32
     compressed = sum(t.fp32_bytes for t in tables) + dense_fp32

@@ -24,6 +24,9 @@ INDEX_FIELDS = (
     "is_mix", "mix_mask", "mix_shift", "mix_mul1", "mix_mul2",
 )
 TIERED_FEATURE_FIELDS = ("num_embeddings", "remap_stride", "remap_offset", "tier_base", "starts")
+# A store's tensors by the last part of their name; the others are its per-feature index.
+STORE_GROUPS = {"rows": "tables", "scale_bias": "tables", "scalars": "entity_scalars",
+                "projections": "projections", "remap": "remap"}
 TIER_FIELDS = ("tier_start", "tier_mod", "tier_slot", "tier_row", "scalar_stride", "scalar_offset")
 
 
@@ -32,6 +35,14 @@ def mix_params(num_embeddings: int) -> Tuple[int, int, int, int]:
     bits = max(1, (num_embeddings - 1).bit_length())
     mask = (1 << bits) - 1
     return mask, max(1, bits // 2), (_MUL1 & mask) | 1, (_MUL2 & mask) | 1
+
+
+def store_bytes(tensors: Dict[str, Tensor]) -> Dict[str, int]:
+    """Bytes of stores' tensors (by name) per ``STORE_GROUPS`` group, the rest as ``feature_index``."""
+    out = dict.fromkeys([*dict.fromkeys(STORE_GROUPS.values()), "feature_index"], 0)
+    for name, t in tensors.items():
+        out[STORE_GROUPS.get(name.rsplit(".", 1)[-1], "feature_index")] += t.numel() * t.element_size()
+    return out
 
 
 def mix_bits(x: Tensor, shift: Tensor, mask: Tensor, mul1: Tensor, mul2: Tensor) -> Tensor:

@@ -215,30 +215,55 @@ def pack_rows(rows: Tensor, precision: str) -> Tuple[Tensor, Tensor]:
     return fused[:, :dim].contiguous(), fused[:, dim:].contiguous().view(torch.float16)
 
 
-def build_embeddings(tables: List[AnyTable], feature_names: List[str], precision: str) -> nn.Module:
-    """The lookup of ``feature_names``: a ``CompressedEmbeddings`` of the tables; with budgeted
-    tables, a ``TieredEmbeddings`` of those, joined to one of the others if there are any."""
-    dims = {t.embedding_dim for t in tables}
-    if len(dims) != 1:
-        raise ExportError(f"all tables must share one embedding dim (DLRM's rule), got {sorted(dims)}")
-    dim = dims.pop()
-    by_feature = {f: t for t in tables for f in t.features}
+def build_stores(tables: List[AnyTable], feature_names: List[str], precision: str) -> List[nn.Module]:
+    """The row stores of ``feature_names``: per embedding dim, a ``CompressedEmbeddings`` of
+    their stock, MEmCom, hashed and QR tables and a ``TieredEmbeddings`` of their budgeted ones,
+    in the order of their first features, each holding its features in ``feature_names`` order."""
+    by_feature: Dict[str, AnyTable] = {}
+    for t in tables:
+        for f in t.features:
+            if f in by_feature:
+                raise ExportError(f"feature {f!r} is read by tables {by_feature[f].name!r} and {t.name!r}; inference needs one table per feature")
+            by_feature[f] = t
     unknown = [f for f in feature_names if f not in by_feature]
     if unknown:
         raise ExportError(f"features {unknown} have no table")
-    columns = [i for i, f in enumerate(feature_names) if isinstance(by_feature[f], BudgetedTableExport)]
-    plain = [t for t in tables if isinstance(t, TableExport)]
-    plain_features = [f for i, f in enumerate(feature_names) if i not in columns]
-    if not columns:
-        return _row_store(plain, plain_features, precision, dim)
-    budgeted = [t for t in tables if isinstance(t, BudgetedTableExport)]
-    tiered = _tiered_store(budgeted, [feature_names[i] for i in columns], precision, dim)
-    if not plain_features:
-        return tiered
-    return JoinedEmbeddings(_row_store(plain, plain_features, precision, dim), tiered, columns)
+    groups: Dict[Tuple[bool, int], List[str]] = {}
+    for f in feature_names:
+        t = by_feature[f]
+        groups.setdefault((isinstance(t, BudgetedTableExport), t.embedding_dim), []).append(f)
+    stores: List[nn.Module] = []
+    for (budgeted, dim), features in groups.items():
+        names = {by_feature[f].name for f in features}
+        group = [t for t in tables if t.name in names]
+        build = tiered_store if budgeted else row_store
+        stores.append(build(group, features, precision, dim))  # type: ignore[arg-type]
+    return stores
 
 
-def _row_store(tables: List[TableExport], feature_names: List[str], precision: str, dim: int) -> CompressedEmbeddings:
+def join_stores(stores: List[nn.Module], feature_names: List[str]) -> nn.Module:
+    """The lookup of ids ``[B, F]`` of ``feature_names`` (one per feature) from ``build_stores``'
+    stores of one dim: the only store, or the plain and the tiered one joined."""
+    dims = sorted({s.dim for s in stores})
+    if len(dims) != 1:
+        raise ExportError(f"all tables must share one embedding dim (DLRM's rule), got {dims}")
+    if len(stores) == 1:
+        return stores[0]
+    plain, tiered = stores if isinstance(stores[1], TieredEmbeddings) else stores[::-1]
+    return JoinedEmbeddings(plain, tiered, [feature_names.index(f) for f in tiered.feature_names])
+
+
+def build_embeddings(tables: List[AnyTable], feature_names: List[str], precision: str) -> nn.Module:
+    """The lookup of ids ``[B, F]`` of ``feature_names``: a ``CompressedEmbeddings`` of the
+    tables; with budgeted tables, a ``TieredEmbeddings`` of those, joined to one of the others
+    if there are any."""
+    dims = {t.embedding_dim for t in tables}
+    if len(dims) != 1:
+        raise ExportError(f"all tables must share one embedding dim (DLRM's rule), got {sorted(dims)}")
+    return join_stores(build_stores(tables, feature_names, precision), feature_names)
+
+
+def row_store(tables: List[TableExport], feature_names: List[str], precision: str, dim: int) -> CompressedEmbeddings:
     """One row store (all tables, then QR remainder tables) and the per-feature index of ``feature_names``."""
     blocks: List[Tensor] = []
     offset: Dict[str, int] = {}
@@ -303,7 +328,7 @@ def _index_dtype(largest: int) -> torch.dtype:
     return next(t for t in (torch.int8, torch.int16, torch.int32, torch.int64) if largest <= torch.iinfo(t).max)
 
 
-def _tiered_store(
+def tiered_store(
     tables: List[BudgetedTableExport], feature_names: List[str], precision: str, dim: int
 ) -> TieredEmbeddings:
     """The budgeted tables as one ``TieredEmbeddings``: tier rows in ``precision``, in one store
