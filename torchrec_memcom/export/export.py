@@ -1,14 +1,13 @@
 """`export_checkpoint`: a trained checkpoint -> one TorchScript file for CPU inference, self-checked.
 
 The checkpoint (sharded by any number of ranks) is read unsharded into the model its
-`config.json` describes, rebuilt in plain TorchRec on this one process; its tables go into a
-`CompressedEmbeddings` row store in the precision asked for, its dense layers stay as they are,
-and the result is compiled with TorchScript so that `torch.jit.load` alone runs it. Before the
+`config.json` describes, rebuilt in plain TorchRec on this one process; `inference_model` puts
+its tables into row stores in the precision asked for (read here one id per feature), its dense
+layers stay as they are, and the result is compiled with TorchScript so that `torch.jit.load` alone runs it. Before the
 file is moved into place, its predictions on held data are compared with the rebuilt model's,
 and both with the sharded model's own outputs, which training records with every evaluation.
 """
 
-import copy
 import json
 import math
 import os
@@ -32,7 +31,8 @@ from torchrec_memcom.export.inference import (
     load_model,
 )
 from torchrec_memcom.inference.stores import store_bytes
-from torchrec_memcom.inference.tables import AnyTable, ExportError, TableExport, build_embeddings, collect_tables
+from torchrec_memcom.inference import inference_model
+from torchrec_memcom.inference.tables import AnyTable, ExportError, TableExport, collect_tables
 from torchrec_memcom.train.checkpoint import (
     CONFIG, PROGRESS, CheckpointError, latest_checkpoint, load_checkpoint, read_record,
 )
@@ -209,6 +209,7 @@ def build_inference_model(
             f"model takes one id per feature"
         )
     tables = collect_tables(dlrm.sparse_arch.embedding_bag_collection)
+    served = inference_model(dlrm, precision)  # tables in `precision`, all frozen
     if raw_ids:
         id_map, mode = raw_id_map(trained.data_dir, trained.manifest, trained.num_embeddings)
     else:
@@ -231,20 +232,19 @@ def build_inference_model(
         "checkpoint": str(trained.path),
         "step": int(trained.progress["step"]),
     }
-    inter_arch = dlrm.inter_arch  # rewritten for TorchScript and speed, the same arithmetic
+    inter_arch = served.inter_arch  # rewritten for TorchScript and speed, the same arithmetic
     if isinstance(inter_arch, InteractionDCNArch):
-        inter_arch = copy.deepcopy(inter_arch)
         inter_arch.crossnet = StackedLowRankCrossNet(inter_arch.crossnet)
     elif isinstance(inter_arch, InteractionArch):
         inter_arch = FlatInteractionArch(inter_arch.triu_indices, inter_arch.F)
     else:
         raise ExportError(f"unknown interaction {type(inter_arch).__name__}: export supports DLRM and DLRM_DCN")
     module = InferenceDLRM(
-        build_embeddings(tables, names, precision),
+        served.sparse_arch.embedding_bag_collection.one_id_per_feature(names),  # reads [B, 26] ids
         id_map,
-        dlrm.dense_arch,
+        served.dense_arch,
         inter_arch,
-        dlrm.over_arch,
+        served.over_arch,
         len(dense_names),
         json.dumps(metadata, sort_keys=True),
     )

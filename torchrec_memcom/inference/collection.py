@@ -127,10 +127,13 @@ class InferenceEmbeddingBagCollection(nn.Module):
         ``entity_scalars``, ``projections``, ``remap`` (budgeted ranks), ``feature_index``."""
         return store_bytes(dict(self.named_buffers()))
 
-    def one_id_per_feature(self) -> nn.Module:
-        """The lookup of ids ``[B, F]`` in key order, one per feature, as embeddings ``[B, F, d]``
-        (the Criteo DLRM export's input): the stores, of one dim, joined."""
-        return join_stores(list(self.stores), self._keys)
+    def one_id_per_feature(self, feature_names: List[str]) -> nn.Module:
+        """The lookup of ids ``[B, F]`` of ``feature_names`` (these keys in any order), one per
+        feature, as embeddings ``[B, F, d]`` (the Criteo DLRM export's input): the stores, of
+        one dim, joined; they share the tables with this module."""
+        if sorted(feature_names) != sorted(self._keys):
+            raise ExportError(f"features {feature_names} are not the collection's keys {self._keys}")
+        return join_stores(list(self.stores), feature_names)
 
     def _positions(self, keys: List[str]) -> List[int]:
         """Where each of our keys is among the input's ``keys``; a missing one is an error."""

@@ -194,6 +194,12 @@ class CompressedEmbeddings(nn.Module):
         mixed = {int(n) for n, m in zip(index["num_embeddings"], index["is_mix"]) if m}
         self.walks = max((mix_walks(n) for n in mixed), default=0)
 
+    def reordered(self, feature_names: List[str]) -> "CompressedEmbeddings":
+        """This store with its features in the order ``feature_names`` (its own, permuted)."""
+        order = torch.tensor([self.feature_names.index(f) for f in feature_names])
+        index = {name: getattr(self, name).index_select(0, order) for name in INDEX_FIELDS}
+        return CompressedEmbeddings(self.rows, self.scale_bias, self.scalars, self.precision, self.dim, feature_names, index)
+
     def slots(self, ids: Tensor, feature: Optional[Tensor] = None) -> Tensor:
         """The MEmCom/hash slot of every id: the id, or its mix bijection, cycle-walked into range
         in the fixed number of passes that the worst id of any table needs (``walks``)."""
@@ -327,6 +333,15 @@ class TieredEmbeddings(nn.Module):
         self.has_remap = bool((features["remap_stride"] != 0).any())
         self.has_scalars = bool((tiers["scalar_stride"] != 0).any())
         self.has_projections = projections.shape[1] > 0
+
+    def reordered(self, feature_names: List[str]) -> "TieredEmbeddings":
+        """This store with its features in the order ``feature_names`` (its own, permuted)."""
+        order = torch.tensor([self.feature_names.index(f) for f in feature_names])
+        features = {name: getattr(self, name).index_select(0, order) for name in TIERED_FEATURE_FIELDS}
+        tiers = dict(zip(TIER_FIELDS, self.tier_index.unbind(1)))
+        return TieredEmbeddings(
+            list(self.slots), self.scalars, self.remap, self.projections.index_select(0, order), feature_names, features, tiers
+        )
 
     def parts(self, ids: Tensor, feature: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """The rows of every id (times its weight), ``[ids.numel(), d]`` for tiers at the model

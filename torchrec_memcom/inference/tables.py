@@ -242,11 +242,16 @@ def build_stores(tables: List[AnyTable], feature_names: List[str], precision: st
 
 
 def join_stores(stores: List[nn.Module], feature_names: List[str]) -> nn.Module:
-    """The lookup of ids ``[B, F]`` of ``feature_names`` (one per feature) from ``build_stores``'
-    stores of one dim: the only store, or the plain and the tiered one joined."""
+    """The lookup of ids ``[B, F]`` of ``feature_names`` (one per feature, in this order) from
+    ``build_stores``' stores of one dim: the only store, or the plain and the tiered one joined."""
     dims = sorted({s.dim for s in stores})
     if len(dims) != 1:
         raise ExportError(f"all tables must share one embedding dim (DLRM's rule), got {dims}")
+    stores = [
+        s if s.feature_names == [f for f in feature_names if f in s.feature_names]
+        else s.reordered([f for f in feature_names if f in s.feature_names])
+        for s in stores
+    ]
     if len(stores) == 1:
         return stores[0]
     plain, tiered = stores if isinstance(stores[1], TieredEmbeddings) else stores[::-1]
