@@ -202,7 +202,8 @@ class CompressedEmbeddings(nn.Module):
 
     def slots(self, ids: Tensor, feature: Optional[Tensor] = None) -> Tensor:
         """The MEmCom/hash slot of every id: the id, or its mix bijection, cycle-walked into range
-        in the fixed number of passes that the worst id of any table needs (``walks``)."""
+        (under ``torch.export``: in the fixed number of passes the worst id of any table needs,
+        ``walks``)."""
         if not self.has_mix:
             return ids
         shift = for_entries(self.mix_shift, feature, ids)
@@ -212,8 +213,15 @@ class CompressedEmbeddings(nn.Module):
         is_mix = for_entries(self.is_mix, feature, ids)
         n = for_entries(self.num_embeddings, feature, ids)
         out = mix_bits(ids, shift, mask, mul1, mul2)
-        for _ in range(self.walks):
-            out = torch.where(is_mix & (out >= n), mix_bits(out, shift, mask, mul1, mul2), out)
+        if not torch.jit.is_scripting():
+            if torch.compiler.is_compiling():  # torch.export: no data-dependent loop
+                for _ in range(self.walks):
+                    out = torch.where(is_mix & (out >= n), mix_bits(out, shift, mask, mul1, mul2), out)
+                return torch.where(is_mix, out, ids)
+        outside = is_mix & (out >= n)
+        while bool(outside.any()):  # usually fewer passes than the worst id's
+            out = torch.where(outside, mix_bits(out, shift, mask, mul1, mul2), out)
+            outside = is_mix & (out >= n)
         return torch.where(is_mix, out, ids)
 
     def entries(self, ids: Tensor, feature: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Tensor:
