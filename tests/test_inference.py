@@ -6,6 +6,11 @@ stock EBC; eager, TorchScript and torch.export against the trained model within 
 each precision's quantization allows."""
 
 import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Dict, List
 
 import pytest
@@ -14,6 +19,7 @@ from torch import Tensor, nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from conftest import REPO
 
 from torchrec_memcom import CompressionSpec, HashConfig, MEmComConfig, QRConfig, compress
 from torchrec_memcom.inference import ExportError, InferenceEmbeddingBagCollection, inference_model, kjt_dynamic_shapes
@@ -215,6 +221,21 @@ def test_inference_model_scripts_exports_and_is_frozen(trained: nn.Module, preci
     assert torch.allclose(exported(**other), served(**other), rtol=1e-6, atol=1e-6)
 
 
+def test_exported_mix_slots_equal_the_modules_for_every_id(trained: nn.Module) -> None:
+    """Under torch.export the mix hash walks a fixed number of passes: every id of the MEmCom
+    and hashed tables still reads what the trained collection reads."""
+    c = trained.users.tables
+    size = 500
+    ids = {"user_id": torch.arange(size), "user_geo": torch.arange(size) % 90, "watched": torch.arange(size) % 300,
+           "liked": torch.arange(size) % 300, "age_bucket": torch.arange(size) % 12}
+    features = KeyedJaggedTensor(list(ids), torch.cat(list(ids.values())), lengths=torch.ones(size * len(ids), dtype=torch.int64))
+    served = InferenceEmbeddingBagCollection.from_float(c, "fp32")
+    exported = torch.export.export(served, (features,), strict=False).module()
+    with torch.no_grad():
+        expected = c(features).values()
+    assert torch.allclose(exported(features).values(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_training_state_is_dropped() -> None:
     """In-backward optimizers (TorchRec's pattern) stay on the trained model, not on the copy."""
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -276,3 +297,16 @@ def test_bad_input_is_refused_naming_the_feature(trained: nn.Module) -> None:
     sequence.add_module("quantized", torch.nn.Module())
     with pytest.raises(ExportError, match="is not an embedding bag collection"):
         InferenceEmbeddingBagCollection.from_float(sequence, "fp32")
+
+
+@pytest.mark.slow
+def test_docs_example_runs(tmp_path: Path) -> None:
+    """docs/inference.md's worked example runs as written and finds what it prints."""
+    doc = (Path(REPO) / "docs" / "inference.md").read_text()
+    code = re.search(r"## A worked example.*?```python\n(.*?)```", doc, re.S).group(1)
+    (tmp_path / "example.py").write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for line in ("TorchScript equal: True", "torch.export equal: True", "PredictModule equal: True"):
+        assert line in run.stdout
