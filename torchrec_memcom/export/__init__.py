@@ -8,17 +8,16 @@ from typing import TYPE_CHECKING
 from torchrec_memcom.lazy import lazy_getattr
 
 if TYPE_CHECKING:
-    from .export import TOLERANCES, ExportCheckError, describe, export_checkpoint
+    from .export import TOLERANCES, ExportCheckError, ExportError, describe, export_checkpoint
     from .inference import InferenceDLRM, load_model
     from .raw import RawLineError, parse_lines
-    from .tables import ExportError
 
 _EXPORTS = {
     "export_checkpoint": "export",
     "describe": "export",
     "ExportCheckError": "export",
     "TOLERANCES": "export",
-    "ExportError": "tables",
+    "ExportError": "export",
     "InferenceDLRM": "inference",
     "load_model": "inference",
     "parse_lines": "raw",
