@@ -143,8 +143,10 @@ def _plan(
         if sharder is None:
             continue
         params = sharder.shardable_parameters(module)
+        # a mixed collection's tables by the child holding them (its sharder plans them all)
+        owner = {n: c for c in getattr(module, "collections", [module]) for n in by_type[type(c)].shardable_parameters(c)}
         kinds = {
-            name: _kind(by_table[name.split("@")[0]], module, w) if substitute else by_table[name.split("@")[0]]
+            name: _kind(by_table[name.split("@")[0]], owner[name], w) if substitute else by_table[name.split("@")[0]]
             for name, w in params.items()
         }
         plan[path] = construct_module_sharding_plan(
