@@ -8,8 +8,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_memcom.modules.compressed_collection import ShardedByPlugin
 
-class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+
+class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface, metaclass=ShardedByPlugin):
     """Routes each feature to the collection holding its table and joins their outputs.
 
     Used by ``compress`` when tables of one EBC get different methods; DMP shards each child
