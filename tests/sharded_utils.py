@@ -19,8 +19,8 @@ class Wrapper(nn.Module):
 
 
 def assert_state_matches(module: nn.Module, full: Dict[str, torch.Tensor], what: str) -> None:
-    """``module``'s state dict has ``full``'s keys, and each local shard (or replica) equals
-    its slice of the full tensor."""
+    """``module``'s state dict has ``full``'s keys, and each local shard (or replica), on
+    whatever device, equals its slice of the full (CPU) tensor."""
     state = module.state_dict()
     assert set(state) == set(full), f"{what}: keys {sorted(state)} != {sorted(full)}"
     for key, value in state.items():
@@ -29,6 +29,6 @@ def assert_state_matches(module: nn.Module, full: Dict[str, torch.Tensor], what:
                 index = tuple(
                     slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes)
                 )
-                torch.testing.assert_close(shard.tensor, full[key][index], msg=lambda m: f"{what}: {key}: {m}")
+                torch.testing.assert_close(shard.tensor.cpu(), full[key][index], msg=lambda m: f"{what}: {key}: {m}")
         else:
-            torch.testing.assert_close(value, full[key], msg=f"{what}: {key}")
+            torch.testing.assert_close(value.cpu(), full[key], msg=f"{what}: {key}")
