@@ -30,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 from conftest import assert_matches_reference, batch_slice, random_kjt, small_tables
 from dist_utils import run_multiprocess
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from sharded_utils import Wrapper, assert_state_matches
+from sharded_utils import Wrapper, assert_outputs_match, assert_state_matches, backward_both, sgd_on_dense
 from test_budget_module import reference_forward as budgeted_reference
 from test_hash_module import reference_forward as hash_reference
 from test_memcom_module import reference_forward as memcom_reference
@@ -323,15 +323,6 @@ def _outputs(dmp: DistributedModelParallel, kjt: KeyedJaggedTensor, device: torc
     return dmp(batch_slice(kjt, rank * BATCH, (rank + 1) * BATCH).to(device))
 
 
-def _compare(out: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], what: str) -> None:
-    """``out`` (this rank's examples) equals ``ref`` (all examples), feature by feature (by key)."""
-    rank = dist.get_rank()
-    assert sorted(out) == sorted(ref), f"{what}: keys {sorted(out)} != {sorted(ref)}"
-    for f in ref:
-        torch.testing.assert_close(out[f].detach().cpu(), ref[f][rank * BATCH : (rank + 1) * BATCH].detach(),
-                                   msg=lambda m: f"{what}: feature {f}: {m}")
-
-
 def _local_bytes(value: Any) -> int:
     if isinstance(value, ShardedTensor):
         return sum(s.tensor.numel() * s.tensor.element_size() for s in value.local_shards())
@@ -365,6 +356,7 @@ def _check_bytes(checks: Checks, case: MethodCase, kind: str, optimizer: EmbOpti
 
 def _run_case(checks: Checks, case: MethodCase, folder: Path, device: torch.device) -> None:
     world, tables = dist.get_world_size(), case.tables()
+    mine = slice(dist.get_rank() * BATCH, (dist.get_rank() + 1) * BATCH)
     kjt = random_kjt(tables, BATCH * world, seed=1)
     probe = random_kjt(tables, BATCH * world, seed=3)
     with checks.check("bad_id", case.name):  # caught before input_dist, naming its feature
@@ -398,20 +390,9 @@ def _run_case(checks: Checks, case: MethodCase, folder: Path, device: torch.devi
             out = _outputs(dmp, kjt, device)
             ref_out = ref(kjt).to_dict()
             with checks.check("forward", *key):
-                _compare(out, ref_out, f"{what} forward")
-            g = torch.Generator().manual_seed(2)
-            rank = dist.get_rank()
-            loss, ref_loss = torch.zeros((), device=device), torch.zeros(())
-            for f in sorted(ref_out):
-                weight = torch.randn(ref_out[f].shape, generator=g)
-                loss = loss + (out[f] * weight[rank * BATCH : (rank + 1) * BATCH].to(device)).sum()
-                ref_loss = ref_loss + (ref_out[f] * weight).sum()
-            loss.backward()
-            ref_loss.backward()
-            with torch.no_grad():  # the dense optimizer: plain SGD on what DDP averaged
-                for p in dmp.parameters():
-                    if p.grad is not None:
-                        p -= LR * p.grad
+                assert_outputs_match(out, ref_out, mine, f"{what} forward")
+            backward_both(out, ref_out, mine)
+            sgd_on_dense(dmp, LR)
             _expected_step(ref, kind, optimizer, world)
             stepped = _prefixed(ref)
             with checks.check("step", *key):
@@ -428,7 +409,7 @@ def _run_case(checks: Checks, case: MethodCase, folder: Path, device: torch.devi
             reloaded, expected = _outputs(other, probe, device), _outputs(dmp, probe, device)
             with checks.check("checkpoint", *key):
                 _assert_holds(other, stepped, f"{what} loaded into {other_kind}")
-                _compare(reloaded, ref(probe).to_dict(), f"{what} output in {other_kind}")
+                assert_outputs_match(reloaded, ref(probe).to_dict(), mine, f"{what} output in {other_kind}")
                 for f, v in reloaded.items():
                     torch.testing.assert_close(v, expected[f], msg=f"{what}: reloaded output {f}")
     if device.type == "cpu":
