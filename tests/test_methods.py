@@ -267,8 +267,7 @@ def _plan(case: MethodCase, module: nn.Module, sharder: ModuleSharder, kind: str
     return ShardingPlan({"ebc": plan})
 
 
-def _dmp(case: MethodCase, kind: str, optimizer: EmbOptimType, module: nn.Module, device: torch.device,
-         budget_optimizer: Optional[EmbOptimType] = None) -> DistributedModelParallel:
+def _dmp(case: MethodCase, kind: str, optimizer: EmbOptimType, module: nn.Module, device: torch.device) -> DistributedModelParallel:
     """DMP over ``module`` (on meta, or holding values), sharded by ``kind``, trained with the
     fused ``optimizer``."""
     sharder = case.sharder(fused_params={"optimizer": optimizer, "learning_rate": LR, "eps": EPS})
@@ -513,7 +512,8 @@ def test_forward_and_gradients_match_reference(case: MethodCase) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_export_equals_eager(case: MethodCase, device: str) -> None:
-    """The exported row store answers every id of every feature as the eager module does."""
+    """The exported row store (CPU inference, as ``memcom export`` writes it) answers every id of
+    every feature as the eager module on ``device`` does."""
     module = case.module(torch.device(device))
     features = [f for t in case.tables() for f in t.feature_names]
     sizes = [t.num_embeddings for t in case.tables() for _ in t.feature_names]
@@ -524,8 +524,8 @@ def test_export_equals_eager(case: MethodCase, device: str) -> None:
     )
     with torch.no_grad():
         eager = module(kjt.to(torch.device(device))).to_dict()
-    exported = script(build_embeddings(collect_tables(module), features, "fp32"))
-    out = exported(ids.to(torch.device(device))).cpu()
+    exported = script(build_embeddings(collect_tables(copy.deepcopy(module).cpu()), features, "fp32"))
+    out = exported(ids)
     torch.testing.assert_close(out, torch.stack([eager[f].cpu() for f in features], 1), atol=1e-6, rtol=1e-5)
 
 
