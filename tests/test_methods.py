@@ -27,7 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from conftest import assert_matches_reference, batch_slice, random_kjt, small_tables
+from conftest import assert_matches_reference, batch_slice, optimizer_state_bytes, random_kjt, small_tables
 from dist_utils import run_multiprocess
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from sharded_utils import Wrapper, assert_outputs_match, assert_state_matches, backward_both, sgd_on_dense
@@ -331,8 +331,8 @@ def _local_bytes(value: Any) -> int:
 def _check_bytes(checks: Checks, case: MethodCase, kind: str, optimizer: EmbOptimType,
                  dmp: DistributedModelParallel, device: torch.device) -> None:
     """Across ranks, the sharded module's state holds the bytes of the unsharded module's tensors
-    (replicated ones counted once); budgeted: those and the fused optimizer's state tensors are
-    the bytes its budget counts, within the budget."""
+    (replicated ones counted once), and the fused optimizer's state the bytes TorchRec's or
+    torch's optimizer keeps for them; budgeted: those are the bytes its budget counts, within it."""
     rank = dist.get_rank()
     state = sum(0 if rank and not isinstance(v, ShardedTensor) else _local_bytes(v)
                 for v in dmp.state_dict().values())
@@ -342,15 +342,14 @@ def _check_bytes(checks: Checks, case: MethodCase, kind: str, optimizer: EmbOpti
     )
     totals = torch.tensor([state, optimizer_state], device=device)
     dist.all_reduce(totals)
-    module = case.module(torch.device("meta"), optimizer)
+    module = case.module(torch.device("cpu"), optimizer)
     with checks.check("bytes", case.name, kind, optimizer):
         assert int(totals[0]) == sum(_local_bytes(v) for v in module.state_dict().values())
+        assert int(totals[1]) == optimizer_state_bytes(module, OPTIMIZER_NAMES[optimizer])
         if isinstance(module, BudgetedEmbeddingBagCollection):
             assert int(totals[0]) == module.parameter_bytes()
             assert int(totals[1]) == module.optimizer_bytes()
             assert module.parameter_bytes() + module.optimizer_bytes() <= module.budget_limit
-        else:
-            assert (int(totals[1]) > 0) == (optimizer != SGD)
 
 
 def _run_case(checks: Checks, case: MethodCase, folder: Path, device: torch.device) -> None:
