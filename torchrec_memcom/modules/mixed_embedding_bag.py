@@ -8,6 +8,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_memcom.modules.compressed_collection import ShardedByPlugin
+
+
 
 def join_by_key(outputs: List[KeyedTensor], keys: List[str], dims: List[int]) -> KeyedTensor:
     """The children's outputs as one KeyedTensor of ``keys`` (each of its dim), read by key:
@@ -15,7 +18,7 @@ def join_by_key(outputs: List[KeyedTensor], keys: List[str], dims: List[int]) ->
     return KeyedTensor(keys=keys, length_per_key=dims, values=KeyedTensor.regroup(outputs, [keys])[0])
 
 
-class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface, metaclass=ShardedByPlugin):
     """Routes each feature to the collection holding its table and joins their outputs.
 
     Used by ``compress`` when tables of one EBC get different methods.
