@@ -11,7 +11,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_memcom.modules.compressed_collection import ShardedByPlugin
 
 
-
 def join_by_key(outputs: List[KeyedTensor], keys: List[str], dims: List[int]) -> KeyedTensor:
     """The children's outputs as one KeyedTensor of ``keys`` (each of its dim), read by key:
     a sharded child returns its keys grouped by sharding type, not in config order."""
