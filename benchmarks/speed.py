@@ -18,6 +18,7 @@ is benchmarks/inference.py's.)
     .venv/bin/python benchmarks/speed.py                         # the full run: docs/speed.{json,png}
     .venv/bin/python benchmarks/speed.py --smoke --out /tmp/x     # what CI runs: tiny, no timing claims
     .venv/bin/python benchmarks/speed.py --profile none memcom    # cProfile of in-process training
+    .venv/bin/python benchmarks/speed.py --nprocs 1 --name gpu    # one process only, docs/gpu.{json,png} (gpu_check.sh)
 """
 
 import argparse
@@ -398,6 +399,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--profile-steps", type=int, default=200)
     parser.add_argument("--profile-out", default=str(Path(tempfile.gettempdir()) / "memcom_speed_profile"))
     parser.add_argument("--out", default=str(REPO / "docs"))
+    parser.add_argument("--name", default=None,
+                        help="file name of the results, NAME.json and NAME.png in --out (default speed, speed_smoke)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--sharding", help=argparse.SUPPRESS)
@@ -473,7 +476,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "speed_smoke" if a.smoke else "speed"
+    name = a.name or ("speed_smoke" if a.smoke else "speed")
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     _plot(result, out / f"{name}.png")
     print(tables(result))

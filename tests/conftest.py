@@ -1,11 +1,12 @@
 """Shared fixtures: small table configs and random KJTs with ragged and empty bags."""
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.optim import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +80,21 @@ def assert_matches_reference(
     assert set(params) == {k for k, v in state.items() if v.is_floating_point()}
     for k, p in params.items():
         torch.testing.assert_close(p.grad.view_as(state[k]), state[k].grad, msg=k)
+
+
+def optimizer_state_bytes(module: torch.nn.Module, optimizer: Optional[str]) -> int:
+    """Bytes of the state TorchRec's ``RowWiseAdagrad`` or torch's ``Adagrad`` keeps after a step
+    on copies of ``module``'s sparse parameters (all but budgeted projections, which are dense):
+    an independent count of what a fused sparse optimizer holds for tables of these shapes."""
+    if optimizer in (None, "sgd"):
+        return 0
+    params = [torch.nn.Parameter(p.detach().cpu().clone()) for name, p in module.named_parameters()
+              if not name.startswith("projections.")]
+    step = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad}[optimizer](params, lr=0.1)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    step.step()
+    return sum(s["sum"].numel() * s["sum"].element_size() for s in step.state.values())
 
 
 @pytest.fixture

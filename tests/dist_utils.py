@@ -1,10 +1,12 @@
-"""Run a test body on several gloo processes on this machine (CI has no GPU)."""
+"""Run a test body on several processes on this machine: gloo (CI has no GPU), or nccl with one
+GPU per process."""
 
 import os
 import socket
 import traceback
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -15,12 +17,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable[..., None], args: Any, errors: Any) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, backend: str, fn: Callable[..., None], args: Any, errors: Any
+) -> None:
     # all of a rank's variables: an in-process single-rank run earlier in the session leaves
     # LOCAL_WORLD_SIZE=1 behind, which would make TorchRec place shards as if on other hosts
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
         dist.barrier()  # leave together
@@ -34,13 +40,14 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable[..., None], args
     os._exit(0)
 
 
-def run_multiprocess(fn: Callable[..., None], world_size: int = 2, *args: Any) -> None:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes; re-raise a failure."""
+def run_multiprocess(fn: Callable[..., None], world_size: int = 2, *args: Any, backend: str = "gloo") -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes (``backend``: gloo, or
+    nccl with GPU ``rank`` each); re-raise a failure."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, errors))
+        ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, errors))
         for r in range(world_size)
     ]
     for p in procs:

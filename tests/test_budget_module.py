@@ -7,7 +7,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 import torch
-from conftest import assert_matches_reference, random_kjt, small_tables
+from conftest import assert_matches_reference, optimizer_state_bytes, random_kjt, small_tables
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -242,16 +242,6 @@ def _state_bytes(module: BudgetedEmbeddingBagCollection) -> int:
     return sum(v.numel() * v.element_size() for v in module.state_dict().values())
 
 
-def _optimizer_state_bytes(module: BudgetedEmbeddingBagCollection, optimizer) -> int:  # type: ignore[no-untyped-def]
-    """The sparse optimizer's state, counted from the module's own tensors: row-wise Adagrad one
-    float per row of every tier table and per MEmCom scalar, Adagrad one per parameter."""
-    if optimizer in (None, "sgd"):
-        return 0
-    tables = [bag.weight for bag in module.embedding_bags.values()]
-    rows = [w.shape[0] if optimizer == "rowwise_adagrad" else w.numel() for w in tables]
-    return 4 * (sum(rows) + sum(w.numel() for w in module.entity_weights.values()))
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_budget_holds_for_the_heuristic(problem) -> None:  # type: ignore[no-untyped-def]
@@ -266,9 +256,9 @@ def test_budget_holds_for_the_heuristic(problem) -> None:  # type: ignore[no-unt
         module = _build(tables, counts, Budget(bytes=floor, optimizer=budget.optimizer), tail)
         limit = floor
     assert _state_bytes(module) == module.parameter_bytes()
-    assert _optimizer_state_bytes(module, budget.optimizer) == module.optimizer_bytes()
+    assert optimizer_state_bytes(module, budget.optimizer) == module.optimizer_bytes()
     assert module.parameter_bytes() + module.optimizer_bytes() <= limit
-    assert module.cost()["total"]["bytes"] == module.parameter_bytes() + module.optimizer_bytes()
+    assert module.cost()["total"]["bytes"] == _state_bytes(module) + optimizer_state_bytes(module, budget.optimizer)
     for t in module.tables:
         assert all(a.dim >= b.dim for a, b in zip(t.tiers, t.tiers[1:]))
 
@@ -290,7 +280,7 @@ def test_budget_holds_for_sampled_allocations(problem, seed: int) -> None:  # ty
         assert sum(b.total for b in exact.values()) == candidates.bytes[i] <= space.limit
         module = _build(tables, counts, budget, tail, allocation)
         assert _state_bytes(module) == module.parameter_bytes() == sum(b.parameters for b in exact.values())
-        assert _optimizer_state_bytes(module, budget.optimizer) == module.optimizer_bytes()
+        assert optimizer_state_bytes(module, budget.optimizer) == module.optimizer_bytes()
 
 
 @pytest.mark.parametrize("id0", [10_000, 0])

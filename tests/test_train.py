@@ -354,3 +354,19 @@ def test_torchx_component_trains_on_two_processes(tmp_path: Path, tiny_data: Pat
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["world_size"] == 2 and results["step"] == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_and_export_on_cuda(tmp_path: Path, tiny_data: Path) -> None:
+    """A short `memcom train` on one GPU (nccl, fused tables on cuda) learns, and its checkpoint
+    exports to a CPU TorchScript file whose predictions equal the model's."""
+    from torchrec_memcom.export import export_checkpoint
+
+    config = _config(tmp_path, tiny_data, steps=30, eval_every=15, checkpoint_dir=str(tmp_path / "ckpt"))
+    assert launch(str(config), 1) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    evals = results["evaluations"]
+    assert evals[-1]["train_loss"] < evals[0]["train_loss"] and results["world_size"] == 1
+    report = export_checkpoint(tmp_path / "ckpt", tmp_path / "model.pt", "fp32", check_rows=None)
+    assert report["check"]["passed"] and report["check"]["max_abs_diff"] <= 1e-5

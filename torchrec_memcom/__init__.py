@@ -21,6 +21,10 @@ if TYPE_CHECKING:
         MEmComEmbeddingBagCollectionSharder,
         ShardedMEmComEmbeddingBagCollection,
     )
+    from torchrec_memcom.distributed.mixed_embeddingbag import (
+        MixedEmbeddingBagCollectionSharder,
+        ShardedMixedEmbeddingBagCollection,
+    )
     from torchrec_memcom.distributed.qr_embeddingbag import (
         QREmbeddingBagCollectionSharder,
         ShardedQREmbeddingBagCollection,
@@ -30,6 +34,7 @@ if TYPE_CHECKING:
     from torchrec_memcom.modules.hash_embedding_bag import HashConfig, HashEmbeddingBagCollection
     from torchrec_memcom.modules.memcom_config import MEmComConfig
     from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
+    from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
     from torchrec_memcom.modules.qr_embedding_bag import QRConfig, QREmbeddingBagCollection, qr_collection
 
 _EXPORTS = {
@@ -52,6 +57,9 @@ _EXPORTS = {
     "Allocation": "modules.budget_config",
     "TableAllocation": "modules.budget_config",
     "Tier": "modules.budget_config",
+    "MixedEmbeddingBagCollection": "modules.mixed_embedding_bag",
+    "MixedEmbeddingBagCollectionSharder": "distributed.mixed_embeddingbag",
+    "ShardedMixedEmbeddingBagCollection": "distributed.mixed_embeddingbag",
     "BudgetedEmbeddingBagCollection": "modules.budgeted_embedding_bag",
     "BudgetedEmbeddingBagCollectionSharder": "distributed.budgeted_embeddingbag",
     "ShardedBudgetedEmbeddingBagCollection": "distributed.budgeted_embeddingbag",

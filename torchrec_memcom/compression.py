@@ -25,6 +25,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.hash_embeddingbag import HashEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.memcom_embeddingbag import MEmComEmbeddingBagCollectionSharder
+from torchrec_memcom.distributed.mixed_embeddingbag import MixedEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.qr_embeddingbag import QREmbeddingBagCollectionSharder
 from torchrec_memcom.modules.budget_config import Budget
 from torchrec_memcom.modules.budgeted_embedding_bag import build_budgeted
@@ -301,6 +302,7 @@ def compress(
     if isinstance(model, EmbeddingBagCollection):
         raise ValueError("compress() swaps collections inside a model; wrap a bare EBC first")
     used: List[str] = []
+    mixed: List[str] = []  # the methods of mixed collections' children
     for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, EmbeddingBagCollection):
@@ -308,7 +310,14 @@ def compress(
                 carry_optimizers(child, new)
                 setattr(parent, name, new)
                 used += [m for m in methods if m not in used]
+                if isinstance(new, MixedEmbeddingBagCollection):
+                    mixed += [m for m in methods if m not in mixed]
     sharders: List[ModuleSharder] = [METHODS[m].sharder(fused_params) for m in used]
+    if mixed:
+        # shards a mixed collection as one module (which the train pipeline pipelines), each
+        # child by the sharder above of its type
+        children = [s for m, s in zip(used, sharders) if m in mixed]
+        sharders.append(MixedEmbeddingBagCollectionSharder(children, fused_params=fused_params))
     return model, sharders + stock_sharders(fused_params)
 
 

@@ -32,11 +32,14 @@ from torchrec_memcom.modules.budget_config import (
     shapes_of,
     uncompressed_bytes,
 )
-from torchrec_memcom.modules.collection_checks import check_ids, check_unweighted, cost_report, feature_sizes
+from torchrec_memcom.modules.collection_checks import check_input, cost_report, feature_sizes
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.memcom_config import MEmComConfig
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
 from torchrec_memcom.modules.sorting import stable_argsort
+
+# fx-traced models keep this data-reading call as single nodes (TorchRec wraps its own alike)
+torch.fx.wrap("check_input")
 
 
 def tier_key(name: str, tier: int) -> str:
@@ -85,6 +88,7 @@ def table_counts(
     return out
 
 
+@torch.fx.wrap  # reads ids and lengths: one node in a traced model
 def split_by_tier(
     features: KeyedJaggedTensor,
     feature_tables: Mapping[str, BudgetedTable],
@@ -138,7 +142,7 @@ def combine_tiers(
         d = t.embedding_dim
         weight: Optional[torch.Tensor] = None
         if len(t.tiers) > 1 or t.tiers[0].dim != d:
-            some = next(iter(pooled.values()))
+            some = pooled[tier_key(t.feature_names[0], 0)]
             weight = torch.cat(
                 [
                     projections[tier_key(t.name, j)].weight
@@ -336,10 +340,10 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         return dict(self._meta_ranks) or self.remap.as_dict()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        check_unweighted(features, "budgeted")
-        check_ids(features, self._num_embeddings)
+        check_input(features, "budgeted", self._num_embeddings)
         tiered = split_by_tier(features, self._feature_tables, self.remap.as_dict())
-        return combine_tiers(self.tables, self.projections, self.tier_collection(tiered).to_dict())
+        # forward, not __call__: the tier collection is no submodule, which fx cannot call
+        return combine_tiers(self.tables, self.projections, self.tier_collection.forward(tiered).to_dict())
 
     def reset_parameters(self) -> None:
         """Tier rows by their table's ``init_fn``, MEmCom scalars to 1, projections ``[I; 0]``."""

@@ -67,6 +67,16 @@ def check_unweighted(features: KeyedJaggedTensor, method: str) -> None:
         )
 
 
+def check_input(features: KeyedJaggedTensor, method: str, num_embeddings: Dict[str, int]) -> None:
+    """``check_unweighted`` and ``check_ids``: what an unsharded collection checks of its input.
+
+    They read data, so a module calling this fx-wraps it (``torch.fx.wrap("check_input")`` at
+    its top level): a traced model keeps the check as one call instead of failing to trace it.
+    """
+    check_unweighted(features, method)
+    check_ids(features, num_embeddings)
+
+
 def cost_report(rows: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
     """Per-table rows (each with ``parameters`` and ``uncompressed_parameters``) plus ``total``."""
     params = sum(r["parameters"] for r in rows.values())

@@ -16,13 +16,15 @@ from torchrec_memcom.modules.hashing import slots
 from torchrec_memcom.modules.memcom_config import HASHES
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.collection_checks import (
-    check_ids,
-    check_unweighted,
+    check_input,
     with_rows,
     feature_sizes,
     table_specs,
 )
 
+# fx-traced models keep these data-reading calls as single nodes (TorchRec wraps its own alike)
+torch.fx.wrap("check_input")
+torch.fx.wrap("slots")
 
 
 @dataclasses.dataclass
@@ -151,8 +153,7 @@ class HashEmbeddingBagCollection(CompressedCollection):
         ]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        check_unweighted(features, "hash")
-        check_ids(features, self._num_embeddings)
+        check_input(features, "hash", self._num_embeddings)
         feature_dict = features.to_dict()
         pooled = []
         for cfg, t in zip(self._embedding_bag_configs, self.tables):

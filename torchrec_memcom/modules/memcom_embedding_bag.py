@@ -16,14 +16,17 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.collection_checks import (
-    check_ids,
-    check_unweighted,
+    check_input,
     with_rows,
     feature_sizes,
     table_specs,
 )
 from torchrec_memcom.modules.hashing import slots
 from torchrec_memcom.modules.memcom_config import MEmComConfig, ScalarRule, compression_ratio
+
+# fx-traced models keep these data-reading calls as single nodes (TorchRec wraps its own alike)
+torch.fx.wrap("check_input")
+torch.fx.wrap("slots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,13 +218,16 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
 
         Their hook steps whatever ``_in_backward_optimizers`` holds, so swapping its entries is
         enough; a RowWiseAdagrad on the 1-D scalars would fail, and an lr other than the
-        resolved one would train them differently from the sharded module.
+        resolved one would train them differently from the sharded module. Reads parameters
+        through ``named_parameters``, which fx tracing leaves real (attributes become proxies),
+        so a traced forward adopts them too, at trace time.
         """
-        for name, w in self.entity_weights.items():
+        weights = dict(self.embedding_bags.named_parameters())
+        for name, w in self.entity_weights.named_parameters():
             attached = getattr(w, "_in_backward_optimizers", None)
             if not attached or getattr(w, "_memcom_rule", None) is attached[0]:
                 continue
-            table = getattr(self.embedding_bags[name].weight, "_in_backward_optimizers", None)
+            table = getattr(weights[f"{name}.weight"], "_in_backward_optimizers", None)
             rule = scalar_optimizer(name, (table or attached)[0], self.scalar_configs[name], w)
             attached[:] = [rule]
             w._optimizer_classes[:] = [type(rule)]  # type: ignore[attr-defined]
@@ -230,8 +236,7 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         self.adopt_table_optimizers()
-        check_unweighted(features, "MEmCom")
-        check_ids(features, self._num_embeddings)
+        check_input(features, "MEmCom", self._num_embeddings)
         feature_dict = features.to_dict()
         pooled = []
         for cfg, t in zip(self._embedding_bag_configs, self.tables):

@@ -1,6 +1,6 @@
 """`MixedEmbeddingBagCollection`: one EBC interface over collections of different kinds."""
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -8,15 +8,31 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_memcom.modules.compressed_collection import ShardedByPlugin
 
-class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+
+def join_by_key(outputs: List[KeyedTensor], keys: List[str], dims: List[int]) -> KeyedTensor:
+    """The children's outputs as one KeyedTensor of ``keys`` (each of its dim), read by key:
+    a sharded child returns its keys grouped by sharding type, not in config order."""
+    return KeyedTensor(keys=keys, length_per_key=dims, values=KeyedTensor.regroup(outputs, [keys])[0])
+
+
+class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface, metaclass=ShardedByPlugin):
     """Routes each feature to the collection holding its table and joins their outputs.
 
-    Used by ``compress`` when tables of one EBC get different methods; DMP shards each child
-    with its own sharder. Children's outputs are joined by key, never by position: a sharded
-    EBC returns its keys grouped by sharding type, not in config order. Output keys and dims
-    are fixed here, not read off the children's outputs, so TorchRec's train pipeline can
-    fx-trace it with sharded children as leaves (``KeyedTensor.regroup`` is fx-wrapped).
+    Used by ``compress`` when tables of one EBC get different methods.
+    ``MixedEmbeddingBagCollectionSharder`` shards it as one module (each child by its own
+    sharder), which TorchRec's train pipeline pipelines; output keys and dims are fixed here, so
+    it fx-traces too (``KeyedTensor.regroup`` is fx-wrapped).
+
+    Args:
+        collections: EBC-like collections reading disjoint features (their own tables).
+
+    Example::
+
+        mixed = MixedEmbeddingBagCollection([MEmComEmbeddingBagCollection(big, MEmComConfig(ratio=8)),
+                                             HashEmbeddingBagCollection(small, {})])
+        mixed(kjt)["f0"]  # read by key
     """
 
     def __init__(self, collections: List[EmbeddingBagCollectionInterface]) -> None:
@@ -36,11 +52,15 @@ class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             c(features.permute([features.keys().index(f) for f in feats]))
             for c, feats in zip(self.collections, self._features)
         ]
-        return KeyedTensor(
-            keys=self._keys,
-            length_per_key=self._dims,
-            values=KeyedTensor.regroup(outputs, [self._keys])[0],
-        )
+        return join_by_key(outputs, self._keys, self._dims)
+
+    def child_features(self) -> List[List[str]]:
+        """The features each child reads, in the children's order."""
+        return self._features
+
+    def output_keys(self) -> Tuple[List[str], List[int]]:
+        """The output's keys (config order) and their dims."""
+        return self._keys, self._dims
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
         return [cfg for c in self.collections for cfg in c.embedding_bag_configs()]

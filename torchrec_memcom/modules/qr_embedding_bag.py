@@ -22,14 +22,16 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.modules.collection_checks import (
-    check_ids,
-    check_unweighted,
+    check_input,
     cost_report,
     feature_sizes,
     table_specs,
 )
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
+
+# fx-traced models keep this data-reading call as single nodes (TorchRec wraps its own alike)
+torch.fx.wrap("check_input")
 
 OPERATIONS = ("mult", "add")
 POOLING = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
@@ -289,8 +291,7 @@ class QREmbeddingBagCollection(CompressedCollection):
         self._lookup_features = [(cfg.name, f) for cfg in self.layout.lookup_configs() for f in cfg.feature_names]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        check_unweighted(features, "QR")
-        check_ids(features, self.layout.num_embeddings)
+        check_input(features, "QR", self.layout.num_embeddings)
         split = self.layout.split(features).to_dict()
         return self.layout.combine(
             {
