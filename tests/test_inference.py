@@ -104,7 +104,10 @@ def kjt(
     keys, values, lengths = [], [], []
     for t in tables:
         for f in t.feature_names:
-            n = torch.randint(0, MAX_LENGTH[f] + 1, (size,), generator=g) if f in MAX_LENGTH else torch.ones(size, dtype=torch.int64)
+            if f in MAX_LENGTH:
+                n = torch.randint(0, MAX_LENGTH[f] + 1, (size,), generator=g)
+            else:
+                n = torch.ones(size, dtype=torch.int64)
             keys.append(f)
             lengths.append(n)
             values.append(torch.randint(0, t.num_embeddings, (int(n.sum()),), generator=g))
@@ -228,7 +231,8 @@ def test_exported_mix_slots_equal_the_modules_for_every_id(trained: nn.Module) -
     size = 500
     ids = {"user_id": torch.arange(size), "user_geo": torch.arange(size) % 90, "watched": torch.arange(size) % 300,
            "liked": torch.arange(size) % 300, "age_bucket": torch.arange(size) % 12}
-    features = KeyedJaggedTensor(list(ids), torch.cat(list(ids.values())), lengths=torch.ones(size * len(ids), dtype=torch.int64))
+    ones = torch.ones(size * len(ids), dtype=torch.int64)
+    features = KeyedJaggedTensor(list(ids), torch.cat(list(ids.values())), lengths=ones)
     served = InferenceEmbeddingBagCollection.from_float(c, "fp32")
     exported = torch.export.export(served, (features,), strict=False).module()
     with torch.no_grad():
@@ -271,7 +275,9 @@ def test_bytes_match_a_count_from_the_trained_tables(trained: nn.Module, precisi
         if isinstance(c, BudgetedEmbeddingBagCollection):
             stores = 1
             # a column block per (dim, k-th tier of that dim in its table) below the model dim
-            blocks = {(x.dim, [y.dim for y in t.tiers[:j]].count(x.dim)) for t in c.tables for j, x in enumerate(t.tiers)}
+            blocks = {
+                (x.dim, [y.dim for y in t.tiers[:j]].count(x.dim)) for t in c.tables for j, x in enumerate(t.tiers)
+            }
             width = sum(dim for dim, _ in blocks if dim != 8)
             projections = len(c.embedding_bag_configs()) * width * 8 * 4  # [F, W, d] fp32
             remap = sum(t.num_embeddings * 2 for t in c.tables if t.remap)  # int16 ranks
@@ -306,7 +312,9 @@ def test_docs_example_runs(tmp_path: Path) -> None:
     code = re.search(r"## A worked example.*?```python\n(.*?)```", doc, re.S).group(1)
     (tmp_path / "example.py").write_text(code)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     for line in ("TorchScript equal: True", "torch.export equal: True", "PredictModule equal: True"):
         assert line in run.stdout

@@ -29,6 +29,8 @@ from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollect
 COLLECTIONS = (EmbeddingBagCollection, CompressedCollection, MixedEmbeddingBagCollection)
 # Attributes `apply_optimizer_in_backward` leaves on parameters: training state.
 OPTIMIZER_ATTRIBUTES = ("_in_backward_optimizers", "_optimizer_classes", "_optimizer_kwargs")
+# The fields of a KJT's pytree node whose first dim varies with the ids and the batch size.
+DYNAMIC_FIELDS = ("_values", "_weights", "_lengths", "_offsets")
 
 
 class InferenceEmbeddingBagCollection(nn.Module):
@@ -96,8 +98,10 @@ class InferenceEmbeddingBagCollection(nn.Module):
         self.in_order = columns == sorted(columns)
         self.one_store = len(stores) == 1
         self.has_mean = any(mean)
-        self.register_buffer("column_key", torch.tensor([i for i, d in enumerate(dims) for _ in range(d)], dtype=torch.int64))
-        self.register_buffer("column_mean", torch.tensor([m for m, d in zip(mean, dims) for _ in range(d)], dtype=torch.bool))
+        # per output column: its key, and whether that key's bags are averaged
+        column_key = [i for i, d in enumerate(dims) for _ in range(d)]
+        self.register_buffer("column_key", torch.tensor(column_key, dtype=torch.int64))
+        self.register_buffer("column_mean", torch.tensor([mean[i] for i in column_key], dtype=torch.bool))
 
     @classmethod
     def from_float(cls, module: nn.Module, precision: str = "int8") -> "InferenceEmbeddingBagCollection":
@@ -106,17 +110,22 @@ class InferenceEmbeddingBagCollection(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
         if not isinstance(module, COLLECTIONS):
-            raise ExportError(f"{type(module).__name__} is not an embedding bag collection inference_model converts")
+            raise ExportError(
+                f"{type(module).__name__} is not an embedding bag collection inference_model converts"
+            )
         configs = module.embedding_bag_configs()
         keys = [f for cfg in configs for f in cfg.feature_names]
         mean = []
         for cfg in configs:
             if cfg.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-                raise ExportError(f"table {cfg.name!r}: pooling {cfg.pooling.name}; inference pools with SUM or MEAN")
+                raise ExportError(
+                    f"table {cfg.name!r}: pooling {cfg.pooling.name}; inference pools with SUM or MEAN"
+                )
             mean += [cfg.pooling == PoolingType.MEAN] * len(cfg.feature_names)
         dims = [cfg.embedding_dim for cfg in configs for _ in cfg.feature_names]
         stores = build_stores(collect_tables(module), keys, precision)
-        return cls(stores, keys, dims, mean, bool(module.is_weighted()), precision)
+        device = next(iter(module.parameters())).device  # the stores' index buffers start on the host
+        return cls(stores, keys, dims, mean, bool(module.is_weighted()), precision).to(device)
 
     def keys(self) -> List[str]:
         """The output keys (the collection's features, in its order)."""
@@ -156,16 +165,21 @@ class InferenceEmbeddingBagCollection(nn.Module):
             weights = features.weights().float()
         ours = [self._key_index.get(k, -1) for k in keys]
         # the bag of every id in the input's (key, sample) order, then its key among ours and sample
-        bag = torch.repeat_interleave(torch.arange(len(keys) * batch, device=device), lengths, output_size=values.numel())
-        key = torch.tensor(ours, dtype=torch.int64, device=device).index_select(0, torch.div(bag, batch, rounding_mode="floor"))
+        bag = torch.repeat_interleave(
+            torch.arange(len(keys) * batch, device=device), lengths, output_size=values.numel()
+        )
+        key_of_input = torch.tensor(ours, dtype=torch.int64, device=device)
+        key = key_of_input.index_select(0, torch.div(bag, batch, rounding_mode="floor"))
         sample = bag % batch
         all_ours = -1 not in ours
         pooled: List[Tensor] = []
         for s, store in enumerate(self.stores):
             ids, at_key, at_sample, w = values, key, sample, weights
             if not (self.one_store and all_ours):
-                picked = torch.nonzero((key >= 0) & (self.store_of.index_select(0, key.clamp(min=0)) == s)).squeeze(1)
-                ids, at_key, at_sample = values.index_select(0, picked), key.index_select(0, picked), sample.index_select(0, picked)
+                mine = (key >= 0) & (self.store_of.index_select(0, key.clamp(min=0)) == s)
+                picked = torch.nonzero(mine).squeeze(1)
+                ids, at_key = values.index_select(0, picked), key.index_select(0, picked)
+                at_sample = sample.index_select(0, picked)
                 if w is not None:
                     w = w.index_select(0, picked)
             feature = self.local_index.index_select(0, at_key)
@@ -186,8 +200,7 @@ def kjt_dynamic_shapes(features: KeyedJaggedTensor) -> List[Optional[Dict[int, A
     number of ids and any batch size (its keys stay fixed). TorchRec 1.8 has no such helper."""
     # a KJT flattens (its pytree node) to the tensors of `_fields`, private, in that order
     return [
-        {0: Dim.AUTO} if name in ("_values", "_weights", "_lengths", "_offsets") and isinstance(getattr(features, name), Tensor)
-        else None
+        {0: Dim.AUTO} if name in DYNAMIC_FIELDS and isinstance(getattr(features, name), Tensor) else None
         for name in KeyedJaggedTensor._fields
     ]
 

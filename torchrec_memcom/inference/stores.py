@@ -163,8 +163,10 @@ class CompressedEmbeddings(nn.Module):
         dim: int,
         feature_names: List[str],
         index: Dict[str, Tensor],
+        walks: Optional[int] = None,
     ) -> None:
-        """``index``: per feature (``[F]`` each) the fields of ``INDEX_FIELDS``.
+        """``index``: per feature (``[F]`` each) the fields of ``INDEX_FIELDS``; ``walks``: the
+        mix hash's cycle-walking passes under ``torch.export`` (default: counted here).
 
         ``div``, ``mod``, ``offset``: the row; ``scalar_stride`` 1 and ``scalar_offset`` for
         MEmCom features (``scalars`` ends with a 1.0 that the others read with stride 0);
@@ -192,13 +194,15 @@ class CompressedEmbeddings(nn.Module):
         self.has_scalars = bool((index["scalar_stride"] != 0).any())
         self.has_qr = bool((index["qr_mod"] != 0).any())
         mixed = {int(n) for n, m in zip(index["num_embeddings"], index["is_mix"]) if m}
-        self.walks = max((mix_walks(n) for n in mixed), default=0)
+        self.walks = max((mix_walks(n) for n in mixed), default=0) if walks is None else walks
 
     def reordered(self, feature_names: List[str]) -> "CompressedEmbeddings":
         """This store with its features in the order ``feature_names`` (its own, permuted)."""
-        order = torch.tensor([self.feature_names.index(f) for f in feature_names])
+        order = torch.tensor([self.feature_names.index(f) for f in feature_names], device=self.rows.device)
         index = {name: getattr(self, name).index_select(0, order) for name in INDEX_FIELDS}
-        return CompressedEmbeddings(self.rows, self.scale_bias, self.scalars, self.precision, self.dim, feature_names, index)
+        return CompressedEmbeddings(
+            self.rows, self.scale_bias, self.scalars, self.precision, self.dim, feature_names, index, self.walks
+        )
 
     def slots(self, ids: Tensor, feature: Optional[Tensor] = None) -> Tensor:
         """The MEmCom/hash slot of every id: the id, or its mix bijection, cycle-walked into range
@@ -344,14 +348,15 @@ class TieredEmbeddings(nn.Module):
 
     def reordered(self, feature_names: List[str]) -> "TieredEmbeddings":
         """This store with its features in the order ``feature_names`` (its own, permuted)."""
-        order = torch.tensor([self.feature_names.index(f) for f in feature_names])
+        order = torch.tensor([self.feature_names.index(f) for f in feature_names], device=self.projections.device)
         features = {name: getattr(self, name).index_select(0, order) for name in TIERED_FEATURE_FIELDS}
         tiers = dict(zip(TIER_FIELDS, self.tier_index.unbind(1)))
-        return TieredEmbeddings(
-            list(self.slots), self.scalars, self.remap, self.projections.index_select(0, order), feature_names, features, tiers
-        )
+        projections = self.projections.index_select(0, order)
+        return TieredEmbeddings(list(self.slots), self.scalars, self.remap, projections, feature_names, features, tiers)
 
-    def parts(self, ids: Tensor, feature: Optional[Tensor] = None, weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def parts(
+        self, ids: Tensor, feature: Optional[Tensor] = None, weights: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor]:
         """The rows of every id (times its weight), ``[ids.numel(), d]`` for tiers at the model
         dim and ``[ids.numel(), W]`` side by side for the others (not yet projected); ``ids``
         ``[B, F]`` one per feature (``feature`` None) or flat with the feature of each."""

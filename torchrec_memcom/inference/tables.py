@@ -223,7 +223,10 @@ def build_stores(tables: List[AnyTable], feature_names: List[str], precision: st
     for t in tables:
         for f in t.features:
             if f in by_feature:
-                raise ExportError(f"feature {f!r} is read by tables {by_feature[f].name!r} and {t.name!r}; inference needs one table per feature")
+                raise ExportError(
+                    f"feature {f!r} is read by tables {by_feature[f].name!r} and {t.name!r}; "
+                    f"inference needs one table per feature"
+                )
             by_feature[f] = t
     unknown = [f for f in feature_names if f not in by_feature]
     if unknown:
