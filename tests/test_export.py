@@ -35,8 +35,9 @@ from torchrec_memcom.export.export import (
     script,
 )
 from torchrec_memcom.export.inference import load_model
-from torchrec_memcom.inference.stores import JoinedEmbeddings, TieredEmbeddings
 from torchrec_memcom.export.raw import RawLineError, parse_lines
+from torchrec_memcom.inference import inference_model
+from torchrec_memcom.inference.stores import JoinedEmbeddings, TieredEmbeddings
 from torchrec_memcom.inference.tables import ExportError, build_embeddings, collect_tables
 from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
@@ -201,6 +202,22 @@ def test_a_model_other_than_the_sharded_one_fails_the_check(
 
 def test_int8_file_is_smaller_than_fp16(exported: Dict[str, Tuple[Path, Dict[str, Any]]]) -> None:
     assert exported["int8"][0].stat().st_size < exported["fp16"][0].stat().st_size
+
+
+def test_exported_tables_are_inference_models_collection(
+    checkpoint: Path, exported: Dict[str, Tuple[Path, Dict[str, Any]]]
+) -> None:
+    """The file's [B, 26] lookup is inference_model's collection read one id per feature: the
+    same vectors as that collection's KJT forward, in the same precision."""
+    trained = TrainedModel(checkpoint)
+    collection = inference_model(trained.dlrm, "int8").sparse_arch.embedding_bag_collection
+    batch = next(iter(CriteoParquetLoader(trained.data_dir, "val", 64, shuffle=False)))
+    kjt = batch.sparse_features
+    pooled = collection(kjt).to_dict()
+    expected = torch.stack([pooled[f] for f in CAT_NAMES], 1)
+    with torch.no_grad():
+        got = load_model(exported["int8"][0]).embed(kjt.values().view(len(CAT_NAMES), -1).t())
+    assert torch.allclose(got, expected, atol=1e-6)
 
 
 def test_budgeted_checkpoint_exports_exactly_in_fp32_and_within_tolerance_in_int8(
