@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from conftest import REPO
 
 from torchrec_memcom import CompressionSpec, HashConfig, MEmComConfig, QRConfig, compress
@@ -299,10 +299,22 @@ def test_bad_input_is_refused_naming_the_feature(trained: nn.Module) -> None:
         served(KeyedJaggedTensor(good.keys(), bad, lengths=good.lengths()))
     with pytest.raises(ValueError, match="unknown precision"):
         inference_model(trained, "int4")
-    sequence = nn.Sequential(nn.Linear(2, 2))
-    sequence.add_module("quantized", torch.nn.Module())
     with pytest.raises(ExportError, match="is not an embedding bag collection"):
-        InferenceEmbeddingBagCollection.from_float(sequence, "fp32")
+        InferenceEmbeddingBagCollection.from_float(nn.Linear(2, 2), "fp32")
+
+    class OtherCollection(EmbeddingBagCollectionInterface):
+        def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+            raise NotImplementedError
+
+        def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+            return []
+
+        def is_weighted(self) -> bool:
+            return False
+
+    model = nn.Sequential(nn.Sequential(OtherCollection()))
+    with pytest.raises(ExportError, match="0.0: OtherCollection is not converted"):
+        inference_model(model, "fp32")
 
 
 @pytest.mark.slow
