@@ -224,9 +224,10 @@ def test_inference_model_scripts_exports_and_is_frozen(trained: nn.Module, preci
     assert torch.allclose(exported(**other), served(**other), rtol=1e-6, atol=1e-6)
 
 
-def test_exported_mix_slots_equal_the_modules_for_every_id(trained: nn.Module) -> None:
-    """Under torch.export the mix hash walks a fixed number of passes: every id of the MEmCom
-    and hashed tables still reads what the trained collection reads."""
+@pytest.mark.parametrize("strict", [False, True])
+def test_exported_mix_slots_equal_the_modules_for_every_id(trained: nn.Module, strict: bool) -> None:
+    """Under torch.export (strict or not) the mix hash walks a fixed number of passes: every id
+    of the MEmCom and hashed tables still reads what the trained collection reads."""
     c = trained.users.tables
     size = 500
     ids = {"user_id": torch.arange(size), "user_geo": torch.arange(size) % 90, "watched": torch.arange(size) % 300,
@@ -234,7 +235,7 @@ def test_exported_mix_slots_equal_the_modules_for_every_id(trained: nn.Module) -
     ones = torch.ones(size * len(ids), dtype=torch.int64)
     features = KeyedJaggedTensor(list(ids), torch.cat(list(ids.values())), lengths=ones)
     served = InferenceEmbeddingBagCollection.from_float(c, "fp32")
-    exported = torch.export.export(served, (features,), strict=False).module()
+    exported = torch.export.export(served, (features,), strict=strict).module()
     with torch.no_grad():
         expected = c(features).values()
     assert torch.allclose(exported(features).values(), expected, rtol=1e-5, atol=1e-6)
