@@ -224,8 +224,8 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         (any multiples of 4 up to the dim, BET's candidate set; default: 4, 8, 16, ... doubling,
         and the dim: ``budget.space.size_ladder``).
     scalars: the per-entity scalars of MEmCom tiers: a ``MEmComConfig``'s ``init_weight``,
-        ``scalar_lr``, ``scalar_lr_scale`` and ``scalar_eps`` as a dict (default: init 1, the
-        tier table's lr and eps).
+        ``scalar_lr``, ``scalar_lr_scale`` and ``scalar_eps`` as a dict (default: init 1, 10x the
+        tier table's lr and its eps, as ``MEmComConfig``).
 
     Construction fails unless the allocation fits the budget. State dict:
     ``embedding_bags.T@tier<j>.weight`` (rows of tier ``j`` by rank within the tier),
