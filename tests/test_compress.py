@@ -70,6 +70,28 @@ def test_per_table_overrides_and_leave_alone() -> None:
     assert ratios["t2"] == pytest.approx(60 * 8 / (15 * 8 + 60))  # the default method and params
 
 
+
+def test_per_table_overrides_across_the_collections_of_a_model() -> None:
+    """A model with two EBCs (two towers): each override reaches the collection holding its
+    table; a name no collection holds is still refused."""
+    user = [dataclasses.replace(t, name=f"u_{t.name}", feature_names=[f"u_{f}" for f in t.feature_names])
+            for t in small_tables()]
+    towers = torch.nn.ModuleDict(
+        {"user": EmbeddingBagCollection(user), "item": EmbeddingBagCollection(small_tables())}
+    )
+    spec = CompressionSpec(tables={"u_t0": MEmComConfig(ratio=4), "t1": HashConfig(ratio=4)})
+    model, sharders = compress(towers, spec)
+    assert type(model["user"]) is MEmComEmbeddingBagCollection
+    assert {t.name for t in model["user"].tables if t.compressed} == {"u_t0"}
+    assert type(model["item"]).__name__ == "HashEmbeddingBagCollection"
+    assert {t.name: t.ratio > 1 for t in model["item"].tables} == {"t0": False, "t1": True, "t2": False}
+    assert MEmComEmbeddingBagCollectionSharder in [type(s) for s in sharders]
+    for name, tower in (("user", user), ("item", small_tables())):
+        assert model[name](random_kjt(tower, batch=3, seed=1)).keys() == [f for t in tower for f in t.feature_names]
+    with pytest.raises(ValueError, match=r"unknown tables: \['t9'\]"):
+        compress(torch.nn.ModuleDict({"a": EmbeddingBagCollection(small_tables())}),
+                 CompressionSpec(tables={"t0": HashConfig(ratio=4), "t9": HashConfig(ratio=4)}))
+
 def test_nothing_to_compress_keeps_the_stock_collection() -> None:
     model, sharders = compress(_dlrm(), CompressionSpec())
     assert type(model.sparse_arch.embedding_bag_collection) is EmbeddingBagCollection

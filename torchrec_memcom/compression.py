@@ -6,7 +6,7 @@ Methods register here by name; each builds a collection from the user's own
 
 import dataclasses
 import re
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -168,16 +168,24 @@ class CompressionSpec:
         return TableCompression(self.method, dict(self.params))
 
 
+def _check_tables(spec: CompressionSpec, tables: Iterable[str]) -> None:
+    """Per-table overrides must name tables that exist (a typo would silently do nothing)."""
+    unknown = set(spec.tables) - set(tables)
+    if unknown:
+        raise ValueError(f"compression names unknown tables: {sorted(unknown)}")
+
+
 def compress_collection(
-    ebc: EmbeddingBagCollection, spec: CompressionSpec, where: str = "the collection"
+    ebc: EmbeddingBagCollection, spec: CompressionSpec, where: str = "the collection", whole_model: bool = False
 ) -> Tuple[nn.Module, List[str]]:
     """The compressed replacement of one EBC (``ebc`` itself if no table is compressed) and
     the methods it uses. Uncompressed tables keep their ``nn.EmbeddingBag`` (weights, device,
-    dtype and any optimizer attached to them); compressed ones start from their method's init."""
+    dtype and any optimizer attached to them); compressed ones start from their method's init.
+    ``whole_model``: ``spec`` covers other collections too (``compress()`` checks its table
+    names against all of them)."""
     configs = ebc.embedding_bag_configs()
-    unknown = set(spec.tables) - {c.name for c in configs}
-    if unknown:
-        raise ValueError(f"compression names unknown tables: {sorted(unknown)}")
+    if not whole_model:
+        _check_tables(spec, [c.name for c in configs])
     choices = {cfg.name: spec.for_table(cfg) for cfg in configs}
     methods = {c.method for c in choices.values()} - {"none"}
     if not methods:
@@ -301,12 +309,14 @@ def compress(
     """
     if isinstance(model, EmbeddingBagCollection):
         raise ValueError("compress() swaps collections inside a model; wrap a bare EBC first")
+    ebcs = [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
+    _check_tables(spec, [c.name for ebc in ebcs for c in ebc.embedding_bag_configs()])
     used: List[str] = []
     mixed: List[str] = []  # the methods of mixed collections' children
     for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, EmbeddingBagCollection):
-                new, methods = compress_collection(child, spec, ".".join(filter(None, [path, name])))
+                new, methods = compress_collection(child, spec, ".".join(filter(None, [path, name])), whole_model=True)
                 carry_optimizers(child, new)
                 setattr(parent, name, new)
                 used += [m for m in methods if m not in used]
