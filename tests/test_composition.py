@@ -36,6 +36,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_memcom import CompressionSpec, HashConfig, MEmComConfig, QRConfig, TableCompression, compress
 from torchrec_memcom.distributed.state import load_full_state_dict
+from torchrec_memcom.modules.memcom_config import DEFAULT_SCALAR_LR_SCALE
 from torchrec_memcom.modules.qr_embedding_bag import QREmbeddingBagCollection
 
 BATCH, LR = 4, 0.1
@@ -180,8 +181,9 @@ def _composition(rank: int, world: int, specs: List[str], folder: str) -> None:
         backward_both(out, ref_out, mine)
         sgd_on_dense(dmp, LR)
         with torch.no_grad():
-            for p in ref.parameters():  # the mean over ranks of the gradient: TorchRec's convention
-                p -= LR * p.grad / world
+            for name, p in ref.named_parameters():  # the mean over ranks of the gradient: TorchRec's convention
+                # per-entity scalars train at their default multiple of the table's lr
+                p -= LR * (DEFAULT_SCALAR_LR_SCALE if ".entity_weights." in f".{name}" else 1.0) * p.grad / world
         stepped = ref.state_dict()
         assert_state_matches(dmp, stepped, f"{spec}: after one SGD step")
         assert_outputs_match(dmp(batch_slice(probe, rank * BATCH, (rank + 1) * BATCH)), ref(probe), mine, f"{spec} stepped")
