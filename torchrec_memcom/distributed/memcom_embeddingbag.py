@@ -33,7 +33,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
 from torchrec_memcom.distributed.state import copy_full_tensor
-from torchrec_memcom.distributed.stock_views import correct_mean_divisor, kjt_with, stock_view
+from torchrec_memcom.distributed.stock_views import (
+    LayoutCache,
+    correct_mean_divisor,
+    kjt_with,
+    repeat_per_key,
+    stock_view,
+)
 from torchrec_memcom.distributed.entity_weights import (
     COLUMN_SHARDED,
     SUPPORTED_SHARDING_TYPES,
@@ -91,9 +97,9 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         self.entity_weights = ShardedEntityWeights(
             layouts, env.rank, env.world_size, device, env.process_group
         )
-        # Per lookup: [feature, (start, rows)] of each feature's scalars, which features have
-        # scalars, and whether any is data-parallel (see _scalars).
-        self._lookup_addresses: List[Tuple[torch.Tensor, torch.Tensor, bool]] = []
+        # Per lookup: (start, rows) of each feature's scalars ((0, 0): none), whether a feature
+        # has scalars, and whether any is data-parallel (see _scalars).
+        self._lookup_addresses: List[Tuple[List[Tuple[int, int]], List[bool], bool]] = []
         for lookup in self._lookups:
             names = [
                 table.name if self._tables[table.name].compressed else None
@@ -103,15 +109,12 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             ]
             addresses = [self.entity_weights.address(n) for n in names]
             self._lookup_addresses.append(
-                (
-                    torch.tensor([a[:2] for a in addresses], dtype=torch.int64, device=device).view(-1, 2),
-                    torch.tensor([n is not None for n in names], device=device),
-                    any(a[2] for a in addresses),
-                )
+                ([a[:2] for a in addresses], [n is not None for n in names], any(a[2] for a in addresses))
             )
         self._scales = [float(getattr(_unwrap(lookup), "_scale_gradient_factor", 1)) for lookup in self._lookups]
-        # input_dist remaps by these, cached per order of the incoming keys
-        self._remaps: Dict[Tuple[str, ...], Tuple[torch.Tensor, List[int]]] = {}
+        # per-value constants of input_dist's remap and of each lookup's scalars, per KJT layout
+        self._remaps = LayoutCache()
+        self._scalar_layouts = LayoutCache()
         self._optim = CombinedOptimizer(
             [("", self._optim), ("", self.entity_weights.fused_optimizer)]
         )
@@ -149,16 +152,17 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     # ---- forward ------------------------------------------------------------------------------
 
-    def _remap(self, keys: List[str]) -> Tuple[torch.Tensor, List[int]]:
-        """Per feature of this key order: ``[n, shared rows]`` (``m = n`` for plain tables:
-        row = id, k = 0), and the positions of features hashed with "mix"."""
-        key = tuple(keys)
-        if key not in self._remaps:
+    def _remap(self, keys: List[str], lengths: List[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+        """Per value of this layout: ``n - 1`` and the shared rows ``m`` of its table (``m = n``
+        for plain tables: row = id, k = 0); and the positions of features hashed with "mix"."""
+
+        def build() -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
             tables = [self._feature_table[k] for k in keys]
-            sizes = torch.tensor([[t.num_embeddings, t.hash_rows if t.compressed else t.num_embeddings] for t in tables])
-            mixed = [i for i, t in enumerate(tables) if t.compressed and t.hash == "mix"]
-            self._remaps[key] = (sizes.to(self.entity_weights.fused.device), mixed)
-        return self._remaps[key]
+            last = repeat_per_key([t.num_embeddings - 1 for t in tables], lengths, device)
+            m = repeat_per_key([t.hash_rows if t.compressed else t.num_embeddings for t in tables], lengths, device)
+            return last, m, [i for i, t in enumerate(tables) if t.compressed and t.hash == "mix"]
+
+        return self._remaps.get((tuple(keys), tuple(lengths)), build)
 
     def input_dist(
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
@@ -167,11 +171,11 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         if features.weights_or_none() is not None:
             raise ValueError("MEmCom inputs carry no weights: the per-entity scalars are its own")
         with torch.no_grad():
-            sizes, mixed = self._remap(features.keys())
             lengths = features.length_per_key()
             slot = features.values()
-            n, m = torch.repeat_interleave(sizes, torch.tensor(lengths, device=slot.device), dim=0).unbind(1)
-            if bool(((slot < 0) | (slot >= n)).any()):
+            last, m, mixed = self._remap(features.keys(), lengths, slot.device)
+            # one pass and one sync: an id outside [0, n) makes id or n - 1 - id negative
+            if slot.numel() and bool(torch.bitwise_or(last - slot, slot).min() < 0):
                 check_ids(features, self._num_embeddings)  # raises, naming the feature
             if mixed:
                 parts = list(slot.split(lengths))
@@ -179,45 +183,62 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                     t = self._feature_table[features.keys()[i]]
                     parts[i] = slots(parts[i], t.num_embeddings, t.hash)
                 slot = torch.cat(parts)
-            rows, blocks = slot % m, (slot // m + 1).to(torch.float32)
+            k = torch.div(slot, m, rounding_mode="floor")
+            rows = slot - k * m  # slot mod m, without a second division
+            blocks = k.add_(1).to(torch.float32)
         awaitable = super().input_dist(ctx, kjt_with(features, rows, blocks))
         correct_mean_divisor(self, ctx)
         return awaitable
+
+    def _scalar_layout(
+        self, g: int, lengths: List[int], device: torch.device
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Per value of lookup ``g``'s KJT: ``start - rows`` and ``rows`` of its scalars (the
+        weight carries ``k + 1``), and the positions of the values that have scalars (None: all)."""
+
+        def build() -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+            addresses, compressed, _ = self._lookup_addresses[g]
+            base = repeat_per_key([start - rows for start, rows in addresses], lengths, device)
+            rows = repeat_per_key([rows for _, rows in addresses], lengths, device)
+            if all(compressed):
+                return base, rows, None
+            mask = repeat_per_key([int(c) for c in compressed], lengths, device)
+            return base, rows, torch.nonzero(mask).view(-1)
+
+        return self._scalar_layouts.get((g, tuple(lengths)), build)
 
     def _scalars(self, dist_input: KJTList) -> Tuple[KJTList, Optional[torch.Tensor]]:
         """Replace each KJT's ``k + 1`` weights by the per-entity scalars (1 for plain tables)."""
         out: List[Optional[torch.Tensor]] = [None] * len(dist_input)
         fused, fused_at, scales = [], [], []
-        for g, (kjt, (address, compressed, dense)) in enumerate(zip(dist_input, self._lookup_addresses)):
-            if not bool(compressed.any()):
+        for g, (kjt, (_, compressed, dense)) in enumerate(zip(dist_input, self._lookup_addresses)):
+            if not any(compressed):
                 out[g] = torch.ones_like(kjt.weights())
                 continue
-            lengths = torch.tensor(kjt.length_per_key(), device=kjt.values().device)
-            start, rows = torch.repeat_interleave(address, lengths, dim=0).unbind(1)
-            idx = start + (kjt.weights().long() - 1) * rows + kjt.values()
-            mask = None if bool(compressed.all()) else torch.repeat_interleave(compressed, lengths)
-            if mask is not None:  # plain tables have no scalars: their weight is 1
-                idx = idx[mask]
+            base, rows, positions = self._scalar_layout(g, kjt.length_per_key(), kjt.values().device)
+            idx = kjt.weights().long().mul_(rows).add_(base).add_(kjt.values())
+            if positions is not None:  # plain tables have no scalars: their weight is 1
+                idx = idx.index_select(0, positions)
             if dense:
-                out[g] = self._place(self.entity_weights.lookup_dense(idx), mask, kjt)
+                out[g] = self._place(self.entity_weights.lookup_dense(idx), positions, kjt)
             else:
-                fused.append((idx, mask))
+                fused.append((idx, positions))
                 fused_at.append(g)
                 scales.append(self._scales[g])
         anchor = None
         if fused or self.entity_weights.needs_anchor:
             anchor, scalars = self.entity_weights.lookup_fused([idx for idx, _ in fused], scales)
-            for g, w, (_, mask) in zip(fused_at, scalars, fused):
-                out[g] = self._place(w, mask, dist_input[g])
+            for g, w, (_, positions) in zip(fused_at, scalars, fused):
+                out[g] = self._place(w, positions, dist_input[g])
         weighted = KJTList([kjt_with(kjt, kjt.values(), w) for kjt, w in zip(dist_input, out)])
         return weighted, anchor if self.entity_weights.needs_anchor else None
 
     @staticmethod
-    def _place(scalars: torch.Tensor, mask: Optional[torch.Tensor], kjt: KeyedJaggedTensor) -> torch.Tensor:
-        """Per-value weights: the scalars where ``mask`` (all if None), 1 elsewhere."""
-        if mask is None:
+    def _place(scalars: torch.Tensor, positions: Optional[torch.Tensor], kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """Per-value weights: the scalars at ``positions`` (all if None), 1 elsewhere."""
+        if positions is None:
             return scalars
-        return torch.ones_like(kjt.weights()).masked_scatter(mask, scalars)
+        return torch.ones_like(kjt.weights()).index_copy(0, positions, scalars)
 
     def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
         weighted, anchor = self._scalars(dist_input)
