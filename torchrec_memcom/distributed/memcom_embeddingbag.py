@@ -47,9 +47,14 @@ from torchrec_memcom.distributed.entity_weights import (
     ShardedEntityWeights,
     table_layout,
 )
-from torchrec_memcom.modules.hashing import slots
+from torchrec_memcom.modules.hashing import mix_constants, mix_slots
 from torchrec_memcom.modules.collection_checks import check_ids
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, MEmComTable
+
+
+# input_dist's per-value constants of a layout: n - 1, m, and the "mix" features' positions and
+# per-value (n, mask, shift, mul1, mul2), if any
+_Remap = Tuple[torch.Tensor, torch.Tensor, Optional[Tuple[torch.Tensor, List[torch.Tensor]]]]
 
 
 def _feature_requires_grad(
@@ -182,15 +187,23 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     # ---- forward ------------------------------------------------------------------------------
 
-    def _remap(self, keys: List[str], lengths: List[int], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    def _remap(self, keys: List[str], lengths: List[int], device: torch.device) -> _Remap:
         """Per value of this layout: ``n - 1`` and the shared rows ``m`` of its table (``m = n``
-        for plain tables: row = id, k = 0); and the positions of features hashed with "mix"."""
+        for plain tables: row = id, k = 0); and, if some features hash with "mix", their
+        values' positions and per-value ``n`` and ``mix_constants``."""
 
-        def build() -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+        def build() -> _Remap:
             tables = [self._feature_table[k] for k in keys]
             last = repeat_per_key([t.num_embeddings - 1 for t in tables], lengths, device)
             m = repeat_per_key([t.hash_rows if t.compressed else t.num_embeddings for t in tables], lengths, device)
-            return last, m, [i for i, t in enumerate(tables) if t.compressed and t.hash == "mix"]
+            mixed = [t.compressed and t.hash == "mix" for t in tables]
+            if not any(mixed):
+                return last, m, None
+            positions = torch.nonzero(repeat_per_key([int(x) for x in mixed], lengths, device)).view(-1)
+            own = [(t, n) for t, n, x in zip(tables, lengths, mixed) if x]
+            per_table = [(t.num_embeddings, *mix_constants(t.num_embeddings)) for t, _ in own]
+            consts = [repeat_per_key(list(c), [n for _, n in own], device) for c in zip(*per_table)]
+            return last, m, (positions, consts)
 
         return self._remaps.get((tuple(keys), tuple(lengths)), build)
 
@@ -201,18 +214,15 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         if features.weights_or_none() is not None:
             raise ValueError("MEmCom inputs carry no weights: the per-entity scalars are its own")
         with torch.no_grad():
-            lengths = features.length_per_key()
             slot = features.values()
-            last, m, mixed = self._remap(features.keys(), lengths, slot.device)
+            last, m, mix = self._remap(features.keys(), features.length_per_key(), slot.device)
             # one pass and one sync: an id outside [0, n) makes id or n - 1 - id negative
             if slot.numel() and bool(torch.bitwise_or(last - slot, slot).min() < 0):
                 check_ids(features, self._num_embeddings)  # raises, naming the feature
-            if mixed:
-                parts = list(slot.split(lengths))
-                for i in mixed:
-                    t = self._feature_table[features.keys()[i]]
-                    parts[i] = slots(parts[i], t.num_embeddings, t.hash)
-                slot = torch.cat(parts)
+            if mix is not None:  # all "mix" features in one pass
+                positions, consts = mix
+                mixed = mix_slots(slot.index_select(0, positions), *consts)
+                slot = slot.index_copy(0, positions, mixed.to(slot.dtype))
             k = torch.div(slot, m, rounding_mode="floor")
             rows = slot - k * m  # slot mod m, without a second division
             blocks = k.add_(1).to(torch.float32)
