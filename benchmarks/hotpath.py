@@ -14,7 +14,11 @@ same processes: old against new code under the same load.
 
     .venv/bin/python benchmarks/hotpath.py --out /tmp/hotpath.json
     .venv/bin/python benchmarks/hotpath.py --baseline /tmp/main --nprocs 1 2
-    .venv/bin/python benchmarks/hotpath.py --profile --nprocs 1   # torch.profiler of the MEmCom arm
+    .venv/bin/python benchmarks/hotpath.py --profile --nprocs 1   # torch.profiler tables, rank 0
+    .venv/bin/python benchmarks/hotpath.py --smoke --nprocs 1 --out /tmp/x.json   # CI: tiny, no claims
+
+DMP wraps the sharded MEmCom collection in DDP (its data-parallel scalars are a dense
+parameter, empty here) but not the stock one; in a whole model (DLRM) DDP wraps both alike.
 """
 
 import argparse
@@ -230,10 +234,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--baseline", help="repository root of another checkout: its MEmCom as a further arm")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of rank 0 instead")
     parser.add_argument("--out", help="JSON file to write")
+    parser.add_argument("--smoke", action="store_true", help="tiny run for CI: structure only, no timing claims")
     a = parser.parse_args(argv)
+    if a.smoke:
+        a.batch_size, a.max_rows, a.steps, a.rounds = 64, 5000, 1, 2
     if a.baseline:
         a.baseline = str(Path(a.baseline).resolve())
     result: Dict[str, Any] = {"setup": {k: v for k, v in vars(a).items() if k not in ("out", "profile")},
+                              "machine": {"cpu_count": os.cpu_count(), "loadavg_1min_before": os.getloadavg()[0]},
                               "nprocs": {}}
     for n in a.nprocs:
         out = run(a, n)
