@@ -15,6 +15,7 @@ same processes: old against new code under the same load.
     .venv/bin/python benchmarks/hotpath.py --out /tmp/hotpath.json
     .venv/bin/python benchmarks/hotpath.py --baseline /tmp/main --nprocs 1 2
     .venv/bin/python benchmarks/hotpath.py --profile --nprocs 1   # torch.profiler tables, rank 0
+    .venv/bin/python benchmarks/hotpath.py --check --baseline /tmp/main --steps 10   # bit-equal to main?
     .venv/bin/python benchmarks/hotpath.py --smoke --nprocs 1 --out /tmp/x.json   # CI: tiny, no claims
 
 DMP wraps the sharded MEmCom collection in DDP (its data-parallel scalars are a dense
@@ -123,6 +124,32 @@ def _arms(a: argparse.Namespace, sizes: List[int], world_size: int, device: Any)
     return arms
 
 
+def _same_steps(arms: Dict[str, Any], batches: List[Any], grad: Any, steps: int) -> List[int]:
+    """Train MEmCom and the baseline's MEmCom from the same state on the same batches: whether
+    their outputs were bit-equal at every step, and their state dicts after (this rank's shards)."""
+    import torch
+
+    new, old = arms["memcom"], arms["memcom_baseline"]
+    old.load_state_dict(new.state_dict())
+    outputs = True
+    for i in range(steps):
+        kts = [model(batches[i % len(batches)]) for model in (new, old)]
+        keys = sorted(kts[0].keys())
+        values = [torch.cat([kt[k] for k in keys], dim=1) for kt in kts]  # by key, never position
+        outputs = outputs and torch.equal(values[0], values[1])
+        for v in values:
+            (v * grad).sum().backward()
+
+    def local(value: Any) -> List[Any]:
+        return [s.tensor for s in value.local_shards()] if hasattr(value, "local_shards") else [value]
+
+    states = [model.state_dict() for model in (new, old)]
+    state = states[0].keys() == states[1].keys() and all(
+        torch.equal(x, y) for k in states[0] for x, y in zip(local(states[0][k]), local(states[1][k]))
+    )
+    return [int(outputs), int(state)]
+
+
 def _worker(rank: int, world_size: int, port: int, a: argparse.Namespace, queue: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
@@ -145,6 +172,14 @@ def _worker(rank: int, world_size: int, port: int, a: argparse.Namespace, queue:
         out = model(batches[i % len(batches)])
         (out.values() * grad).sum().backward()
 
+    if a.check:
+        same = torch.tensor(_same_steps(arms, batches, grad, a.steps), dtype=torch.int32)
+        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        if rank == 0:
+            queue.put({"outputs_bit_equal": bool(same[0]), "state_bit_equal": bool(same[1])})
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     names = list(arms)
     for name in names:  # warm-up: caches, allocator, first-call paths
         for i in range(5):
@@ -233,6 +268,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--baseline", help="repository root of another checkout: its MEmCom as a further arm")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of rank 0 instead")
+    parser.add_argument("--check", action="store_true",
+                        help="instead: train MEmCom and --baseline's from the same state for --steps steps; "
+                             "exit 1 unless outputs and state stay bit-equal")
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI: structure only, no timing claims")
     a = parser.parse_args(argv)
@@ -240,11 +278,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         a.batch_size, a.max_rows, a.steps, a.rounds = 64, 5000, 1, 2
     if a.baseline:
         a.baseline = str(Path(a.baseline).resolve())
+    elif a.check:
+        parser.error("--check needs --baseline")
     result: Dict[str, Any] = {"setup": {k: v for k, v in vars(a).items() if k not in ("out", "profile")},
                               "machine": {"cpu_count": os.cpu_count(), "loadavg_1min_before": os.getloadavg()[0]},
                               "nprocs": {}}
     for n in a.nprocs:
         out = run(a, n)
+        if a.check:
+            print(f"{n} proc, {a.steps} steps against {a.baseline}: {out}")
+            if not all(out.values()):
+                return 1
+            continue
         if a.profile:
             for name, table in out.items():
                 print(f"== {name}, {n} process(es), rank 0, {a.steps} steps\n{table}")
@@ -255,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 q = s["speed_vs_stock_quartiles"]
                 print(f"{n} proc {clock:>4} {name:>16}: {s['ms_per_step']:7.2f} ms/step, speed vs stock "
                       f"{s['speed_vs_stock']:.3f} (quartiles {q[0]:.3f}-{q[1]:.3f})", flush=True)
-    if a.out and not a.profile:
+    if a.out and not (a.profile or a.check):
         Path(a.out).write_text(json.dumps(result, indent=2))
     return 0
 

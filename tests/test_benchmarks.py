@@ -130,14 +130,17 @@ def test_speed_benchmark_smoke(tmp_path: Path) -> None:
 
 
 def test_hotpath_benchmark_smoke(tmp_path: Path) -> None:
-    """Stock, MEmCom and a baseline checkout's MEmCom (this one) alternate on one process."""
+    """Stock, MEmCom and a baseline checkout's MEmCom (this one) alternate on one process; and
+    two instances of the same MEmCom, trained alike, stay bit-equal (--check)."""
     out = tmp_path / "hotpath.json"
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "hotpath.py"), "--smoke", "--nprocs", "1", "--baseline", str(REPO),
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for extra in (["--out", str(out)], ["--check"]):
+        done = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "hotpath.py"), "--smoke", "--nprocs", "1",
+             "--baseline", str(REPO), *extra],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "'outputs_bit_equal': True, 'state_bit_equal': True" in done.stdout
     result = json.loads(out.read_text())["nprocs"]["1"]
     for clock in ("wall", "cpu"):
         arms = result[clock]
