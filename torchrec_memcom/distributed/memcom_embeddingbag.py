@@ -142,10 +142,10 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     def _skip_plain_gradients(self) -> None:
         """Have FBGEMM skip the per-sample-weight gradient of plain tables' features.
 
-        Their weights are ones, but FBGEMM's kernel computes a dot product per id for every
-        feature of a table-batched module unless told which need it (measured on CPU: 7.3 ms of
-        a 26-feature step of 2048 bags, see benchmarks/hotpath.py). Reads TorchRec's private
-        ``_emb_modules``: it has no public list of a lookup's kernels.
+        Their weights are ones, but FBGEMM's backward computes a dot product per id for every
+        feature of a table-batched module unless told which need it: on CPU the largest cost of
+        MEmCom's step (docs/benchmarks.md, hot path). Reads TorchRec's private ``_emb_modules``:
+        it has no public list of a lookup's kernels.
         """
         for lookup in self._lookups:
             lookup = _unwrap(lookup)
