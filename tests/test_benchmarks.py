@@ -127,3 +127,23 @@ def test_speed_benchmark_smoke(tmp_path: Path) -> None:
     kernel = result["kernel"]  # FBGEMM's lookup alone: MEmCom's shared tables, weighted or not
     assert kernel["tables"] == 26 and kernel["ids_per_step"] == 26 * 64
     assert kernel["unweighted_ms"] > 0 and kernel["weighted_ms"] > 0
+
+
+def test_hotpath_benchmark_smoke(tmp_path: Path) -> None:
+    """Stock, MEmCom and a baseline checkout's MEmCom (this one) alternate on one process; and
+    two instances of the same MEmCom, trained alike, stay bit-equal (--check)."""
+    out = tmp_path / "hotpath.json"
+    for extra in (["--out", str(out)], ["--check"]):
+        done = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "hotpath.py"), "--smoke", "--nprocs", "1",
+             "--baseline", str(REPO), *extra],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "'outputs_bit_equal': True, 'state_bit_equal': True" in done.stdout
+    result = json.loads(out.read_text())["nprocs"]["1"]
+    for clock in ("wall", "cpu"):
+        arms = result[clock]
+        assert set(arms) == {"stock", "memcom", "memcom_baseline"}
+        assert arms["stock"]["speed_vs_stock"] == 1.0
+        assert all(r["ms_per_step"] > 0 and r["speed_vs_stock"] > 0 for r in arms.values())

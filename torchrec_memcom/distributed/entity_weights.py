@@ -36,7 +36,6 @@ from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer
 
 from torchrec_memcom.modules.memcom_config import MEmComConfig, ScalarRule
 from torchrec_memcom.modules.memcom_embedding_bag import NEUTRAL_OPTIONS, MEmComTable
-from torchrec_memcom.modules.sorting import unique_inverse
 
 COLUMN_SHARDED = {ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value}
 ROW_SHARDED = {
@@ -181,10 +180,14 @@ class _FusedLookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, _anchor_grad: torch.Tensor, *grads: torch.Tensor) -> Tuple[None, ...]:
-        idx = torch.cat(list(ctx.saved_tensors))
-        grad = torch.cat([g / s for g, s in zip(grads, ctx.scales)])
+        idx = _cat(list(ctx.saved_tensors))
+        grad = _cat([g if s == 1 else g / s for g, s in zip(grads, ctx.scales)])
         ctx.owner.apply_gradients(idx, grad)
         return (None,) * (3 + len(grads))
+
+
+def _cat(tensors: List[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 class ShardedEntityWeights(nn.Module):
@@ -236,6 +239,9 @@ class ShardedEntityWeights(nn.Module):
         self._eps = torch.tensor(
             [layouts[n].rule.eps for n in self._local_fused], dtype=self.fused.dtype, device=device  # type: ignore[union-attr]
         )
+        eps = {layouts[n].rule.eps for n in self._local_fused}  # type: ignore[union-attr]
+        self._uniform_eps = len(eps) <= 1
+        self._eps_value = float(next(iter(eps), 0.0))
         self._starts = torch.tensor([self._slices[n][0] for n in self._local_fused], dtype=torch.int64, device=device)
         replicated = [n for n, layout in layouts.items() if layout.replicated]
         self._replicated = torch.tensor(
@@ -301,19 +307,30 @@ class ShardedEntityWeights(nn.Module):
         if self._sync_group is not None:
             idx, grad = self._sync_replicas(idx, grad)
         w = self.fused.data
-        groups = self._optimizer.param_groups
-        lrs = torch.tensor([groups[g]["lr"] for g in self._groups], dtype=w.dtype, device=w.device)
+        lr, eps = self._rates(idx)
         grad = grad.to(w.dtype)
         if self.momentum is None:  # SGD: index_add_ sums duplicates itself, no dedup needed
-            w.index_add_(0, idx, grad * -lrs[self._table_of(idx)])
+            w.index_add_(0, idx, grad * -lr)
             return
-        # Adagrad needs each entry's summed gradient before its state update.
-        unique, inverse = unique_inverse(idx)
-        table = self._table_of(unique)
-        summed = torch.zeros(unique.numel(), dtype=w.dtype, device=w.device).index_add_(0, inverse, grad)
-        state = self.momentum.index_select(0, unique).addcmul_(summed, summed)
-        self.momentum.index_copy_(0, unique, state)
-        w.index_add_(0, unique, summed.div_(state.sqrt_().add_(self._eps[table])).mul_(-lrs[table]))
+        # Adagrad needs each entry's summed gradient before its state update. The touched state
+        # entries hold the sums meanwhile: no sort to find distinct ids and no buffer of n. An
+        # id met several times then gets the same values written several times.
+        state = self.momentum
+        old = state.index_select(0, idx)
+        summed = state.index_fill_(0, idx, 0).index_add_(0, idx, grad).index_select(0, idx)
+        new = old.addcmul_(summed, summed)
+        state.index_copy_(0, idx, new)
+        step = summed.div_(new.sqrt_().add_(eps)).mul_(-lr)
+        w.index_copy_(0, idx, w.index_select(0, idx).add_(step))
+
+    def _rates(self, idx: torch.Tensor) -> Tuple[Any, Any]:
+        """lr and eps of the update: numbers when every local table has the same, else per entry."""
+        groups = self._optimizer.param_groups
+        lrs = [groups[g]["lr"] for g in self._groups]
+        if len(set(lrs)) == 1 and self._uniform_eps:
+            return float(lrs[0]), self._eps_value
+        table = self._table_of(idx)
+        return torch.tensor(lrs, dtype=self.fused.dtype, device=idx.device)[table], self._eps[table]
 
     def _table_of(self, idx: torch.Tensor) -> torch.Tensor:
         """Position in ``_local_fused`` of the table each flat index belongs to."""

@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
 from torch import nn
 from torchrec.distributed.embedding_types import KJTList
 from torchrec.distributed.embeddingbag import (
@@ -33,16 +34,36 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
 from torchrec_memcom.distributed.state import copy_full_tensor
-from torchrec_memcom.distributed.stock_views import correct_mean_divisor, kjt_with, stock_view
+from torchrec_memcom.distributed.stock_views import (
+    LayoutCache,
+    correct_mean_divisor,
+    kjt_with,
+    repeat_per_key,
+    stock_view,
+)
 from torchrec_memcom.distributed.entity_weights import (
     COLUMN_SHARDED,
     SUPPORTED_SHARDING_TYPES,
     ShardedEntityWeights,
     table_layout,
 )
-from torchrec_memcom.modules.hashing import slots
+from torchrec_memcom.modules.hashing import mix_constants, mix_slots
 from torchrec_memcom.modules.collection_checks import check_ids
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, MEmComTable
+
+
+# input_dist's per-value constants of a layout: n - 1, m, and the "mix" features' positions and
+# per-value (n, mask, shift, mul1, mul2), if any
+_Remap = Tuple[torch.Tensor, torch.Tensor, Optional[Tuple[torch.Tensor, List[torch.Tensor]]]]
+
+
+def _feature_requires_grad(
+    _module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], mask: torch.Tensor
+) -> Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]]:
+    """Forward pre-hook of a table-batched module: pass ``mask`` as its ``feature_requires_grad``."""
+    if kwargs.get("per_sample_weights") is None or kwargs.get("feature_requires_grad") is not None:
+        return None
+    return args, {**kwargs, "feature_requires_grad": mask}
 
 
 def _add_anchor(kt: KeyedTensor, anchor: torch.Tensor) -> KeyedTensor:
@@ -91,9 +112,9 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         self.entity_weights = ShardedEntityWeights(
             layouts, env.rank, env.world_size, device, env.process_group
         )
-        # Per lookup: [feature, (start, rows)] of each feature's scalars, which features have
-        # scalars, and whether any is data-parallel (see _scalars).
-        self._lookup_addresses: List[Tuple[torch.Tensor, torch.Tensor, bool]] = []
+        # Per lookup: (start, rows) of each feature's scalars ((0, 0): none), whether a feature
+        # has scalars, and whether any is data-parallel (see _scalars).
+        self._lookup_addresses: List[Tuple[List[Tuple[int, int]], List[bool], bool]] = []
         for lookup in self._lookups:
             names = [
                 table.name if self._tables[table.name].compressed else None
@@ -103,15 +124,13 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             ]
             addresses = [self.entity_weights.address(n) for n in names]
             self._lookup_addresses.append(
-                (
-                    torch.tensor([a[:2] for a in addresses], dtype=torch.int64, device=device).view(-1, 2),
-                    torch.tensor([n is not None for n in names], device=device),
-                    any(a[2] for a in addresses),
-                )
+                ([a[:2] for a in addresses], [n is not None for n in names], any(a[2] for a in addresses))
             )
         self._scales = [float(getattr(_unwrap(lookup), "_scale_gradient_factor", 1)) for lookup in self._lookups]
-        # input_dist remaps by these, cached per order of the incoming keys
-        self._remaps: Dict[Tuple[str, ...], Tuple[torch.Tensor, List[int]]] = {}
+        # per-value constants of input_dist's remap and of each lookup's scalars, per KJT layout
+        self._remaps = LayoutCache()
+        self._scalar_layouts = LayoutCache()
+        self._skip_plain_gradients()
         self._optim = CombinedOptimizer(
             [("", self._optim), ("", self.entity_weights.fused_optimizer)]
         )
@@ -119,6 +138,25 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             self._reset_scalars()
         else:
             self._copy_from(module)
+
+    def _skip_plain_gradients(self) -> None:
+        """Have FBGEMM skip the per-sample-weight gradient of plain tables' features.
+
+        Their weights are ones, but FBGEMM's backward computes a dot product per id for every
+        feature of a table-batched module unless told which need it: on CPU the largest cost of
+        MEmCom's step (docs/benchmarks.md, hot path). Reads TorchRec's private ``_emb_modules``:
+        it has no public list of a lookup's kernels.
+        """
+        for lookup in self._lookups:
+            lookup = _unwrap(lookup)
+            for config, module in zip(lookup.grouped_configs, getattr(lookup, "_emb_modules", [])):
+                tbe = getattr(module, "emb_module", None)
+                if not isinstance(tbe, SplitTableBatchedEmbeddingBagsCodegen):
+                    continue
+                needs = [self._tables[t.name].compressed for t in config.embedding_tables for _ in t.feature_names]
+                if not all(needs):
+                    mask = torch.tensor(needs, dtype=torch.int32, device=tbe.D_offsets.device)
+                    tbe.register_forward_pre_hook(partial(_feature_requires_grad, mask=mask), with_kwargs=True)
 
     def _table_fused_params(self) -> Dict[str, Dict[str, Any]]:
         """The fused optimizer params the stock sharding resolved for every table."""
@@ -149,16 +187,25 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     # ---- forward ------------------------------------------------------------------------------
 
-    def _remap(self, keys: List[str]) -> Tuple[torch.Tensor, List[int]]:
-        """Per feature of this key order: ``[n, shared rows]`` (``m = n`` for plain tables:
-        row = id, k = 0), and the positions of features hashed with "mix"."""
-        key = tuple(keys)
-        if key not in self._remaps:
+    def _remap(self, keys: List[str], lengths: List[int], device: torch.device) -> _Remap:
+        """Per value of this layout: ``n - 1`` and the shared rows ``m`` of its table (``m = n``
+        for plain tables: row = id, k = 0); and, if some features hash with "mix", their
+        values' positions and per-value ``n`` and ``mix_constants``."""
+
+        def build() -> _Remap:
             tables = [self._feature_table[k] for k in keys]
-            sizes = torch.tensor([[t.num_embeddings, t.hash_rows if t.compressed else t.num_embeddings] for t in tables])
-            mixed = [i for i, t in enumerate(tables) if t.compressed and t.hash == "mix"]
-            self._remaps[key] = (sizes.to(self.entity_weights.fused.device), mixed)
-        return self._remaps[key]
+            last = repeat_per_key([t.num_embeddings - 1 for t in tables], lengths, device)
+            m = repeat_per_key([t.hash_rows if t.compressed else t.num_embeddings for t in tables], lengths, device)
+            mixed = [t.compressed and t.hash == "mix" for t in tables]
+            if not any(mixed):
+                return last, m, None
+            positions = torch.nonzero(repeat_per_key([int(x) for x in mixed], lengths, device)).view(-1)
+            own = [(t, n) for t, n, x in zip(tables, lengths, mixed) if x]
+            per_table = [(t.num_embeddings, *mix_constants(t.num_embeddings)) for t, _ in own]
+            consts = [repeat_per_key(list(c), [n for _, n in own], device) for c in zip(*per_table)]
+            return last, m, (positions, consts)
+
+        return self._remaps.get((tuple(keys), tuple(lengths)), build)
 
     def input_dist(
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
@@ -167,57 +214,71 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         if features.weights_or_none() is not None:
             raise ValueError("MEmCom inputs carry no weights: the per-entity scalars are its own")
         with torch.no_grad():
-            sizes, mixed = self._remap(features.keys())
-            lengths = features.length_per_key()
             slot = features.values()
-            n, m = torch.repeat_interleave(sizes, torch.tensor(lengths, device=slot.device), dim=0).unbind(1)
-            if bool(((slot < 0) | (slot >= n)).any()):
+            last, m, mix = self._remap(features.keys(), features.length_per_key(), slot.device)
+            # one pass and one sync: an id outside [0, n) makes id or n - 1 - id negative
+            if slot.numel() and bool(torch.bitwise_or(last - slot, slot).min() < 0):
                 check_ids(features, self._num_embeddings)  # raises, naming the feature
-            if mixed:
-                parts = list(slot.split(lengths))
-                for i in mixed:
-                    t = self._feature_table[features.keys()[i]]
-                    parts[i] = slots(parts[i], t.num_embeddings, t.hash)
-                slot = torch.cat(parts)
-            rows, blocks = slot % m, (slot // m + 1).to(torch.float32)
+            if mix is not None:  # all "mix" features in one pass
+                positions, consts = mix
+                mixed = mix_slots(slot.index_select(0, positions), *consts)
+                slot = slot.index_copy(0, positions, mixed.to(slot.dtype))
+            k = torch.div(slot, m, rounding_mode="floor")
+            rows = slot - k * m  # slot mod m, without a second division
+            blocks = k.add_(1).to(torch.float32)
         awaitable = super().input_dist(ctx, kjt_with(features, rows, blocks))
         correct_mean_divisor(self, ctx)
         return awaitable
+
+    def _scalar_layout(
+        self, g: int, lengths: List[int], device: torch.device
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Per value of lookup ``g``'s KJT: ``start - rows`` and ``rows`` of its scalars (the
+        weight carries ``k + 1``), and the positions of the values that have scalars (None: all)."""
+
+        def build() -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+            addresses, compressed, _ = self._lookup_addresses[g]
+            base = repeat_per_key([start - rows for start, rows in addresses], lengths, device)
+            rows = repeat_per_key([rows for _, rows in addresses], lengths, device)
+            if all(compressed):
+                return base, rows, None
+            mask = repeat_per_key([int(c) for c in compressed], lengths, device)
+            return base, rows, torch.nonzero(mask).view(-1)
+
+        return self._scalar_layouts.get((g, tuple(lengths)), build)
 
     def _scalars(self, dist_input: KJTList) -> Tuple[KJTList, Optional[torch.Tensor]]:
         """Replace each KJT's ``k + 1`` weights by the per-entity scalars (1 for plain tables)."""
         out: List[Optional[torch.Tensor]] = [None] * len(dist_input)
         fused, fused_at, scales = [], [], []
-        for g, (kjt, (address, compressed, dense)) in enumerate(zip(dist_input, self._lookup_addresses)):
-            if not bool(compressed.any()):
+        for g, (kjt, (_, compressed, dense)) in enumerate(zip(dist_input, self._lookup_addresses)):
+            if not any(compressed):
                 out[g] = torch.ones_like(kjt.weights())
                 continue
-            lengths = torch.tensor(kjt.length_per_key(), device=kjt.values().device)
-            start, rows = torch.repeat_interleave(address, lengths, dim=0).unbind(1)
-            idx = start + (kjt.weights().long() - 1) * rows + kjt.values()
-            mask = None if bool(compressed.all()) else torch.repeat_interleave(compressed, lengths)
-            if mask is not None:  # plain tables have no scalars: their weight is 1
-                idx = idx[mask]
+            base, rows, positions = self._scalar_layout(g, kjt.length_per_key(), kjt.values().device)
+            idx = kjt.weights().long().mul_(rows).add_(base).add_(kjt.values())
+            if positions is not None:  # plain tables have no scalars: their weight is 1
+                idx = idx.index_select(0, positions)
             if dense:
-                out[g] = self._place(self.entity_weights.lookup_dense(idx), mask, kjt)
+                out[g] = self._place(self.entity_weights.lookup_dense(idx), positions, kjt)
             else:
-                fused.append((idx, mask))
+                fused.append((idx, positions))
                 fused_at.append(g)
                 scales.append(self._scales[g])
         anchor = None
         if fused or self.entity_weights.needs_anchor:
             anchor, scalars = self.entity_weights.lookup_fused([idx for idx, _ in fused], scales)
-            for g, w, (_, mask) in zip(fused_at, scalars, fused):
-                out[g] = self._place(w, mask, dist_input[g])
+            for g, w, (_, positions) in zip(fused_at, scalars, fused):
+                out[g] = self._place(w, positions, dist_input[g])
         weighted = KJTList([kjt_with(kjt, kjt.values(), w) for kjt, w in zip(dist_input, out)])
         return weighted, anchor if self.entity_weights.needs_anchor else None
 
     @staticmethod
-    def _place(scalars: torch.Tensor, mask: Optional[torch.Tensor], kjt: KeyedJaggedTensor) -> torch.Tensor:
-        """Per-value weights: the scalars where ``mask`` (all if None), 1 elsewhere."""
-        if mask is None:
+    def _place(scalars: torch.Tensor, positions: Optional[torch.Tensor], kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """Per-value weights: the scalars at ``positions`` (all if None), 1 elsewhere."""
+        if positions is None:
             return scalars
-        return torch.ones_like(kjt.weights()).masked_scatter(mask, scalars)
+        return torch.ones_like(kjt.weights()).index_copy(0, positions, scalars)
 
     def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
         weighted, anchor = self._scalars(dist_input)

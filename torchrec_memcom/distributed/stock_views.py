@@ -1,8 +1,8 @@
 """What our sharded collections hand TorchRec's stock sharded EBC: a stock EBC viewing their own
 tables, and KJTs whose ids were remapped (with weights of our choosing) before ``input_dist``;
-and the row-wise MEAN divisor corrected after it."""
+the row-wise MEAN divisor corrected after it; and the per-value constants of a KJT layout."""
 
-from typing import List, Optional
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -10,6 +10,8 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionContext, Sha
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+T = TypeVar("T")
 
 
 def stock_view(
@@ -53,3 +55,34 @@ def correct_mean_divisor(sharded: ShardedEmbeddingBagCollection, ctx: EmbeddingB
             torch.tensor(keep, device=ctx.divisor.device), torch.tensor(sharded._embedding_dims, device=ctx.divisor.device)
         )
     ctx.divisor = torch.where(sharded._mean_divisor_columns, ctx.divisor, torch.ones_like(ctx.divisor))
+
+
+class LayoutCache:
+    """Per-value tensors of a KJT layout (its key order and length per key), built once a layout.
+
+    Batches of one shape (Criteo's: one id per feature) share a layout, so the per-value
+    constants a remap needs (per-key values repeated by length) are built once rather than every
+    step. Up to ``size`` layouts are kept, the oldest dropped first.
+    """
+
+    def __init__(self, size: int = 8) -> None:
+        self._entries: Dict[Hashable, object] = {}
+        self._size = size
+
+    def get(self, key: Hashable, build: Callable[[], T]) -> T:
+        """The entry of ``key``, built by ``build()`` on a miss."""
+        entry = self._entries.get(key)
+        if entry is None:
+            if len(self._entries) >= self._size:
+                del self._entries[next(iter(self._entries))]
+            entry = self._entries[key] = build()
+        return entry  # type: ignore[return-value]
+
+
+def repeat_per_key(per_key: Sequence[int], lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``per_key[i]`` repeated ``lengths[i]`` times, for all keys: one value per KJT value."""
+    return torch.repeat_interleave(
+        torch.tensor(per_key, dtype=torch.int64, device=device),
+        torch.tensor(lengths, device=device),
+        output_size=sum(lengths),
+    )
