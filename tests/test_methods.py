@@ -55,6 +55,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_memcom import MEmComConfig, MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.entity_weights import table_layout
+from torchrec_memcom.modules.memcom_config import DEFAULT_SCALAR_LR_SCALE
 from torchrec_memcom.distributed.hash_embeddingbag import HashEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.qr_embeddingbag import QREmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.state import load_full_state_dict
@@ -287,15 +288,19 @@ def _expected_step(ref: nn.Module, kind: str, optimizer: EmbOptimType, world: in
             g = p.grad / world
             t0 = name.split(".")[1].split("@")[0] == "t0"
             dense = name.startswith("projections.") or (kind == "data_parallel" and t0)
-            if dense or optimizer == SGD:
+            # fused per-entity scalars step at their default multiple of the table's lr
+            lr = LR * (DEFAULT_SCALAR_LR_SCALE if name.startswith("entity_weights.") else 1.0)
+            if dense:
                 p -= LR * g
+            elif optimizer == SGD:
+                p -= lr * g
             elif optimizer == ADAGRAD:
-                p -= LR * g / ((g * g).sqrt() + EPS)
+                p -= lr * g / ((g * g).sqrt() + EPS)
             else:
                 shards = len(_column_ranks(world)) if kind in COLUMN_SHARDED and t0 else 1
                 for cols, grad in zip(p.chunk(shards, dim=1), g.chunk(shards, dim=1)):
                     state = (grad * grad).mean(dim=1, keepdim=True)
-                    cols -= LR * grad / (state.sqrt() + EPS)
+                    cols -= lr * grad / (state.sqrt() + EPS)
 
 
 def _prefixed(module: nn.Module) -> Dict[str, torch.Tensor]:
