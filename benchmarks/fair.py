@@ -38,7 +38,7 @@ from torchrec_memcom.bench import STYLE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path.home() / ".cache" / "torchrec_memcom"
-METHODS = ["none", "hash", "qr", "memcom", "budgeted", managed_collision.NAME]
+METHODS = [*quality.methods(), managed_collision.NAME]  # the registry's, and managed collisions
 RATIOS = [2, 4, 8, 16, 32, 64]
 LRS = [0.01, 0.02, 0.05, 0.1]
 

@@ -8,7 +8,7 @@ export and budget tools handle.
 """
 
 import dataclasses
-from typing import Any, Dict, List
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -51,9 +51,8 @@ class ManagedCollisionBags(nn.Module):
     """An MC-EBC with the EBC interface (``forward`` -> KeyedTensor), so that DLRM and our
     mixed collections take it as they take any collection."""
 
-    def __init__(self, tables: List[EmbeddingBagConfig], params: Dict[str, Dict[str, Any]], device: torch.device):
+    def __init__(self, tables: List[EmbeddingBagConfig], configs: Dict[str, MCConfig], device: torch.device):
         super().__init__()
-        configs = {name: MCConfig(**p) for name, p in params.items()}
         sized = [dataclasses.replace(t, num_embeddings=slots(t.num_embeddings, t.embedding_dim, configs[t.name].ratio))
                  for t in tables]
         modules = {
@@ -86,13 +85,14 @@ class ManagedCollisionBags(nn.Module):
 
 def register() -> None:
     """Add the method to ``compress()``'s registry (once)."""
-    from torchrec_memcom.compression import METHODS, Method
+    from torchrec_memcom.registry import CompressionMethod, method_names, register_method
 
-    if NAME not in METHODS:
-        METHODS[NAME] = Method(
-            ManagedCollisionBags,
-            lambda fused: ManagedCollisionEmbeddingBagCollectionSharder(
+    if NAME not in method_names():
+        register_method(CompressionMethod(
+            name=NAME,
+            config=MCConfig,
+            collection=ManagedCollisionBags,
+            build=ManagedCollisionBags,
+            sharder=lambda fused: ManagedCollisionEmbeddingBagCollectionSharder(
                 EmbeddingBagCollectionSharder(fused_params=fused)),
-            MCConfig,
-            holds_plain_tables=False,
-        )
+        ))

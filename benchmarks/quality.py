@@ -59,7 +59,6 @@ from torchrec_memcom.bench import (  # the sweep's pieces, shared with `memcom b
 REPO = Path(__file__).resolve().parents[1]
 CRITEO_SAMPLE = REPO.parent / "shared" / "data" / "criteo_kaggle_sample_8k.tsv"
 RATIOS = [2, 4, 8, 16, 32, 64]
-BASE_METHODS = ["hash", "qr", "memcom"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,11 +66,11 @@ BASE_METHODS = ["hash", "qr", "memcom"]
 
 
 def methods() -> List[str]:
-    """``none`` and every registered compression method (``budgeted`` once it is registered)."""
-    from torchrec_memcom.compression import METHODS
+    """``none`` and every registered compression method, in the registry's order."""
+    import torchrec_memcom.methods  # noqa: F401  (registers them)
+    from torchrec_memcom.registry import method_names
 
-    extra = [m for m in ("budgeted",) if m in METHODS]
-    return ["none", *[m for m in BASE_METHODS if m in METHODS], *extra]
+    return method_names(with_none=True)
 
 
 def free_port() -> int:

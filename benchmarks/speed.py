@@ -117,9 +117,10 @@ def pin_sharding(sharding: Optional[str]) -> Callable[[], None]:
         return lambda: None
     from torchrec.distributed.sharding_plan import get_default_sharders
 
-    from torchrec_memcom.compression import METHODS
+    import torchrec_memcom.methods  # noqa: F401  (registers them)
+    from torchrec_memcom.registry import methods
 
-    classes = {type(s) for s in get_default_sharders()} | {type(m.sharder(None)) for m in METHODS.values()}
+    classes = {type(s) for s in get_default_sharders()} | {type(m.sharder(None)) for m in methods()}
     originals = {k: vars(k)["sharding_types"] for c in classes for k in c.__mro__ if "sharding_types" in vars(k)}
     for cls, original in originals.items():
 

@@ -54,7 +54,7 @@ def test_managed_collisions_take_the_bytes_of_the_ratio() -> None:
 
     n, dim, ratio = 5000, 16, 8
     tables = [EmbeddingBagConfig(name="t_a", embedding_dim=dim, num_embeddings=n, feature_names=["a"])]
-    bags = managed_collision.ManagedCollisionBags(tables, {"t_a": {"ratio": ratio}}, torch.device("cpu"))
+    bags = managed_collision.ManagedCollisionBags(tables, {"t_a": managed_collision.MCConfig(ratio=ratio)}, torch.device("cpu"))
     slots = managed_collision.slots(n, dim, ratio)
     weight = bags.mc._embedding_module.embedding_bags["t_a"].weight
     assert weight.shape == (slots, dim)

@@ -30,18 +30,19 @@ if TYPE_CHECKING:
         ShardedQREmbeddingBagCollection,
     )
     from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
-    from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
+    from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedConfig, BudgetedEmbeddingBagCollection
     from torchrec_memcom.modules.hash_embedding_bag import HashConfig, HashEmbeddingBagCollection
-    from torchrec_memcom.modules.memcom_config import MEmComConfig
+    from torchrec_memcom.modules.memcom_config import HashKind, MEmComConfig
     from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
     from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
-    from torchrec_memcom.modules.qr_embedding_bag import QRConfig, QREmbeddingBagCollection, qr_collection
+    from torchrec_memcom.modules.qr_embedding_bag import QRConfig, QREmbeddingBagCollection, QROperation, qr_collection
 
 _EXPORTS = {
     "CompressionSpec": "compression",
     "TableCompression": "compression",
     "compress": "compression",
     "MEmComConfig": "modules.memcom_config",
+    "HashKind": "modules.memcom_config",
     "MEmComEmbeddingBagCollection": "modules.memcom_embedding_bag",
     "MEmComEmbeddingBagCollectionSharder": "distributed.memcom_embeddingbag",
     "ShardedMEmComEmbeddingBagCollection": "distributed.memcom_embeddingbag",
@@ -50,6 +51,7 @@ _EXPORTS = {
     "HashEmbeddingBagCollectionSharder": "distributed.hash_embeddingbag",
     "ShardedHashEmbeddingBagCollection": "distributed.hash_embeddingbag",
     "QRConfig": "modules.qr_embedding_bag",
+    "QROperation": "modules.qr_embedding_bag",
     "QREmbeddingBagCollection": "modules.qr_embedding_bag",
     "qr_collection": "modules.qr_embedding_bag",
     "QREmbeddingBagCollectionSharder": "distributed.qr_embeddingbag",
@@ -61,6 +63,7 @@ _EXPORTS = {
     "MixedEmbeddingBagCollectionSharder": "distributed.mixed_embeddingbag",
     "ShardedMixedEmbeddingBagCollection": "distributed.mixed_embeddingbag",
     "BudgetedEmbeddingBagCollection": "modules.budgeted_embedding_bag",
+    "BudgetedConfig": "modules.budgeted_embedding_bag",
     "BudgetedEmbeddingBagCollectionSharder": "distributed.budgeted_embeddingbag",
     "ShardedBudgetedEmbeddingBagCollection": "distributed.budgeted_embeddingbag",
 }

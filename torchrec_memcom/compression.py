@@ -1,12 +1,13 @@
 """`compress(model, spec)`: swap every EmbeddingBagCollection of a model for compressed ones.
 
-Methods register here by name; each builds a collection from the user's own
-``EmbeddingBagConfig``s plus per-table parameters, and names the sharder DMP needs for it.
+Methods register in ``torchrec_memcom.registry`` (from ``torchrec_memcom/methods/``); each
+builds a collection from the user's own ``EmbeddingBagConfig``s plus per-table configs, and
+names the sharder DMP needs for it.
 """
 
 import dataclasses
 import re
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,76 +23,23 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
-from torchrec_memcom.distributed.hash_embeddingbag import HashEmbeddingBagCollectionSharder
-from torchrec_memcom.distributed.memcom_embeddingbag import MEmComEmbeddingBagCollectionSharder
+import torchrec_memcom.methods  # noqa: F401  (registers every method)
 from torchrec_memcom.distributed.mixed_embeddingbag import MixedEmbeddingBagCollectionSharder
-from torchrec_memcom.distributed.qr_embeddingbag import QREmbeddingBagCollectionSharder
-from torchrec_memcom.modules.budget_config import Budget
-from torchrec_memcom.modules.budgeted_embedding_bag import build_budgeted
-from torchrec_memcom.modules.hash_embedding_bag import HashConfig, HashEmbeddingBagCollection
+from torchrec_memcom.modules.hash_embedding_bag import HashEmbeddingBagCollection
 from torchrec_memcom.modules.memcom_config import MEmComConfig
-from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, scalar_rule
+from torchrec_memcom.modules.memcom_embedding_bag import scalar_rule
 from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
-from torchrec_memcom.modules.qr_embedding_bag import QRConfig, qr_collection
+from torchrec_memcom.registry import NONE, get_method, method_names, method_of_config, methods
 
-# A method builds a collection from configs + {table: params} on a device ...
-Builder = Callable[[List[EmbeddingBagConfig], Dict[str, Dict[str, Any]], torch.device], nn.Module]
-# ... and makes the sharder of that collection from the fused (sparse optimizer) params.
-SharderFactory = Callable[[Optional[Dict[str, Any]]], ModuleSharder]
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    build: Builder
-    sharder: SharderFactory
-    # The config dataclass each table's params make (None: params of the whole collection).
-    params: Optional[type] = None
-    # The collection also holds plain tables (those missing from its params): a model whose
-    # tables use only this method and "none" then needs one collection, not two.
-    holds_plain_tables: bool = False
-
-
-def _memcom(tables: List[EmbeddingBagConfig], params: Dict[str, Dict[str, Any]], device: torch.device) -> nn.Module:
-    return MEmComEmbeddingBagCollection(
-        tables, {name: MEmComConfig(**p) for name, p in params.items()}, device=device
-    )
-
-
-def _hash(tables: List[EmbeddingBagConfig], params: Dict[str, Dict[str, Any]], device: torch.device) -> nn.Module:
-    return HashEmbeddingBagCollection(
-        tables, {name: HashConfig(**p) for name, p in params.items()}, device=device
-    )
-
-
-def _qr(tables: List[EmbeddingBagConfig], params: Dict[str, Dict[str, Any]], device: torch.device) -> nn.Module:
-    return qr_collection(tables, {name: QRConfig(**p) for name, p in params.items()}, device=device)
-
-
-METHODS: Dict[str, Method] = {
-    "memcom": Method(
-        _memcom,
-        lambda fused: MEmComEmbeddingBagCollectionSharder(fused_params=fused),
-        MEmComConfig,
-        holds_plain_tables=True,
-    ),
-    "hash": Method(
-        _hash,
-        lambda fused: HashEmbeddingBagCollectionSharder(fused_params=fused),
-        HashConfig,
-        holds_plain_tables=True,
-    ),
-    # plain tables inside a QR collection would take its unpooled per-id path: keep them stock
-    "qr": Method(_qr, lambda fused: QREmbeddingBagCollectionSharder(fused_params=fused), QRConfig),
-    # one budget covers the whole collection; tables left out stay stock, outside the budget
-    "budgeted": Method(build_budgeted, lambda fused: BudgetedEmbeddingBagCollectionSharder(fused_params=fused)),
-}
+# The method that hosts the plain tables of a mixed collection (a hash collection hashing none).
+PLAIN_HOST = "hash"
 
 
 @dataclasses.dataclass
 class TableCompression:
     """Method and parameters of one table (``method: none`` leaves it as it is); ``params`` is
-    a dict or the method's config object (``MEmComConfig``, ``HashConfig``, ``QRConfig``)."""
+    a dict or the method's config object (``MEmComConfig``, ``HashConfig``, ``QRConfig``,
+    ``BudgetedConfig``)."""
 
     method: str = "none"
     params: Any = dataclasses.field(default_factory=dict)
@@ -104,13 +52,13 @@ def _method_params(method: str, params: Any, where: str) -> Tuple[str, Dict[str,
     """``(method, params as a dict)``; a config object names its method (and must agree)."""
     if isinstance(params, dict):
         return method, params
-    owner = next((name for name, m in METHODS.items() if m.params is not None and isinstance(params, m.params)), None)
-    if owner is None:
+    found = method_of_config(params)
+    if found is None:
         raise ValueError(
-            f"{where}: expected a dict or one of "
-            f"{sorted(m.params.__name__ for m in METHODS.values() if m.params)}, got {params!r}"
+            f"{where}: expected a dict or one of {sorted(m.config.__name__ for m in methods())}, got {params!r}"
         )
-    if method not in ("none", owner):
+    owner = found.name
+    if method not in (NONE, owner):
         raise ValueError(f"{where}: a {type(params).__name__} is method {owner!r}, not {method!r}")
     return owner, dataclasses.asdict(params)
 
@@ -153,10 +101,10 @@ class CompressionSpec:
         for where, method in [("method", self.method)] + [
             (f"tables.{name}.method", t.method) for name, t in self.tables.items()
         ]:
-            if method != "none" and method not in METHODS:
+            if method not in method_names(with_none=True):
                 raise ValueError(
                     f"compression {where}: unknown method {method!r}; known: "
-                    f"{['none', *sorted(METHODS)]}"
+                    f"{[NONE, *sorted(method_names())]}"
                 )
         check_spec(self)
 
@@ -187,8 +135,8 @@ def compress_collection(
     if not whole_model:
         _check_tables(spec, [c.name for c in configs])
     choices = {cfg.name: spec.for_table(cfg) for cfg in configs}
-    methods = {c.method for c in choices.values()} - {"none"}
-    if not methods:
+    used = {c.method for c in choices.values()} - {NONE}
+    if not used:
         return ebc, []
     if type(ebc) is not EmbeddingBagCollection:
         raise ValueError(
@@ -200,33 +148,39 @@ def compress_collection(
     if ebc.is_weighted():
         raise ValueError(
             f"a weighted EmbeddingBagCollection (per-sample weights) cannot be compressed with "
-            f"{sorted(methods)}: compressed collections pool unweighted bags"
+            f"{sorted(used)}: compressed collections pool unweighted bags"
         )
-    host = next(iter(methods)) if len(methods) == 1 else None
-    plain = "none" if host is None or not METHODS[host].holds_plain_tables else host
+    host = next(iter(used)) if len(used) == 1 else None
+    plain = NONE if host is None or not get_method(host).holds_plain_tables else host
     groups: Dict[str, List[EmbeddingBagConfig]] = {}
     params: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for cfg in configs:
         choice = choices[cfg.name]
-        group = plain if choice.method == "none" else choice.method
+        group = plain if choice.method == NONE else choice.method
         groups.setdefault(group, []).append(cfg)
-        if choice.method != "none":
+        if choice.method != NONE:
             params.setdefault(group, {})[cfg.name] = choice.params
     parts = [
         # The plain tables of a mixed collection: a hash collection that hashes none of them,
         # a stock EBC but for its sharder, which corrects TorchRec's row-wise MEAN divisor
         # (stock_views.correct_mean_divisor). On meta: its tables are the user's, adopted below.
         HashEmbeddingBagCollection(tables, {}, device=torch.device("meta"))
-        if method == "none"
-        else METHODS[method].build(tables, params.get(method, {}), ebc.device)
+        if method == NONE
+        else _build(method, tables, params.get(method, {}), ebc.device)
         for method, tables in groups.items()
     ]
     for part, method in zip(parts, groups):
-        _adopt_plain_tables(part, ebc, [c.name for c in groups[method] if choices[c.name].method == "none"])
-        if method == "none":
+        _adopt_plain_tables(part, ebc, [c.name for c in groups[method] if choices[c.name].method == NONE])
+        if method == NONE:
             part._device = ebc.device
     module = parts[0] if len(parts) == 1 else MixedEmbeddingBagCollection(parts)
-    return module, list(dict.fromkeys("hash" if m == "none" else m for m in groups))
+    return module, list(dict.fromkeys(PLAIN_HOST if m == NONE else m for m in groups))
+
+
+def _build(method: str, tables: List[EmbeddingBagConfig], params: Dict[str, Dict[str, Any]], device: torch.device) -> nn.Module:
+    """``method``'s collection of ``tables``, each table's params made its config object."""
+    m = get_method(method)
+    return m.build(tables, {name: m.config(**p) for name, p in params.items()}, device)
 
 
 def _adopt_plain_tables(part: nn.Module, ebc: EmbeddingBagCollection, names: List[str]) -> None:
@@ -316,13 +270,13 @@ def compress(
     for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, EmbeddingBagCollection):
-                new, methods = compress_collection(child, spec, ".".join(filter(None, [path, name])), whole_model=True)
+                new, found = compress_collection(child, spec, ".".join(filter(None, [path, name])), whole_model=True)
                 carry_optimizers(child, new)
                 setattr(parent, name, new)
-                used += [m for m in methods if m not in used]
+                used += [m for m in found if m not in used]
                 if isinstance(new, MixedEmbeddingBagCollection):
-                    mixed += [m for m in methods if m not in mixed]
-    sharders: List[ModuleSharder] = [METHODS[m].sharder(fused_params) for m in used]
+                    mixed += [m for m in found if m not in mixed]
+    sharders: List[ModuleSharder] = [get_method(m).sharder(fused_params) for m in used]
     if mixed:
         # shards a mixed collection as one module (which the train pipeline pipelines), each
         # child by the sharder above of its type
@@ -337,28 +291,21 @@ def check_spec(spec: CompressionSpec, key: str = "compression") -> None:
     it builds its tables, inside every rank of a job: unknown names, and the values the
     method's config refuses (budgeted: the names, the budget and the scalar settings; its files
     are read when it builds). ``CompressionSpec`` runs it when built."""
-    from torchrec_memcom.modules.budgeted_embedding_bag import BUILD_PARAMS, SCALAR_PARAMS, scalar_params
-
     if spec.min_rows < 0:
         raise ValueError(f"{key}.min_rows: must be >= 0, got {spec.min_rows}")
     choices = [(key, TableCompression(spec.method, spec.params))]
     choices += [(f"{key}.tables.{name}", t) for name, t in spec.tables.items()]
     for where, choice in choices:
-        if choice.method == "none":
+        if choice.method == NONE:
             if choice.params:
                 raise ValueError(f"{where}.params: method none takes no params, got {choice.params}")
             continue
-        config = METHODS[choice.method].params
-        known = [f.name for f in dataclasses.fields(config)] if config else list(BUILD_PARAMS)
+        config = get_method(choice.method).config
+        known = [f.name for f in dataclasses.fields(config)]
         unknown = sorted(set(choice.params) - set(known))
         if unknown:
             raise ValueError(f"{where}.params.{unknown[0]}: unknown key (known: {known})")
         try:
-            if config:
-                config(**choice.params)
-            else:
-                if "budget_bytes" in choice.params or "budget_ratio" in choice.params:
-                    Budget(choice.params.get("budget_bytes"), choice.params.get("budget_ratio"))
-                scalar_params({k: v for k, v in choice.params.items() if k in SCALAR_PARAMS})
+            config(**choice.params)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}.params: {e}") from None

@@ -23,6 +23,7 @@ from torchrec.distributed.types import (
     ParameterSharding,
     QuantizedCommCodecs,
     ShardingEnv,
+    get_tensor_size_bytes,
 )
 from torchrec.distributed.utils import append_prefix
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -149,3 +150,10 @@ class BudgetedEmbeddingBagCollectionSharder(MEmComEmbeddingBagCollectionSharder)
 
     unsharded = BudgetedEmbeddingBagCollection
     sharded = ShardedBudgetedEmbeddingBagCollection
+
+    def replicated_bytes(self, module: BudgetedEmbeddingBagCollection, parameter_multiplier: float) -> int:
+        """Bytes every rank holds whatever the plan (the planner's hook, ``memcom_planner``): the
+        id ranks (remap buffers) and the projections, dense parameters counted
+        ``parameter_multiplier`` times (with their gradients and optimizer state)."""
+        ranks = sum(get_tensor_size_bytes(b) for b in module.remap.buffers())
+        return round(ranks + parameter_multiplier * sum(get_tensor_size_bytes(p) for p in module.projections.parameters()))

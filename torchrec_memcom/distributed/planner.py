@@ -1,4 +1,5 @@
-"""Planner support: reserve what budgeted collections replicate on every rank.
+"""Planner support: reserve what collections replicate on every rank (budgeted ones' ranks
+and projections), as their sharders' ``replicated_bytes`` hook counts it.
 
 Our sharders report each table's true bytes to TorchRec's stock estimators themselves
 (``CollectionSharder.shardable_parameters``); what no table holds is reserved here.
@@ -11,21 +12,23 @@ from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints, Storage, StorageReservation
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
-from torchrec.distributed.types import ModuleSharder, get_tensor_size_bytes
-
-from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
+from torchrec.distributed.types import ModuleSharder
 
 
-def replicated_bytes(module: nn.Module, parameter_multiplier: float) -> int:
-    """Bytes every rank holds of the budgeted collections in ``module`` whatever the plan: the
-    id ranks (remap buffers) and the projections, dense parameters counted ``parameter_multiplier``
-    times as TorchRec counts dense parameters (with their gradients and optimizer state)."""
-    total = 0.0
+def replicated_bytes(module: nn.Module, sharders: List[ModuleSharder[nn.Module]], parameter_multiplier: float) -> int:
+    """Bytes every rank holds of ``module``'s collections whatever the plan: the sum, over the
+    submodules a sharder shards (by exact type, as DMP picks), of that sharder's
+    ``replicated_bytes`` (the hook a sharder of a collection with replicated state defines),
+    dense parameters counted ``parameter_multiplier`` times as TorchRec counts them."""
+    by_type = {}
+    for s in sharders:
+        by_type.setdefault(s.module_type, s)
+    total = 0
     for m in module.modules():
-        if isinstance(m, BudgetedEmbeddingBagCollection):
-            total += sum(get_tensor_size_bytes(b) for b in m.remap.buffers())
-            total += parameter_multiplier * sum(get_tensor_size_bytes(p) for p in m.projections.parameters())
-    return round(total)
+        hook = getattr(by_type.get(type(m)), "replicated_bytes", None)
+        if hook is not None:
+            total += hook(m, parameter_multiplier)
+    return total
 
 
 class ReplicatedStateReservation(HeuristicalStorageReservation):
@@ -45,7 +48,7 @@ class ReplicatedStateReservation(HeuristicalStorageReservation):
         constraints: Optional[Dict[str, ParameterConstraints]] = None,
     ) -> Topology:
         reserved = super().reserve(topology, batch_size, module, sharders, constraints)
-        extra = replicated_bytes(module, self._parameter_multiplier)
+        extra = replicated_bytes(module, sharders, self._parameter_multiplier)
         on_hbm = topology.compute_device in {"cuda", "mtia"}
         for device in reserved.devices:
             device.storage -= Storage(hbm=extra if on_hbm else 0, ddr=0 if on_hbm else extra)

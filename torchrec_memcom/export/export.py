@@ -184,9 +184,9 @@ def _table_info(t: AnyTable) -> Dict[str, Any]:
         return {"method": t.method, "n": t.num_embeddings, "rows": sum(x["stored_rows"] for x in tiers),
                 "tiers": tiers, "remap": t.ranks is not None}
     info: Dict[str, Any] = {"method": t.method, "n": t.num_embeddings, "rows": t.weight.shape[0]}
-    if t.method in ("memcom", "hash"):
+    if t.hash is not None:
         info["hash"] = t.hash
-    if t.method == "qr":
+    if t.remainder is not None:
         info.update(collisions=t.remainder.shape[0], operation=t.operation)
     return info
 

@@ -5,9 +5,8 @@ and mixes of them), then packs them for `CompressedEmbeddings` (budgeted tables:
 `TieredEmbeddings`) in the precision asked for.
 """
 
-import dataclasses
 import itertools
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Tuple
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm, used to quantize)
 import torch
@@ -24,86 +23,16 @@ from torchrec_memcom.inference.stores import (
     TierSlot,
     mix_params,
 )
-from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection, tier_key
-from torchrec_memcom.modules.hash_embedding_bag import HashEmbeddingBagCollection
-from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
+from torchrec_memcom.inference.records import AnyTable, BudgetedTableExport, TableExport, TierExport  # noqa: F401
 from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
-from torchrec_memcom.modules.qr_embedding_bag import QREmbeddingBagCollection
+from torchrec_memcom.registry import method_names, method_of_collection
+import torchrec_memcom.methods  # noqa: F401,E402  (registers the methods, whose tables export reads)
 
-METHODS = ("none", "memcom", "hash", "qr", "budgeted")
 FP16_MAX = 65504.0
 
 
 class ExportError(ValueError):
     """The checkpoint cannot be exported as asked (the message says why and what to do)."""
-
-
-@dataclasses.dataclass
-class TableExport:
-    """One trained table, as the export needs it.
-
-    ``weight``: the rows ids read (``n x d`` stock, ``m x d`` MEmCom/hash, QR's quotient table);
-    ``scalars``: MEmCom's per-entity scalars by slot; ``remainder``: QR's ``c x d`` table.
-    """
-
-    name: str
-    features: List[str]
-    method: str
-    num_embeddings: int
-    weight: Tensor
-    hash: str = "mod"
-    scalars: Optional[Tensor] = None
-    remainder: Optional[Tensor] = None
-    operation: str = "mult"
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.weight.shape[1]
-
-    @property
-    def fp32_bytes(self) -> int:
-        """Bytes of the trained float32 state."""
-        parts = [self.weight, self.scalars, self.remainder]
-        return sum(p.numel() * 4 for p in parts if p is not None)
-
-
-@dataclasses.dataclass
-class TierExport:
-    """One tier of a budgeted table: ``rows`` ranks stored in ``weight`` (``rows x dim``, or a
-    MEmCom tier's ``hash_rows x dim`` with ``scalars`` by row); ``projection``: ``d x dim``,
-    None for a tier at the model dim."""
-
-    rows: int
-    weight: Tensor
-    scalars: Optional[Tensor] = None
-    projection: Optional[Tensor] = None
-
-    @property
-    def dim(self) -> int:
-        return self.weight.shape[1]
-
-
-@dataclasses.dataclass
-class BudgetedTableExport:
-    """A budgeted table: its tiers, most popular first, and the rank of every id (``ranks``;
-    None when the ids are in rank order already)."""
-
-    name: str
-    features: List[str]
-    num_embeddings: int
-    embedding_dim: int
-    tiers: List[TierExport]
-    ranks: Optional[Tensor] = None
-    method: str = "budgeted"
-
-    @property
-    def fp32_bytes(self) -> int:
-        """Bytes of the trained state: float32 tiers, scalars and projections, int32 ranks."""
-        parts = [p for t in self.tiers for p in (t.weight, t.scalars, t.projection) if p is not None]
-        return sum(p.numel() * 4 for p in parts) + (0 if self.ranks is None else self.ranks.numel() * 4)
-
-
-AnyTable = Union[TableExport, BudgetedTableExport]
 
 
 def _leaves(collection: nn.Module) -> Iterator[nn.Module]:
@@ -112,26 +41,6 @@ def _leaves(collection: nn.Module) -> Iterator[nn.Module]:
             yield from _leaves(child)
     else:
         yield collection
-
-
-def _budgeted_tables(c: BudgetedEmbeddingBagCollection) -> List[BudgetedTableExport]:
-    ranks = c.remap.as_dict()
-    out = []
-    for t in c.tables:
-        tiers = [
-            TierExport(
-                tier.rows,
-                c.embedding_bags[key].weight,
-                c.entity_weights.flat(key) if tier.hash_rows is not None else None,
-                c.projections[key].weight if key in c.projections else None,
-            )
-            for j, tier in enumerate(t.tiers)
-            for key in [tier_key(t.name, j)]
-        ]
-        out.append(BudgetedTableExport(
-            t.name, list(t.feature_names), t.num_embeddings, t.embedding_dim, tiers, ranks.get(t.name)
-        ))
-    return out
 
 
 def _detached(t: AnyTable) -> None:
@@ -151,37 +60,19 @@ def collect_tables(collection: nn.Module) -> List[AnyTable]:
     out: List[AnyTable] = []
     for c in _leaves(collection):
         configs = c.embedding_bag_configs()
+        method = method_of_collection(c)
         if type(c) is EmbeddingBagCollection:
-            for cfg in configs:
-                w = c.embedding_bags[cfg.name].weight
-                out.append(TableExport(cfg.name, list(cfg.feature_names), "none", cfg.num_embeddings, w))
-        elif isinstance(c, (MEmComEmbeddingBagCollection, HashEmbeddingBagCollection)):
-            method = "memcom" if isinstance(c, MEmComEmbeddingBagCollection) else "hash"
-            for cfg, t in zip(configs, c.tables):
-                w = c.embedding_bags[t.name].weight
-                scalars = c.entity_weights.flat(t.name) if t.compressed and method == "memcom" else None
-                out.append(TableExport(
-                    t.name, list(cfg.feature_names), method if t.compressed else "none",
-                    t.num_embeddings, w, hash=t.hash, scalars=scalars,
-                ))
-        elif isinstance(c, QREmbeddingBagCollection):
-            for cfg, t in zip(configs, c.tables):
-                if not t.compressed:
-                    w = c.embeddings[t.name].weight
-                    out.append(TableExport(t.name, list(cfg.feature_names), "none", t.num_embeddings, w))
-                    continue
-                out.append(TableExport(
-                    t.name, list(cfg.feature_names), "qr", t.num_embeddings,
-                    c.embeddings[f"{t.name}@q"].weight, remainder=c.embeddings[f"{t.name}@r"].weight,
-                    operation=t.operation,
-                ))
-        elif isinstance(c, BudgetedEmbeddingBagCollection):
-            out.extend(_budgeted_tables(c))
+            out.extend(
+                TableExport(cfg.name, list(cfg.feature_names), "none", cfg.num_embeddings, c.embedding_bags[cfg.name].weight)
+                for cfg in configs
+            )
+        elif method is not None and method.export is not None:
+            out.extend(method.export(c))
         else:
             names = [cfg.name for cfg in configs]
             raise ExportError(
                 f"tables {names} are held by {type(c).__name__}, which export does not support "
-                f"(it exports the methods {list(METHODS)})"
+                f"(it exports the methods {method_names(with_none=True)})"
             )
     for t in out:
         _detached(t)
@@ -300,9 +191,9 @@ def row_store(tables: List[TableExport], feature_names: List[str], precision: st
     for f in feature_names:
         t = by_feature[f]
         n = t.num_embeddings
-        is_mix = t.method in ("memcom", "hash") and t.hash == "mix"
+        is_mix = t.hash == "mix"
         mask, shift, mul1, mul2 = mix_params(n) if is_mix else (0, 1, 1, 1)
-        qr = t.method == "qr"
+        qr = t.remainder is not None
         c = t.remainder.shape[0] if t.remainder is not None else 0
         values = {
             "num_embeddings": n,

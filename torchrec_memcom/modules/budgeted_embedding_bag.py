@@ -373,8 +373,6 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
 
 # The settings of MEmCom tiers' per-entity scalars a budgeted collection takes.
 SCALAR_PARAMS = ("init_weight", "scalar_lr", "scalar_lr_scale", "scalar_eps")
-# Parameters of `compress()`'s "budgeted" method (the same for every table of a collection).
-BUILD_PARAMS = ("allocation", "budget_bytes", "budget_ratio", "optimizer", "tail", "sizes", "frequencies", *SCALAR_PARAMS)
 
 
 def scalar_params(scalars: Mapping[str, Any]) -> Dict[str, Any]:
@@ -386,35 +384,68 @@ def scalar_params(scalars: Mapping[str, Any]) -> Dict[str, Any]:
     return dict(scalars)
 
 
-def collection_params(params: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
-    """The parameters all budgeted tables of a collection share: the budget is the collection's."""
-    distinct = {json.dumps(dict(p), sort_keys=True, default=str) for p in params.values()}
+@dataclasses.dataclass
+class BudgetedConfig:
+    """Params of ``compress()``'s "budgeted" method: one for all budgeted tables of a
+    collection (the budget is the collection's); None leaves a setting to its default.
+
+    allocation: a file of ``memcom budget search`` or ``heuristic`` (None: the heuristic).
+    budget_bytes / budget_ratio / optimizer: the budget (default: the one the allocation file
+        records); a set ``optimizer`` must be the training's sparse optimizer (sharding checks).
+    frequencies: per table or per feature the count of each id (as
+        ``BudgetedEmbeddingBagCollection`` takes them), or a data folder (default: the folder
+        the allocation was made on).
+    tail / sizes: the heuristic's options (``BudgetedEmbeddingBagCollection``).
+    init_weight, scalar_lr, scalar_lr_scale, scalar_eps: the MEmCom tail's scalar settings.
+
+    Example::
+
+        CompressionSpec(params=BudgetedConfig(budget_ratio=16, frequencies="runs/data", tail=True))
+    """
+
+    allocation: Optional[str] = None
+    budget_bytes: Optional[int] = None
+    budget_ratio: Optional[float] = None
+    optimizer: Optional[str] = None
+    tail: bool = False
+    sizes: Optional[List[int]] = None
+    frequencies: Any = None
+    init_weight: Optional[float] = None
+    scalar_lr: Optional[float] = None
+    scalar_lr_scale: Optional[float] = None
+    scalar_eps: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.budget_bytes is not None or self.budget_ratio is not None:
+            Budget(self.budget_bytes, self.budget_ratio)
+        scalar_params(self.given(SCALAR_PARAMS))
+
+    def given(self, keys: Sequence[str]) -> Dict[str, Any]:
+        """The settings among ``keys`` that are set (not None)."""
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+def collection_params(params: Mapping[str, Union[BudgetedConfig, Mapping[str, Any]]]) -> Dict[str, Any]:
+    """The parameters all budgeted tables of a collection share (the budget is the
+    collection's), as a dict of the settings given."""
+    configs = [p if isinstance(p, BudgetedConfig) else BudgetedConfig(**p) for p in params.values()]
+    given = [c.given([f.name for f in dataclasses.fields(BudgetedConfig)]) for c in configs]
+    distinct = {json.dumps(g, sort_keys=True, default=str) for g in given}
     if len(distinct) > 1:
         raise ValueError(
             "budgeted tables share one budget and allocation: give their params once, as the "
             "compression spec's default params, not per table"
         )
-    out = dict(next(iter(params.values()), {}))
-    unknown = sorted(set(out) - set(BUILD_PARAMS))
-    if unknown:
-        raise ValueError(f"unknown params of budgeted tables {unknown}; known: {list(BUILD_PARAMS)}")
-    return out
+    return next(iter(given), {})
 
 
 def build_budgeted(
-    tables: List[EmbeddingBagConfig], params: Mapping[str, Mapping[str, Any]], device: torch.device
+    tables: List[EmbeddingBagConfig],
+    params: Mapping[str, Union[BudgetedConfig, Mapping[str, Any]]],
+    device: torch.device,
 ) -> BudgetedEmbeddingBagCollection:
-    """``compress()``'s builder of the "budgeted" method.
-
-    params (the same for every table): ``allocation`` (a file of ``memcom budget search`` or
-    ``heuristic``; without it, the heuristic), ``budget_bytes`` or ``budget_ratio`` and
-    ``optimizer`` (default: the budget the allocation file records; when set, it must be the
-    training's sparse optimizer, which sharding checks), ``frequencies`` (per table or per
-    feature, the count of each id, as ``BudgetedEmbeddingBagCollection`` takes them; or a data
-    folder; default: the folder the allocation was made on), ``tail`` and ``sizes`` (heuristic),
-    and the MEmCom tail's scalar settings ``init_weight``, ``scalar_lr``, ``scalar_lr_scale``,
-    ``scalar_eps``.
-    """
+    """``compress()``'s builder of the "budgeted" method: ``params`` by table, the same
+    ``BudgetedConfig`` (or its dict) for every one."""
     p = collection_params(params)
     allocation = Allocation.load(p["allocation"]) if "allocation" in p else None
     recorded = dict(allocation.meta) if allocation is not None else {}

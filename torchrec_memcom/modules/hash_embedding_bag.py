@@ -13,7 +13,8 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.modules.hashing import slots
-from torchrec_memcom.modules.memcom_config import HASHES
+from torchrec_memcom.modules.config_checks import check_config
+from torchrec_memcom.modules.memcom_config import HashKind
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.collection_checks import (
     check_input,
@@ -42,20 +43,11 @@ class HashConfig:
 
     ratio: Optional[float] = None
     num_hash_rows: Optional[int] = None
-    hash: str = "mod"
+    hash: str = HashKind.MOD.value
     min_rows: int = 0
 
     def __post_init__(self) -> None:
-        if (self.ratio is None) == (self.num_hash_rows is None):
-            raise ValueError("HashConfig needs exactly one of `ratio` or `num_hash_rows`")
-        if self.ratio is not None and self.ratio < 1.0:
-            raise ValueError(f"HashConfig.ratio must be >= 1, got {self.ratio}")
-        if self.num_hash_rows is not None and self.num_hash_rows < 1:
-            raise ValueError(f"HashConfig.num_hash_rows must be >= 1, got {self.num_hash_rows}")
-        if self.hash not in HASHES:
-            raise ValueError(f"HashConfig.hash must be one of {HASHES}, got {self.hash!r}")
-        if self.min_rows < 0:
-            raise ValueError(f"HashConfig.min_rows must be >= 0, got {self.min_rows}")
+        check_config(self, ("ratio", "num_hash_rows"), {"ratio": 1, "num_hash_rows": 1, "min_rows": 0}, {"hash": HashKind})
 
     def compresses(self, num_embeddings: int) -> bool:
         """Whether a table of this many rows is compressed (``min_rows`` leaves small ones)."""

@@ -1,9 +1,19 @@
 """`MEmComConfig`: how one table is compressed by MEmCom, and the arithmetic of its size."""
 
+import enum
 from dataclasses import dataclass
 from typing import Optional
 
-HASHES = ("mod", "mix")
+from torchrec_memcom.modules.config_checks import check_config
+
+
+class HashKind(str, enum.Enum):
+    """How ids map to shared rows: ``i mod m``, or a seeded bijection of ``[0, n)`` first."""
+
+    MOD = "mod"
+    MIX = "mix"
+
+
 # The scalars' lr as a multiple of the table's unless set: best or within 0.001 val AUC of the best
 # in the sweep over MovieLens-1M and 1M synthetic rows at dims 32 and 128 (docs/memcom.md).
 DEFAULT_SCALAR_LR_SCALE = 10.0
@@ -45,7 +55,7 @@ class MEmComConfig:
 
     ratio: Optional[float] = None
     num_hash_rows: Optional[int] = None
-    hash: str = "mod"
+    hash: str = HashKind.MOD.value
     init_weight: float = 1.0
     min_rows: int = 0
     scalar_lr: Optional[float] = None
@@ -53,16 +63,7 @@ class MEmComConfig:
     scalar_eps: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if (self.ratio is None) == (self.num_hash_rows is None):
-            raise ValueError("MEmComConfig needs exactly one of `ratio` or `num_hash_rows`")
-        if self.ratio is not None and self.ratio < 1.0:
-            raise ValueError(f"MEmComConfig.ratio must be >= 1, got {self.ratio}")
-        if self.num_hash_rows is not None and self.num_hash_rows < 1:
-            raise ValueError(f"MEmComConfig.num_hash_rows must be >= 1, got {self.num_hash_rows}")
-        if self.hash not in HASHES:
-            raise ValueError(f"MEmComConfig.hash must be one of {HASHES}, got {self.hash!r}")
-        if self.min_rows < 0:
-            raise ValueError(f"MEmComConfig.min_rows must be >= 0, got {self.min_rows}")
+        check_config(self, ("ratio", "num_hash_rows"), {"ratio": 1, "num_hash_rows": 1, "min_rows": 0}, {"hash": HashKind})
         if self.scalar_lr is not None and self.scalar_lr_scale is not None:
             raise ValueError("MEmComConfig takes at most one of `scalar_lr` or `scalar_lr_scale`")
         for key in ("scalar_lr", "scalar_lr_scale", "scalar_eps"):

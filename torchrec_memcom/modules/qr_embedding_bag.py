@@ -9,6 +9,7 @@ sharded module runs on its stock sharded form (see ``distributed/qr_embeddingbag
 """
 
 import dataclasses
+import enum
 import math
 from typing import Dict, List, Optional, Union
 
@@ -28,12 +29,20 @@ from torchrec_memcom.modules.collection_checks import (
     table_specs,
 )
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
+from torchrec_memcom.modules.config_checks import check_config
 from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
 
 # fx-traced models keep this data-reading call as single nodes (TorchRec wraps its own alike)
 torch.fx.wrap("check_input")
 
-OPERATIONS = ("mult", "add")
+
+class QROperation(str, enum.Enum):
+    """How an id's quotient and remainder rows combine: element-wise product or sum."""
+
+    MULT = "mult"
+    ADD = "add"
+
+
 POOLING = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
 
 
@@ -61,20 +70,13 @@ class QRConfig:
 
     num_collisions: Optional[int] = None
     ratio: Optional[float] = None
-    operation: str = "mult"
+    operation: str = QROperation.MULT.value
     min_rows: int = 0
 
     def __post_init__(self) -> None:
-        if (self.ratio is None) == (self.num_collisions is None):
-            raise ValueError("QRConfig needs exactly one of `num_collisions` or `ratio`")
-        if self.ratio is not None and self.ratio < 1.0:
-            raise ValueError(f"QRConfig.ratio must be >= 1, got {self.ratio}")
-        if self.num_collisions is not None and self.num_collisions < 1:
-            raise ValueError(f"QRConfig.num_collisions must be >= 1, got {self.num_collisions}")
-        if self.operation not in OPERATIONS:
-            raise ValueError(f"QRConfig.operation must be one of {OPERATIONS}, got {self.operation!r}")
-        if self.min_rows < 0:
-            raise ValueError(f"QRConfig.min_rows must be >= 0, got {self.min_rows}")
+        check_config(
+            self, ("num_collisions", "ratio"), {"ratio": 1, "num_collisions": 1, "min_rows": 0}, {"operation": QROperation}
+        )
 
     def compresses(self, num_embeddings: int) -> bool:
         """Whether a table of this many rows is compressed (``min_rows`` leaves small ones)."""

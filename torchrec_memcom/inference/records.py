@@ -1,0 +1,92 @@
+"""The records export reads a trained collection's tables into (one per user table), and the
+forms each kind of collection gives: every method's registration names its collection's
+(``CompressionMethod.export``); ``tables.collect_tables`` gathers them."""
+
+import dataclasses
+from typing import List, Optional, Union
+
+from torch import Tensor, nn
+
+
+@dataclasses.dataclass
+class TableExport:
+    """One trained table, as the export needs it.
+
+    ``weight``: the rows ids read (``n x d`` stock, ``m x d`` MEmCom/hash, QR's quotient table);
+    ``hash``: the hash of a hashed table (None: not hashed); ``scalars``: MEmCom's per-entity
+    scalars by slot; ``remainder``: QR's ``c x d`` table.
+    """
+
+    name: str
+    features: List[str]
+    method: str
+    num_embeddings: int
+    weight: Tensor
+    hash: Optional[str] = None
+    scalars: Optional[Tensor] = None
+    remainder: Optional[Tensor] = None
+    operation: str = "mult"
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def fp32_bytes(self) -> int:
+        """Bytes of the trained float32 state."""
+        parts = [self.weight, self.scalars, self.remainder]
+        return sum(p.numel() * 4 for p in parts if p is not None)
+
+
+@dataclasses.dataclass
+class TierExport:
+    """One tier of a budgeted table: ``rows`` ranks stored in ``weight`` (``rows x dim``, or a
+    MEmCom tier's ``hash_rows x dim`` with ``scalars`` by row); ``projection``: ``d x dim``,
+    None for a tier at the model dim."""
+
+    rows: int
+    weight: Tensor
+    scalars: Optional[Tensor] = None
+    projection: Optional[Tensor] = None
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[1]
+
+
+@dataclasses.dataclass
+class BudgetedTableExport:
+    """A budgeted table: its tiers, most popular first, and the rank of every id (``ranks``;
+    None when the ids are in rank order already)."""
+
+    name: str
+    features: List[str]
+    num_embeddings: int
+    embedding_dim: int
+    tiers: List[TierExport]
+    ranks: Optional[Tensor] = None
+    method: str = "budgeted"
+
+    @property
+    def fp32_bytes(self) -> int:
+        """Bytes of the trained state: float32 tiers, scalars and projections, int32 ranks."""
+        parts = [p for t in self.tiers for p in (t.weight, t.scalars, t.projection) if p is not None]
+        return sum(p.numel() * 4 for p in parts) + (0 if self.ranks is None else self.ranks.numel() * 4)
+
+
+AnyTable = Union[TableExport, BudgetedTableExport]
+
+
+def hashed_tables(c: nn.Module, method: str, scalars: bool) -> List[TableExport]:
+    """The tables of a collection of hashed rows (``c.tables`` as MEmCom's and hashing's):
+    ``m x d`` rows read at the hash of an id, with per-entity scalars (``c.entity_weights``)
+    if ``scalars``; its uncompressed tables as they are."""
+    out = []
+    for cfg, t in zip(c.embedding_bag_configs(), c.tables):
+        out.append(TableExport(
+            t.name, list(cfg.feature_names), method if t.compressed else "none", t.num_embeddings,
+            c.embedding_bags[t.name].weight, hash=t.hash if t.compressed else None,
+            scalars=c.entity_weights.flat(t.name) if t.compressed and scalars else None,
+        ))
+    return out
+
