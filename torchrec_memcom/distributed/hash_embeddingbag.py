@@ -24,8 +24,8 @@ from torchrec.distributed.types import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
-from torchrec_memcom.distributed.stock_views import correct_mean_divisor, kjt_with, stock_view
 from torchrec_memcom.distributed.state import copy_full_tensor
+from torchrec_memcom.distributed.stock_views import correct_mean_divisor, kjt_with, stock_view
 from torchrec_memcom.modules.collection_checks import check_ids, check_unweighted
 from torchrec_memcom.modules.hash_embedding_bag import HashEmbeddingBagCollection, HashTable
 

@@ -33,6 +33,12 @@ from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
+from torchrec_memcom.distributed.entity_weights import (
+    COLUMN_SHARDED,
+    SUPPORTED_SHARDING_TYPES,
+    ShardedEntityWeights,
+    table_layout,
+)
 from torchrec_memcom.distributed.state import copy_full_tensor
 from torchrec_memcom.distributed.stock_views import (
     LayoutCache,
@@ -41,16 +47,9 @@ from torchrec_memcom.distributed.stock_views import (
     repeat_per_key,
     stock_view,
 )
-from torchrec_memcom.distributed.entity_weights import (
-    COLUMN_SHARDED,
-    SUPPORTED_SHARDING_TYPES,
-    ShardedEntityWeights,
-    table_layout,
-)
-from torchrec_memcom.modules.hashing import mix_constants, mix_slots
 from torchrec_memcom.modules.collection_checks import check_ids
+from torchrec_memcom.modules.hashing import mix_constants, mix_slots
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, MEmComTable
-
 
 # input_dist's per-value constants of a layout: n - 1, m, and the "mix" features' positions and
 # per-value (n, mask, shift, mul1, mul2), if any

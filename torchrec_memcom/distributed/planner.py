@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Optional
 
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints, Storage, StorageReservation
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner.types import ParameterConstraints, Storage, StorageReservation
 from torchrec.distributed.types import ModuleSharder
 
 

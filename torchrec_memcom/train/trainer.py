@@ -33,11 +33,17 @@ from tqdm import tqdm
 
 from torchrec_memcom.data import CriteoParquetLoader, load_manifest, synthesize
 from torchrec_memcom.data.manifest import features_of
-from torchrec_memcom.data.torchrec_npy import TorchRecNpyLoader
-from torchrec_memcom.data.torchrec_npy import describe as describe_npy
+from torchrec_memcom.data.torchrec_npy import TorchRecNpyLoader, describe as describe_npy
 from torchrec_memcom.distributed.planner import memcom_planner
 from torchrec_memcom.train.checkpoint import (
-    CONFIG, DATA, PROGRESS, CheckpointError, latest_checkpoint, load_checkpoint, read_record, save_checkpoint,
+    CONFIG,
+    DATA,
+    PROGRESS,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_record,
+    save_checkpoint,
 )
 from torchrec_memcom.train.config import RunConfig, as_dict, check_features
 from torchrec_memcom.train.model import build_model, embedding_bytes, table_configs
