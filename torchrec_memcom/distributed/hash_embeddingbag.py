@@ -100,7 +100,7 @@ class ShardedHashEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     def cost(self) -> Dict[str, Dict[str, float]]:
         """Same report as the unsharded module (global sizes)."""
-        return HashEmbeddingBagCollection.cost(self)  # type: ignore[arg-type]
+        return HashEmbeddingBagCollection.cost(self)
 
     @property
     def tables(self) -> List[HashTable]:

@@ -281,7 +281,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
         weighted, anchor = self._scalars(dist_input)
-        ctx.memcom_anchor = anchor  # type: ignore[attr-defined]
+        ctx.memcom_anchor = anchor
         return super().compute(ctx, weighted)
 
     def output_dist(
@@ -312,7 +312,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     def cost(self) -> Dict[str, Dict[str, float]]:
         """Same report as the unsharded module (global sizes)."""
-        return MEmComEmbeddingBagCollection.cost(self)  # type: ignore[arg-type]
+        return MEmComEmbeddingBagCollection.cost(self)
 
     @property
     def tables(self) -> List[MEmComTable]:

@@ -193,7 +193,7 @@ def plan_table(plan: ShardingPlan, table_bytes: Dict[str, int]) -> str:
     """The sharding plan, one line per sharded parameter: type, kernel, ranks and its table's bytes."""
     rows = [("module", "parameter", "sharding", "kernel", "ranks", "bytes")]
     for module, params in plan.plan.items():
-        for name, ps in params.items():  # type: ignore[union-attr]
+        for name, ps in params.items():
             table = next((t for t in table_bytes if name == t or name.startswith(f"{t}.")), None)
             rows.append((module or "(root)", name, ps.sharding_type, ps.compute_kernel,
                          ",".join(map(str, ps.ranks or [])) or "all", f"{table_bytes[table]:,}" if table else "-"))
