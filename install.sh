@@ -10,7 +10,7 @@ TORCHREC=1.8.0
 # What torchrec needs besides fbgemm-gpu (installed --no-deps so pip does not pull CUDA fbgemm-gpu).
 TORCHREC_DEPS="tensordict==0.15.3 torchmetrics==1.0.3 tqdm==4.70.1 pyre-extensions==0.0.32 iopath==0.1.10"
 # Our own runtime and test dependencies.
-OWN_DEPS="pyarrow==26.0.1 pyyaml==6.0.3 numpy==2.4.6 torchx==0.7.0 matplotlib==3.11.2 pytest==9.2.0 hypothesis==6.170.15"
+OWN_DEPS="pyarrow==26.0.1 pyyaml==6.0.3 numpy==2.4.6 torchx==0.7.0 matplotlib==3.11.2 pytest==9.2.0 hypothesis==6.170.15 ruff==0.17.6 mypy==2.4.1"
 
 if [[ "${1:-}" == "--gpu" ]]; then
   # CUDA stack: torch and fbgemm-gpu built for the same CUDA (see docs/install.md).

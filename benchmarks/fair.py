@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import managed_collision  # noqa: E402
 import quality  # noqa: E402
+
 from torchrec_memcom.bench import STYLE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -265,7 +266,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         def run(lr: float, params: Dict[str, Any], seed: int, split: str,
                                 block: Dict[str, Any] = block) -> Dict[str, Any]:
                             with_params = {**block, "params": {**block.get("params", {}), **params}} if params else block
-                            return train_run(work, ds["path"], with_params, t, lr, seed, split)
+                            return train_run(work, ds["path"], with_params, t, lr, seed, split)  # noqa: B023  (run_arm calls it now)
 
                         arm = run_arm(run, args.lrs, extra.get(method, {}), args.seeds)
                         cell = {"target_ratio": ratio, "reachable": True,

@@ -101,7 +101,7 @@ def timed(runs: Dict[str, Callable[[int], Any]], iterations: int, inputs: int) -
     batches, in ``ROUNDS`` interleaved rounds (a shared machine's load drifts; this spreads it)."""
     per_round = max(1, iterations // ROUNDS)
     samples: Dict[str, List[np.ndarray]] = {name: [] for name in runs}
-    for name, call in runs.items():  # warm-up
+    for call in runs.values():  # warm-up
         for i in range(min(per_round, 50)):
             call(i % inputs)
     for _ in range(ROUNDS):
@@ -134,12 +134,12 @@ def measure(models: Dict[str, Dict[str, Any]], held: Dict[str, torch.Tensor],
             runs: Dict[Tuple[str, str], Callable[[int], Any]] = {}
             for name, entry in models.items():
                 trained: TrainedModel = entry["trained"]
-                runs[name, "torchrec_eager_fp32"] = lambda i, t=trained: t.predict(d[i], k[i])
+                runs[name, "torchrec_eager_fp32"] = lambda i, t=trained: t.predict(d[i], k[i])  # noqa: B023  (timed below)
                 for precision, model in loaded[name].items():
-                    runs[name, precision] = lambda i, m=model: m(d[i], x[i])
-                    runs[name, f"{precision}_embed"] = lambda i, m=model: m.embed(x[i])
+                    runs[name, precision] = lambda i, m=model: m(d[i], x[i])  # noqa: B023  (timed below)
+                    runs[name, f"{precision}_embed"] = lambda i, m=model: m.embed(x[i])  # noqa: B023  (timed below)
                 runs[name, "int8_score_raw"] = lambda i, m=loaded[name]["int8"]: m.score_raw(
-                    b["raw_ints"][i], b["raw_cats"][i])
+                    b["raw_ints"][i], b["raw_cats"][i])  # noqa: B023  (timed below)
             with torch.no_grad():
                 results = timed(runs, iterations[batch], count)
             for (name, variant), r in results.items():

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import (  # noqa: E402  (the shared harness pieces)
@@ -45,6 +45,9 @@ from quality import (  # noqa: E402  (the shared harness pieces)
     quiet,
     unreachable,
 )
+
+if TYPE_CHECKING:  # torch is imported inside the functions that run it
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BATCHES = (1, 512)

@@ -14,9 +14,9 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.types import ShardingEnv
 from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_memcom.budget.labeler import TrainSettings, train_and_evaluate
 from torchrec_memcom.distributed.budgeted_embeddingbag import (
@@ -96,7 +96,7 @@ def _dmp_trains(rank: int, world_size: int) -> None:
     dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.Adagrad(p, lr=0.1))
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
     losses = []
-    for epoch in range(2):
+    for _epoch in range(2):
         for b in train:
             mine = Batch(b.dense_features[rank::world_size], _rows(b.sparse_features, rank, world_size), b.labels[rank::world_size])
             loss, _ = dmp(mine)

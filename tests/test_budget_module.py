@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_matches_reference, optimizer_state_bytes, random_kjt, small_tables
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -292,8 +291,8 @@ def test_frequency_ranked_ids_need_no_remap(id0: int) -> None:
     counts = torch.cat([torch.tensor([id0]), (1e4 / torch.arange(1, n) ** 1.1).long()])
     tables = [EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=n, feature_names=["f"])]
     allocation = Allocation({"t": TableAllocation((Tier(30, 16), Tier(170, 8), Tier(300, 4)))})
-    for given in (allocation, None):
-        module = BudgetedEmbeddingBagCollection(tables, budget_ratio=2, frequencies={"f": counts}, allocation=given)
+    for chosen in (allocation, None):
+        module = BudgetedEmbeddingBagCollection(tables, budget_ratio=2, frequencies={"f": counts}, allocation=chosen)
         assert "remap.t" not in module.state_dict() and not module.tables[0].remap
         assert module.tables[0].tiers[0].dim >= module.tables[0].tiers[-1].dim
     module = BudgetedEmbeddingBagCollection(tables, budget_ratio=1, frequencies={"f": counts}, allocation=allocation)

@@ -15,9 +15,9 @@ from torchrec_memcom import (
     CompressionSpec,
     HashConfig,
     MEmComConfig,
-    QRConfig,
     MEmComEmbeddingBagCollection,
     MEmComEmbeddingBagCollectionSharder,
+    QRConfig,
     TableCompression,
     compress,
 )

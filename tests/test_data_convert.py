@@ -19,9 +19,14 @@ import pytest
 import torch
 
 from torchrec_memcom.data import (
-    CriteoFormatError, CriteoReadError, convert, kaggle_split, load_frequencies, load_manifest,
+    CriteoFormatError,
+    CriteoReadError,
+    convert,
+    kaggle_split,
+    load_frequencies,
+    load_manifest,
+    shards as shards_module,
 )
-from torchrec_memcom.data import shards as shards_module
 from torchrec_memcom.data.schema import CAT_NAMES, INT_NAMES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,12 +11,10 @@ from typing import Dict
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from torchrec_memcom.cli import main
-from torchrec_memcom.data import CriteoFormatError, convert, load_manifest
-from torchrec_memcom.data import sources as sources_module
+from torchrec_memcom.data import CriteoFormatError, convert, load_manifest, sources as sources_module
 from torchrec_memcom.data.manifest import locked
 from torchrec_memcom.data.sources import count_lines, line_index, open_at_line, parse_days
 

@@ -14,8 +14,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_memcom.data import CriteoParquetLoader, convert, load_frequencies, load_manifest, synthesize
-from torchrec_memcom.data import shards
+from torchrec_memcom.data import CriteoParquetLoader, convert, load_frequencies, load_manifest, shards, synthesize
 from torchrec_memcom.data.schema import CAT_NAMES, INT_NAMES
 
 REPO = Path(__file__).resolve().parents[1]

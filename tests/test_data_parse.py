@@ -6,8 +6,7 @@ from typing import List, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from torchrec_memcom.data.parse import csv_reader_options, dense_transform, parse_batch
 

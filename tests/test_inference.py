@@ -15,11 +15,11 @@ from typing import Dict, List
 
 import pytest
 import torch
+from conftest import REPO
 from torch import Tensor, nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
-from conftest import REPO
 
 from torchrec_memcom import CompressionSpec, HashConfig, MEmComConfig, QRConfig, compress
 from torchrec_memcom.inference import ExportError, InferenceEmbeddingBagCollection, inference_model, kjt_dynamic_shapes

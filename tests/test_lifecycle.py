@@ -28,11 +28,19 @@ from torchrec_memcom.cli import main as memcom_main
 from torchrec_memcom.data import CriteoParquetLoader, load_manifest, synthesize
 from torchrec_memcom.data.schema import CAT_NAMES
 from torchrec_memcom.train.checkpoint import (
-    CHECKSUMS, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint,
+    CHECKSUMS,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
 )
 from torchrec_memcom.train.config import load_config
 from torchrec_memcom.train.trainer import (
-    DataError, DivergedError, _check_resume, _check_sizes, _checked,
+    DataError,
+    DivergedError,
+    _check_resume,
+    _check_sizes,
+    _checked,
 )
 
 METHODS = {

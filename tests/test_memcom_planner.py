@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_utils import run_multiprocess
-from sharded_utils import Wrapper
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from sharded_utils import Wrapper
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
@@ -23,9 +23,9 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 
 from torchrec_memcom import MEmComConfig, MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
+from torchrec_memcom.distributed.planner import ReplicatedStateReservation, memcom_planner
 from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
-from torchrec_memcom.distributed.planner import ReplicatedStateReservation, memcom_planner
 
 TABLES = [
     EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=n, feature_names=[f"f{i}"])

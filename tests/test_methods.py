@@ -55,7 +55,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_memcom import MEmComConfig, MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.entity_weights import table_layout
-from torchrec_memcom.modules.memcom_config import DEFAULT_SCALAR_LR_SCALE
 from torchrec_memcom.distributed.hash_embeddingbag import HashEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.qr_embeddingbag import QREmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.state import load_full_state_dict
@@ -65,6 +64,7 @@ from torchrec_memcom.inference.tables import build_embeddings, collect_tables
 from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 from torchrec_memcom.modules.hash_embedding_bag import HashConfig, HashEmbeddingBagCollection
+from torchrec_memcom.modules.memcom_config import DEFAULT_SCALAR_LR_SCALE
 from torchrec_memcom.modules.qr_embedding_bag import QRConfig, QREmbeddingBagCollection
 
 BATCH, LR, EPS = 4, 0.1, 1e-8

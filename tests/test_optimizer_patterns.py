@@ -160,10 +160,10 @@ def _assert_state_matches(dmp: nn.Module, full: Dict[str, torch.Tensor], what: s
         if isinstance(value, ShardedTensor):
             for shard in value.local_shards():
                 index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
-                torch.testing.assert_close(shard.tensor, full[key][index], msg=lambda m: f"{what}: {key}: {m}")
+                torch.testing.assert_close(shard.tensor, full[key][index], msg=lambda m: f"{what}: {key}: {m}")  # noqa: B023  (assert_close calls msg at once)
                 checked += 1
         elif value.is_floating_point():
-            torch.testing.assert_close(value, full[key], msg=lambda m: f"{what}: {key}: {m}")
+            torch.testing.assert_close(value, full[key], msg=lambda m: f"{what}: {key}: {m}")  # noqa: B023  (assert_close calls msg at once)
             checked += 1
     assert checked > 0
 

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from conftest import batch_slice, random_kjt, small_tables
 from dist_utils import run_multiprocess
-from sharded_utils import Wrapper
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from sharded_utils import Wrapper
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.model_parallel import DistributedModelParallel

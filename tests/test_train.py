@@ -20,9 +20,9 @@ from conftest import REPO, flat_checkpoint
 from torch.distributed.checkpoint.api import CheckpointException
 
 from torchrec_memcom.cli import main as memcom_main
-from torchrec_memcom.registry import methods
 from torchrec_memcom.data import load_manifest
 from torchrec_memcom.data.schema import CAT_NAMES
+from torchrec_memcom.registry import methods
 from torchrec_memcom.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from torchrec_memcom.train.cli import launch
 from torchrec_memcom.train.config import load_config

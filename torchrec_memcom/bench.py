@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+
 def compression(method: str, ratio: float, min_rows: int, data: Path) -> Dict[str, Any]:
     """The config's ``embeddings.compression`` block for ``method`` at a target ``ratio``."""
     if method == "none":

@@ -222,11 +222,11 @@ def carry_optimizers(old: EmbeddingBagCollection, new: nn.Module) -> None:
             )
         if any(re.search(r"(?:^|\.)entity_weights\.", n) for n, _ in params[name]):
             # refuse now what the scalars cannot follow (options, optimizer kinds)
-            scalar_rule(name, weight._in_backward_optimizers[0], MEmComConfig(num_hash_rows=1))  # type: ignore[attr-defined]
+            scalar_rule(name, weight._in_backward_optimizers[0], MEmComConfig(num_hash_rows=1))
         # an uncompressed table keeps the user's own weight, which already carries its optimizer
         fresh = [p for _, p in params[name] if not getattr(p, "_optimizer_classes", None)]
         if fresh:
-            apply_optimizer_in_backward(classes[0], fresh, weight._optimizer_kwargs[0])  # type: ignore[attr-defined]
+            apply_optimizer_in_backward(classes[0], fresh, weight._optimizer_kwargs[0])
 
 
 def stock_sharders(fused_params: Optional[Dict[str, Any]]) -> List[ModuleSharder]:

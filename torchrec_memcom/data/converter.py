@@ -53,7 +53,15 @@ from .parse import (
 from .schema import CAT_NAMES, COLUMN_NAMES, INT_NAMES, PARQUET_SCHEMA, SPLITS, kaggle_split
 from .shards import ShardFile, shard_name, temporary_files
 from .sources import (
-    CriteoReadError, PathLike, Source, count_lines, discover, is_compressed, line_index, open_at_line, open_stream,
+    CriteoReadError,
+    PathLike,
+    Source,
+    count_lines,
+    discover,
+    is_compressed,
+    line_index,
+    open_at_line,
+    open_stream,
 )
 
 DEFAULT_NUM_EMBEDDINGS = 100_000  # TorchRec's DLRM example default
@@ -613,7 +621,7 @@ class _Conversion:
         futures = [pool.submit(_count_run, self._task(run[0].source, ("raw", [])),
                                [(run[0].first, run[-1].last)], str(folder / name)) for run, name in todo]
         errors = []
-        for (run, name), future in zip(todo, futures):
+        for (_run, name), future in zip(todo, futures):
             error = future.result()
             if error is None:
                 self.state["counted"].append(name)

@@ -135,7 +135,7 @@ class ShardedBudgetedEmbeddingBagCollection(ShardedMEmComEmbeddingBagCollection)
             if not name.startswith("projections."):
                 yield append_prefix(prefix, name)
 
-    def cost(self) -> Dict[str, Dict[str, Any]]:  # type: ignore[override]
+    def cost(self) -> Dict[str, Dict[str, Any]]:
         """Same report as the unsharded module (global sizes)."""
         return budgeted_cost(self._budgeted, self._budget_limit, self._budget_optimizer)
 

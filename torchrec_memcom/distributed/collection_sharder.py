@@ -45,15 +45,15 @@ class CollectionSharder(EmbeddingBagCollectionSharder):
         weights = {name: bag.weight for name, bag in module.embedding_bags.items()}
         for table in getattr(module, "scalar_tables", lambda: [])():
             weight = weights[table.name]
-            weights[table.name] = PlannedTable(weight, table_bytes(table, fused_optimizer(weight, self.fused_params)))  # type: ignore[assignment]
+            weights[table.name] = PlannedTable(weight, table_bytes(table, fused_optimizer(weight, self.fused_params)))
         return weights
 
     @property
-    def module_type(self) -> Type[nn.Module]:  # type: ignore[override]
+    def module_type(self) -> Type[nn.Module]:
         return self.unsharded
 
     @property
-    def sharded_module_type(self) -> Type[ShardedEmbeddingBagCollection]:  # type: ignore[override]
+    def sharded_module_type(self) -> Type[ShardedEmbeddingBagCollection]:
         return self.sharded
 
 
@@ -106,10 +106,10 @@ class PlannedTable(torch.Tensor):
     def __new__(cls, like: torch.Tensor, num_bytes: int) -> "PlannedTable":
         t = torch.Tensor._make_subclass(cls, torch.empty(like.shape, dtype=like.dtype, device="meta"))
         t._planned_numel = -(-num_bytes // like.element_size())  # type: ignore[attr-defined]
-        return t  # type: ignore[return-value]
+        return t
 
-    def numel(self) -> int:  # type: ignore[override]
-        return self._planned_numel  # type: ignore[attr-defined,no-any-return]
+    def numel(self) -> int:
+        return self._planned_numel
 
     def __deepcopy__(self, memo: Dict[int, Any]) -> "PlannedTable":
         return PlannedTable(self, self.numel() * self.element_size())

@@ -129,7 +129,7 @@ def table_layout(
         )
     assert sharding.sharding_spec is not None
     by_rows: Dict[Tuple[int, int], Dict[int, str]] = {}
-    for shard in sharding.sharding_spec.shards:  # type: ignore[attr-defined]
+    for shard in sharding.sharding_spec.shards:
         key = (shard.shard_offsets[0], shard.shard_sizes[0])
         placement = shard.placement
         by_rows.setdefault(key, {})[placement.rank()] = str(placement.device())
@@ -167,7 +167,7 @@ class _FusedLookup(torch.autograd.Function):
     """Gathers fused scalars; its backward hands the gradients to the in-backward update."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         anchor: torch.Tensor,
         owner: "ShardedEntityWeights",

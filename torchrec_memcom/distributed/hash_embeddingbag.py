@@ -24,8 +24,8 @@ from torchrec.distributed.types import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
-from torchrec_memcom.distributed.stock_views import correct_mean_divisor, kjt_with, stock_view
 from torchrec_memcom.distributed.state import copy_full_tensor
+from torchrec_memcom.distributed.stock_views import correct_mean_divisor, kjt_with, stock_view
 from torchrec_memcom.modules.collection_checks import check_ids, check_unweighted
 from torchrec_memcom.modules.hash_embedding_bag import HashEmbeddingBagCollection, HashTable
 
@@ -100,7 +100,7 @@ class ShardedHashEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     def cost(self) -> Dict[str, Dict[str, float]]:
         """Same report as the unsharded module (global sizes)."""
-        return HashEmbeddingBagCollection.cost(self)  # type: ignore[arg-type]
+        return HashEmbeddingBagCollection.cost(self)
 
     @property
     def tables(self) -> List[HashTable]:

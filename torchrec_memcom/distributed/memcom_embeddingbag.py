@@ -33,6 +33,12 @@ from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
+from torchrec_memcom.distributed.entity_weights import (
+    COLUMN_SHARDED,
+    SUPPORTED_SHARDING_TYPES,
+    ShardedEntityWeights,
+    table_layout,
+)
 from torchrec_memcom.distributed.state import copy_full_tensor
 from torchrec_memcom.distributed.stock_views import (
     LayoutCache,
@@ -41,16 +47,9 @@ from torchrec_memcom.distributed.stock_views import (
     repeat_per_key,
     stock_view,
 )
-from torchrec_memcom.distributed.entity_weights import (
-    COLUMN_SHARDED,
-    SUPPORTED_SHARDING_TYPES,
-    ShardedEntityWeights,
-    table_layout,
-)
-from torchrec_memcom.modules.hashing import mix_constants, mix_slots
 from torchrec_memcom.modules.collection_checks import check_ids
+from torchrec_memcom.modules.hashing import mix_constants, mix_slots
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, MEmComTable
-
 
 # input_dist's per-value constants of a layout: n - 1, m, and the "mix" features' positions and
 # per-value (n, mask, shift, mul1, mul2), if any
@@ -282,7 +281,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
         weighted, anchor = self._scalars(dist_input)
-        ctx.memcom_anchor = anchor  # type: ignore[attr-defined]
+        ctx.memcom_anchor = anchor
         return super().compute(ctx, weighted)
 
     def output_dist(
@@ -313,7 +312,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
     def cost(self) -> Dict[str, Dict[str, float]]:
         """Same report as the unsharded module (global sizes)."""
-        return MEmComEmbeddingBagCollection.cost(self)  # type: ignore[arg-type]
+        return MEmComEmbeddingBagCollection.cost(self)
 
     @property
     def tables(self) -> List[MEmComTable]:

@@ -243,7 +243,7 @@ class MixedEmbeddingBagCollectionSharder(BaseEmbeddingSharder[MixedEmbeddingBagC
 
     def _with_self(self) -> Dict[Type[nn.Module], ModuleSharder[nn.Module]]:
         """The children's sharders, and this one for mixed children (``qr_collection``'s)."""
-        return {**self._sharders, MixedEmbeddingBagCollection: self}  # type: ignore[dict-item]
+        return {**self._sharders, MixedEmbeddingBagCollection: self}
 
     def shard(
         self,

@@ -6,12 +6,12 @@ Our sharders report each table's true bytes to TorchRec's stock estimators thems
 """
 
 import copy
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Type
 
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints, Storage, StorageReservation
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner.types import ParameterConstraints, Storage, StorageReservation
 from torchrec.distributed.types import ModuleSharder
 
 
@@ -20,7 +20,7 @@ def replicated_bytes(module: nn.Module, sharders: List[ModuleSharder[nn.Module]]
     submodules a sharder shards (by exact type, as DMP picks), of that sharder's
     ``replicated_bytes`` (the hook a sharder of a collection with replicated state defines),
     dense parameters counted ``parameter_multiplier`` times as TorchRec counts them."""
-    by_type = {}
+    by_type: Dict[Type[nn.Module], ModuleSharder[nn.Module]] = {}
     for s in sharders:
         by_type.setdefault(s.module_type, s)
     total = 0

@@ -93,7 +93,7 @@ class ShardedQREmbeddingBagCollection(ShardedEmbeddingCollection):
         )
         self._layout: QRLayout = module.layout
 
-    def input_dist(  # type: ignore[override]
+    def input_dist(
         self, ctx: EmbeddingCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
         """Each compressed feature ``f`` -> ``f@q``, ``f@r``, then the stock input distribution."""
@@ -105,19 +105,19 @@ class ShardedQREmbeddingBagCollection(ShardedEmbeddingCollection):
             split = self._layout.split(features)
         return super().input_dist(ctx, split)
 
-    def output_dist(  # type: ignore[override]
+    def output_dist(
         self, ctx: EmbeddingCollectionContext, output: List[torch.Tensor]
     ) -> LazyAwaitable[KeyedTensor]:
         awaitable = super().output_dist(ctx, output)
         awaitable.callbacks.append(self._layout.combine)
-        return awaitable  # type: ignore[return-value]
+        return awaitable
 
-    def compute_and_output_dist(  # type: ignore[override]
+    def compute_and_output_dist(
         self, ctx: EmbeddingCollectionContext, input: KJTList
     ) -> LazyAwaitable[KeyedTensor]:
         awaitable = super().compute_and_output_dist(ctx, input)
         awaitable.callbacks.append(self._layout.combine)
-        return awaitable  # type: ignore[return-value]
+        return awaitable
 
     def cost(self) -> Dict[str, Dict[str, float]]:
         """Same report as the unsharded module (global sizes)."""
@@ -138,7 +138,7 @@ class QREmbeddingBagCollectionSharder(EmbeddingCollectionSharder):
 
     def shard(
         self,
-        module: QREmbeddingBagCollection,  # type: ignore[override]
+        module: QREmbeddingBagCollection,
         params: Dict[str, ParameterSharding],
         env: ShardingEnv,
         device: Optional[torch.device] = None,
@@ -155,7 +155,7 @@ class QREmbeddingBagCollectionSharder(EmbeddingCollectionSharder):
             module_fqn=module_fqn,
         )
 
-    def shardable_parameters(self, module: QREmbeddingBagCollection) -> Dict[str, nn.Parameter]:  # type: ignore[override]
+    def shardable_parameters(self, module: QREmbeddingBagCollection) -> Dict[str, nn.Parameter]:
         return {name: emb.weight for name, emb in module.embeddings.items()}
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
@@ -165,9 +165,9 @@ class QREmbeddingBagCollectionSharder(EmbeddingCollectionSharder):
         return types
 
     @property
-    def module_type(self) -> Type[QREmbeddingBagCollection]:  # type: ignore[override]
+    def module_type(self) -> Type[QREmbeddingBagCollection]:
         return QREmbeddingBagCollection
 
     @property
-    def sharded_module_type(self) -> Type[ShardedQREmbeddingBagCollection]:  # type: ignore[override]
+    def sharded_module_type(self) -> Type[ShardedQREmbeddingBagCollection]:
         return ShardedQREmbeddingBagCollection

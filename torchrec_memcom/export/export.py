@@ -30,11 +30,16 @@ from torchrec_memcom.export.inference import (
     StackedLowRankCrossNet,
     load_model,
 )
-from torchrec_memcom.inference.stores import store_bytes
 from torchrec_memcom.inference import inference_model
+from torchrec_memcom.inference.stores import store_bytes
 from torchrec_memcom.inference.tables import AnyTable, ExportError, TableExport, collect_tables
 from torchrec_memcom.train.checkpoint import (
-    CONFIG, PROGRESS, CheckpointError, latest_checkpoint, load_checkpoint, read_record,
+    CONFIG,
+    PROGRESS,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_record,
 )
 from torchrec_memcom.train.config import RunConfig, load_config
 from torchrec_memcom.train.model import build_model

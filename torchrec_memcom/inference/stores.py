@@ -153,6 +153,23 @@ class CompressedEmbeddings(nn.Module):
     has_scalars: torch.jit.Final[bool]
     has_qr: torch.jit.Final[bool]
     walks: torch.jit.Final[int]
+    # buffers, registered in __init__, declared for type checkers
+    rows: Tensor
+    scale_bias: Tensor
+    scalars: Tensor
+    num_embeddings: Tensor
+    div: Tensor
+    mod: Tensor
+    offset: Tensor
+    scalar_stride: Tensor
+    scalar_offset: Tensor
+    qr_mod: Tensor
+    qr_offset: Tensor
+    is_mix: Tensor
+    mix_mask: Tensor
+    mix_shift: Tensor
+    mix_mul1: Tensor
+    mix_mul2: Tensor
 
     def __init__(
         self,
@@ -274,6 +291,9 @@ class TierSlot(nn.Module):
     column: torch.jit.Final[int]
     dim: torch.jit.Final[int]
     precision: torch.jit.Final[str]
+    # buffers, registered in __init__, declared for type checkers
+    rows: Tensor
+    scale_bias: Tensor
 
     def __init__(self, index: int, column: int, rows: Tensor, scale_bias: Tensor, precision: str) -> None:
         super().__init__()
@@ -314,6 +334,16 @@ class TieredEmbeddings(nn.Module):
     has_remap: torch.jit.Final[bool]
     has_scalars: torch.jit.Final[bool]
     has_projections: torch.jit.Final[bool]
+    # buffers, registered in __init__, declared for type checkers
+    scalars: Tensor
+    remap: Tensor
+    projections: Tensor
+    num_embeddings: Tensor
+    remap_stride: Tensor
+    remap_offset: Tensor
+    tier_base: Tensor
+    starts: Tensor
+    tier_index: Tensor
 
     def __init__(
         self,
@@ -352,7 +382,9 @@ class TieredEmbeddings(nn.Module):
         features = {name: getattr(self, name).index_select(0, order) for name in TIERED_FEATURE_FIELDS}
         tiers = dict(zip(TIER_FIELDS, self.tier_index.unbind(1)))
         projections = self.projections.index_select(0, order)
-        return TieredEmbeddings(list(self.slots), self.scalars, self.remap, projections, feature_names, features, tiers)
+        # nn.ModuleList iterates as Module (TorchScript allows only a bare ignore at a line's end)
+        slots: List[TierSlot] = list(self.slots)  # type: ignore[arg-type]
+        return TieredEmbeddings(slots, self.scalars, self.remap, projections, feature_names, features, tiers)
 
     def parts(
         self, ids: Tensor, feature: Optional[Tensor] = None, weights: Optional[Tensor] = None
@@ -377,12 +409,13 @@ class TieredEmbeddings(nn.Module):
             scale = scalars if scale is None else scalars * scale
         out = torch.zeros(ids.numel(), self.dim, device=ids.device)
         side_by_side = torch.zeros(ids.numel(), self.projections.size(1), device=ids.device)
+        # nn.ModuleList iterates as Module (TorchScript allows only a bare ignore at a line's end)
         for tier_slot in self.slots:
             picked, values = tier_slot(slot, at, scale)
-            if tier_slot.column < 0:
+            if tier_slot.column < 0:  # type: ignore[operator]
                 out.index_copy_(0, picked, values)
             else:
-                side_by_side.narrow(1, tier_slot.column, tier_slot.dim).index_copy_(0, picked, values)
+                side_by_side.narrow(1, tier_slot.column, tier_slot.dim).index_copy_(0, picked, values)  # type: ignore[call-overload]
         return out, side_by_side
 
     def project(self, out: Tensor, side_by_side: Tensor, batch: int) -> Tensor:
@@ -413,6 +446,10 @@ class JoinedEmbeddings(nn.Module):
     ``TieredEmbeddings``, the others from a ``CompressedEmbeddings``, put back in feature order."""
 
     num_features: torch.jit.Final[int]
+    # buffers, registered in __init__, declared for type checkers
+    plain_columns: Tensor
+    tiered_columns: Tensor
+    order: Tensor
 
     def __init__(self, plain: CompressedEmbeddings, tiered: TieredEmbeddings, tiered_columns: List[int]) -> None:
         super().__init__()

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+import torchrec_memcom.methods  # noqa: F401,E402  (registers the methods, whose tables export reads)
+from torchrec_memcom.inference.records import AnyTable, BudgetedTableExport, TableExport, TierExport  # noqa: F401
 from torchrec_memcom.inference.stores import (
     INDEX_FIELDS,
     TIER_FIELDS,
@@ -23,10 +25,8 @@ from torchrec_memcom.inference.stores import (
     TierSlot,
     mix_params,
 )
-from torchrec_memcom.inference.records import AnyTable, BudgetedTableExport, TableExport, TierExport  # noqa: F401
 from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
 from torchrec_memcom.registry import method_names, method_of_collection
-import torchrec_memcom.methods  # noqa: F401,E402  (registers the methods, whose tables export reads)
 
 FP16_MAX = 65504.0
 

@@ -76,6 +76,6 @@ class CompressedCollection(EmbeddingBagCollectionInterface, metaclass=ShardedByP
                     "uncompressed_parameters": t.num_embeddings * t.embedding_dim,
                     "ratio": t.ratio,
                 }
-                for t in self.tables  # type: ignore[attr-defined]
+                for t in self.tables
             }
         )

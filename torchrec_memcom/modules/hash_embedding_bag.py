@@ -12,16 +12,16 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_memcom.modules.hashing import slots
-from torchrec_memcom.modules.config_checks import check_config
-from torchrec_memcom.modules.memcom_config import HashKind
-from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.collection_checks import (
     check_input,
-    with_rows,
     feature_sizes,
     table_specs,
+    with_rows,
 )
+from torchrec_memcom.modules.compressed_collection import CompressedCollection
+from torchrec_memcom.modules.config_checks import check_config
+from torchrec_memcom.modules.hashing import slots
+from torchrec_memcom.modules.memcom_config import HashKind
 
 # fx-traced models keep these data-reading calls as single nodes (TorchRec wraps its own alike)
 torch.fx.wrap("check_input")

@@ -14,13 +14,13 @@ from torchrec.modules.embedding_modules import (
 from torchrec.optim import SGD as TorchRecSGD, Adagrad as TorchRecAdagrad, RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.collection_checks import (
     check_input,
-    with_rows,
     feature_sizes,
     table_specs,
+    with_rows,
 )
+from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.hashing import slots
 from torchrec_memcom.modules.memcom_config import MEmComConfig, ScalarRule, compression_ratio
 

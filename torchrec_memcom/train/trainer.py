@@ -33,11 +33,17 @@ from tqdm import tqdm
 
 from torchrec_memcom.data import CriteoParquetLoader, load_manifest, synthesize
 from torchrec_memcom.data.manifest import features_of
-from torchrec_memcom.data.torchrec_npy import TorchRecNpyLoader
-from torchrec_memcom.data.torchrec_npy import describe as describe_npy
+from torchrec_memcom.data.torchrec_npy import TorchRecNpyLoader, describe as describe_npy
 from torchrec_memcom.distributed.planner import memcom_planner
 from torchrec_memcom.train.checkpoint import (
-    CONFIG, DATA, PROGRESS, CheckpointError, latest_checkpoint, load_checkpoint, read_record, save_checkpoint,
+    CONFIG,
+    DATA,
+    PROGRESS,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_record,
+    save_checkpoint,
 )
 from torchrec_memcom.train.config import RunConfig, as_dict, check_features
 from torchrec_memcom.train.model import build_model, embedding_bytes, table_configs
@@ -187,7 +193,7 @@ def plan_table(plan: ShardingPlan, table_bytes: Dict[str, int]) -> str:
     """The sharding plan, one line per sharded parameter: type, kernel, ranks and its table's bytes."""
     rows = [("module", "parameter", "sharding", "kernel", "ranks", "bytes")]
     for module, params in plan.plan.items():
-        for name, ps in params.items():  # type: ignore[union-attr]
+        for name, ps in params.items():
             table = next((t for t in table_bytes if name == t or name.startswith(f"{t}.")), None)
             rows.append((module or "(root)", name, ps.sharding_type, ps.compute_kernel,
                          ",".join(map(str, ps.ranks or [])) or "all", f"{table_bytes[table]:,}" if table else "-"))
