@@ -14,15 +14,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_memcom.budget.space import AllocationSpace
-from torchrec_memcom.modules.budget_config import (
-    Allocation,
-    Budget,
-    TableAllocation,
-    Tier,
-    allocation_bytes,
-    shapes_of,
-)
-from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection, table_counts
+from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
+from torchrec_memcom.modules.budget_bytes import Budget, allocation_bytes, shapes_of
+from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
+from torchrec_memcom.modules.frequency import table_counts
 
 ALLOCATION = Allocation(
     {

@@ -25,7 +25,7 @@ from torchrec_memcom import MEmComConfig, MEmComEmbeddingBagCollection, MEmComEm
 from torchrec_memcom.compression import CompressionSpec, check_spec
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.state import load_full_state_dict
-from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
+from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 
 TABLE_LR, TABLE_EPS, BATCH = 0.05, 1e-8, 4

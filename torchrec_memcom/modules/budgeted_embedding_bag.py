@@ -18,20 +18,16 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_memcom.modules.budget_config import (
+from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
+from torchrec_memcom.modules.budget_bytes import (
     FP32_BYTES,
-    Allocation,
     Budget,
-    TableAllocation,
     TableBytes,
-    Tier,
     check_budget,
-    clean_cuts,
-    frequency_ranks,
-    needs_remap,
     shapes_of,
     uncompressed_bytes,
 )
+from torchrec_memcom.modules.frequency import clean_cuts, frequency_ranks, needs_remap, table_counts
 from torchrec_memcom.modules.collection_checks import check_input, cost_report, feature_sizes
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.memcom_config import MEmComConfig
@@ -62,30 +58,6 @@ class BudgetedTable:
     @property
     def starts(self) -> List[int]:
         return TableAllocation(self.tiers).starts
-
-
-def table_counts(
-    tables: Sequence[EmbeddingBagConfig], frequencies: Mapping[str, Any]
-) -> Dict[str, torch.Tensor]:
-    """Per table, the count of each id: ``frequencies[table]``, else the sum over its features."""
-    out = {}
-    for t in tables:
-        if t.name in frequencies:
-            counts = torch.as_tensor(frequencies[t.name])
-        elif all(f in frequencies for f in t.feature_names):
-            counts = sum(torch.as_tensor(frequencies[f]) for f in t.feature_names)  # type: ignore[assignment]
-        else:
-            raise ValueError(
-                f"frequencies lack table {t.name!r} (give it by table name or for all of its "
-                f"features {list(t.feature_names)})"
-            )
-        if tuple(counts.shape) != (t.num_embeddings,):
-            raise ValueError(
-                f"frequencies of table {t.name!r}: expected shape ({t.num_embeddings},), got "
-                f"{tuple(counts.shape)}"
-            )
-        out[t.name] = counts.to(torch.int64)
-    return out
 
 
 @torch.fx.wrap  # reads ids and lengths: one node in a traced model
