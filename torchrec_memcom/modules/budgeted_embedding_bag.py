@@ -262,7 +262,8 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         ]
         # The tier tables as a MEmCom collection (MEmCom tiers compressed, the others plain);
         # this module adopts its modules, so the state dict shows them at `embedding_bags.*` /
-        # `entity_weights.*`, and keeps the collection itself out of the module tree.
+        # `entity_weights.*`, and keeps the collection itself out of the module tree (as a
+        # submodule it would add `_tiers.*` keys beside these, or rename them if not adopted).
         tier_configs, memcom = [], {}
         for cfg, t in zip(tables, self.tables):
             for j, tier in enumerate(t.tiers):
