@@ -33,8 +33,10 @@ from torchrec_memcom.budget.cli import Problem
 from torchrec_memcom.budget.labeler import TrainSettings, load_batches, train_and_evaluate
 from torchrec_memcom.budget.search import SearchSettings, search
 from torchrec_memcom.data import CAT_NAMES, convert, load_frequencies, load_manifest, synthesize
-from torchrec_memcom.modules.budget_config import Allocation, Budget, TableAllocation, Tier, table_bytes
-from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection, table_counts
+from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
+from torchrec_memcom.modules.budget_bytes import Budget, table_bytes
+from torchrec_memcom.methods.budgeted import budgeted_collection
+from torchrec_memcom.modules.frequency import table_counts
 from torchrec_memcom.modules.memcom_config import MEmComConfig
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
 from torchrec_memcom.train.model import table_configs
@@ -163,7 +165,7 @@ def run_dataset(name: str, work: Path, seeds: List[int], scale: Scale, log: Call
         search_seconds = time.perf_counter() - start
 
         def budgeted(allocation: Any = None, tail: bool = False) -> Callable[[], nn.Module]:
-            return lambda: BudgetedEmbeddingBagCollection(
+            return lambda: budgeted_collection(
                 tables, budget_bytes=budget_bytes, frequencies=counts, allocation=allocation, tail=tail,  # noqa: B023  (built in this iteration)
                 sizes=LADDER,
             )

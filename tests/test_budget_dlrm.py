@@ -23,6 +23,7 @@ from torchrec_memcom.distributed.budgeted_embeddingbag import (
     BudgetedEmbeddingBagCollectionSharder,
     ShardedBudgetedEmbeddingBagCollection,
 )
+from torchrec_memcom.methods.budgeted import budgeted_collection
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 
 SIZES = {"a": 2000, "b": 800, "c": 50}
@@ -66,7 +67,7 @@ def test_dlrm_with_budgeted_tables_trains() -> None:
     val, _ = toy_data(8, 512, seed=2)
 
     def build() -> BudgetedEmbeddingBagCollection:
-        return BudgetedEmbeddingBagCollection(tables(), budget_ratio=4, frequencies=counts, tail=True)
+        return budgeted_collection(tables(), budget_ratio=4, frequencies=counts, tail=True)
 
     module = build()
     assert any(len(t.tiers) > 1 for t in module.tables)
@@ -79,7 +80,7 @@ def _dmp_trains(rank: int, world_size: int) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     train, counts = toy_data(30, 128, seed=1)
-    ebc = BudgetedEmbeddingBagCollection(
+    ebc = budgeted_collection(
         tables(), budget_ratio=4, frequencies=counts, tail=True, optimizer="rowwise_adagrad", device=torch.device("meta")
     )
     model = DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=DENSE, dense_arch_layer_sizes=[16, DIM], over_arch_layer_sizes=[16, 1]))

@@ -13,15 +13,11 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_memcom.budget.space import AllocationSpace
-from torchrec_memcom.modules.budget_config import (
-    Allocation,
-    Budget,
-    TableAllocation,
-    Tier,
-    allocation_bytes,
-    shapes_of,
-)
-from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection, table_counts
+from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
+from torchrec_memcom.modules.budget_bytes import Budget, allocation_bytes, shapes_of
+from torchrec_memcom.methods.budgeted import budgeted_collection
+from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
+from torchrec_memcom.modules.frequency import table_counts
 
 ALLOCATION = Allocation(
     {
@@ -123,7 +119,7 @@ def test_popular_ids_get_larger_embeddings_under_the_heuristic() -> None:
     g = torch.Generator().manual_seed(0)
     zipf = (1e5 / torch.arange(1, 5001) ** 1.1).long()
     counts = zipf[torch.randperm(5000, generator=g)]
-    module = BudgetedEmbeddingBagCollection(tables, budget_ratio=4, frequencies={"t": counts})
+    module = budgeted_collection(tables, budget_ratio=4, frequencies={"t": counts})
     tiers = module.tables[0].tiers
     assert len(tiers) > 1 and tiers[0].dim > tiers[-1].dim
     ranks = module.state_dict()["remap.t"].long()
@@ -136,17 +132,17 @@ def test_errors() -> None:
     tables, freqs = small_tables(16), _frequencies()
     mean = [EmbeddingBagConfig(name="m", embedding_dim=8, num_embeddings=10, feature_names=["f"], pooling=PoolingType.MEAN)]
     with pytest.raises(ValueError, match="'m'.*SUM"):
-        BudgetedEmbeddingBagCollection(mean, budget_ratio=2, frequencies={"m": torch.ones(10)})
-    with pytest.raises(ValueError, match="need frequencies"):
-        BudgetedEmbeddingBagCollection(tables, budget_ratio=2)
+        budgeted_collection(mean, budget_ratio=2, frequencies={"m": torch.ones(10)})
     with pytest.raises(ValueError, match="frequencies lack table 't1'"):
-        BudgetedEmbeddingBagCollection(tables, budget_ratio=2, frequencies={"t0": freqs["t0"]})
+        budgeted_collection(tables, budget_ratio=2, frequencies={"t0": freqs["t0"]})
     with pytest.raises(ValueError, match=r"frequencies of table 't0': expected shape \(1000,\)"):
-        BudgetedEmbeddingBagCollection(tables, budget_ratio=2, frequencies={**freqs, "t0": torch.ones(5)})
+        budgeted_collection(tables, budget_ratio=2, frequencies={**freqs, "t0": torch.ones(5)})
     with pytest.raises(ValueError, match="exactly one of bytes or ratio"):
-        BudgetedEmbeddingBagCollection(tables, frequencies=freqs)
+        budgeted_collection(tables, frequencies=freqs)
     with pytest.raises(ValueError, match="optimizer must be one of"):
-        BudgetedEmbeddingBagCollection(tables, budget_ratio=2, frequencies=freqs, optimizer="adam")
+        budgeted_collection(tables, budget_ratio=2, frequencies=freqs, optimizer="adam")
+    with pytest.raises(ValueError, match="need an allocation.*budgeted_collection builds the heuristic"):
+        BudgetedEmbeddingBagCollection(tables, freqs, None, budget_ratio=2)  # type: ignore[arg-type]
 
     def alloc(t0: TableAllocation) -> Allocation:
         return Allocation({**ALLOCATION.tables, "t0": t0})
@@ -231,7 +227,7 @@ def problems(draw):  # type: ignore[no-untyped-def]
 
 
 def _build(tables, counts, budget, tail, allocation=None) -> BudgetedEmbeddingBagCollection:  # type: ignore[no-untyped-def]
-    return BudgetedEmbeddingBagCollection(
+    return budgeted_collection(
         tables, budget_bytes=budget.bytes, frequencies=counts, allocation=allocation,
         budget_ratio=budget.ratio, optimizer=budget.optimizer, tail=tail,
     )
@@ -292,7 +288,7 @@ def test_frequency_ranked_ids_need_no_remap(id0: int) -> None:
     tables = [EmbeddingBagConfig(name="t", embedding_dim=16, num_embeddings=n, feature_names=["f"])]
     allocation = Allocation({"t": TableAllocation((Tier(30, 16), Tier(170, 8), Tier(300, 4)))})
     for chosen in (allocation, None):
-        module = BudgetedEmbeddingBagCollection(tables, budget_ratio=2, frequencies={"f": counts}, allocation=chosen)
+        module = budgeted_collection(tables, budget_ratio=2, frequencies={"f": counts}, allocation=chosen)
         assert "remap.t" not in module.state_dict() and not module.tables[0].remap
         assert module.tables[0].tiers[0].dim >= module.tables[0].tiers[-1].dim
     module = BudgetedEmbeddingBagCollection(tables, budget_ratio=1, frequencies={"f": counts}, allocation=allocation)

@@ -15,8 +15,11 @@ from torchrec_memcom.budget.search import SearchSettings, search
 from torchrec_memcom.budget.space import DISTRIBUTIONS, AllocationSpace
 from torchrec_memcom.cli import main
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
-from torchrec_memcom.modules.budget_config import Allocation, Budget, allocation_bytes, shapes_of
-from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection, build_budgeted, table_counts
+from torchrec_memcom.modules.budget_allocation import Allocation
+from torchrec_memcom.modules.budget_bytes import Budget, allocation_bytes, shapes_of
+from torchrec_memcom.methods.budgeted import build_budgeted
+from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
+from torchrec_memcom.modules.frequency import table_counts
 
 
 @pytest.fixture(autouse=True)

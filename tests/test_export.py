@@ -39,7 +39,7 @@ from torchrec_memcom.export.raw import RawLineError, parse_lines
 from torchrec_memcom.inference import inference_model
 from torchrec_memcom.inference.stores import JoinedEmbeddings, TieredEmbeddings
 from torchrec_memcom.inference.tables import ExportError, build_embeddings, collect_tables
-from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
+from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 from torchrec_memcom.modules.memcom_config import MEmComConfig
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection

@@ -23,7 +23,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom import CompressionSpec, HashConfig, MEmComConfig, QRConfig, compress
 from torchrec_memcom.inference import ExportError, InferenceEmbeddingBagCollection, inference_model, kjt_dynamic_shapes
-from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
+from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 
 BATCH = 6

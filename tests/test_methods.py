@@ -61,7 +61,7 @@ from torchrec_memcom.distributed.state import load_full_state_dict
 from torchrec_memcom.distributed.stock_views import kjt_with
 from torchrec_memcom.export.export import script
 from torchrec_memcom.inference.tables import build_embeddings, collect_tables
-from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
+from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 from torchrec_memcom.modules.hash_embedding_bag import HashConfig, HashEmbeddingBagCollection
 from torchrec_memcom.modules.memcom_config import DEFAULT_SCALAR_LR_SCALE

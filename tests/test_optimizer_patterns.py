@@ -35,7 +35,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from torchrec_memcom import CompressionSpec, compress
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
-from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
+from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 
 LR, EPS, STEPS, BATCH, DIM = 0.1, 1e-8, 3, 8, 8

@@ -25,7 +25,8 @@ from torchrec_memcom import MEmComConfig, MEmComEmbeddingBagCollection, MEmComEm
 from torchrec_memcom.compression import CompressionSpec, check_spec
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.state import load_full_state_dict
-from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
+from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
+from torchrec_memcom.methods.budgeted import budgeted_collection
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 
 TABLE_LR, TABLE_EPS, BATCH = 0.05, 1e-8, 4
@@ -152,4 +153,4 @@ def test_bad_scalar_settings_are_refused_naming_the_key() -> None:
 
 def _budgeted_with(scalars: Dict[str, Any]) -> BudgetedEmbeddingBagCollection:
     tables = [EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=100, feature_names=["f0"])]
-    return BudgetedEmbeddingBagCollection(tables, budget_ratio=1.0, frequencies={"t0": torch.ones(100)}, scalars=scalars)
+    return budgeted_collection(tables, budget_ratio=1.0, frequencies={"t0": torch.ones(100)}, scalars=scalars)

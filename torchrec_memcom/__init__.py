@@ -29,7 +29,7 @@ if TYPE_CHECKING:
         QREmbeddingBagCollectionSharder,
         ShardedQREmbeddingBagCollection,
     )
-    from torchrec_memcom.modules.budget_config import Allocation, TableAllocation, Tier
+    from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
     from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedConfig, BudgetedEmbeddingBagCollection
     from torchrec_memcom.modules.hash_embedding_bag import HashConfig, HashEmbeddingBagCollection
     from torchrec_memcom.modules.memcom_config import HashKind, MEmComConfig
@@ -56,9 +56,9 @@ _EXPORTS = {
     "qr_collection": "modules.qr_embedding_bag",
     "QREmbeddingBagCollectionSharder": "distributed.qr_embeddingbag",
     "ShardedQREmbeddingBagCollection": "distributed.qr_embeddingbag",
-    "Allocation": "modules.budget_config",
-    "TableAllocation": "modules.budget_config",
-    "Tier": "modules.budget_config",
+    "Allocation": "modules.budget_allocation",
+    "TableAllocation": "modules.budget_allocation",
+    "Tier": "modules.budget_allocation",
     "MixedEmbeddingBagCollection": "modules.mixed_embedding_bag",
     "MixedEmbeddingBagCollectionSharder": "distributed.mixed_embeddingbag",
     "ShardedMixedEmbeddingBagCollection": "distributed.mixed_embeddingbag",

@@ -61,7 +61,7 @@ def within_tolerance(block: Dict[str, Any], dim: int, sizes: Sequence[int],
     of the target), so that budgeted tables are not unreachable where the others are not."""
     if block.get("method") != "budgeted":
         return block
-    from torchrec_memcom.modules.budget_config import smallest_feasible_bytes, uncompressed_bytes
+    from torchrec_memcom.modules.budget_bytes import smallest_feasible_bytes, uncompressed_bytes
 
     shapes = {f"t_{f}": (n, dim) for f, n in zip(_names(sizes, names), sizes) if n >= block["min_rows"]}
     floor = smallest_feasible_bytes(shapes, None, bool(block["params"].get("tail")))

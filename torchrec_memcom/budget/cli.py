@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from torchrec_memcom.modules.budget_config import OPTIMIZER_STATE
+from torchrec_memcom.modules.budget_bytes import OPTIMIZER_STATE
 
 DEFAULT_DIM = 16
 
@@ -113,8 +113,9 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
     """Resolve the config (if any) and the flags, which win, into a ``Problem``."""
     from torchrec_memcom.data import load_frequencies, load_manifest, synthesize
     from torchrec_memcom.data.manifest import features_of
-    from torchrec_memcom.modules.budget_config import Budget, check_training_optimizer
-    from torchrec_memcom.modules.budgeted_embedding_bag import collection_params, table_counts
+    from torchrec_memcom.modules.budget_bytes import Budget, check_training_optimizer
+    from torchrec_memcom.modules.budgeted_embedding_bag import collection_params
+    from torchrec_memcom.modules.frequency import table_counts
     from torchrec_memcom.train.model import table_configs
 
     config = None
@@ -172,7 +173,7 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
 
 
 def _write(problem: Problem, allocation: Any, out: str, **extra: Any) -> None:
-    from torchrec_memcom.modules.budget_config import Allocation
+    from torchrec_memcom.modules.budget_allocation import Allocation
 
     meta = {
         **allocation.meta,

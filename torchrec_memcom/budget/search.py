@@ -15,7 +15,7 @@ import torch
 
 from torchrec_memcom.budget.predictor import FitnessPredictor
 from torchrec_memcom.budget.space import AllocationSpace, Candidates
-from torchrec_memcom.modules.budget_config import Allocation
+from torchrec_memcom.modules.budget_allocation import Allocation
 
 
 @dataclasses.dataclass

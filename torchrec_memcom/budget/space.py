@@ -5,7 +5,7 @@ geometrically spaced); an allocation gives every segment a size, non-increasing 
 consecutive segments of one size form a tier. A size profile over the ranks is scaled by one
 factor for all tables, found by bisection, to the largest scale whose allocation fits the
 budget. Bytes are computed for many candidates at once with numpy, the same arithmetic as
-``budget_config.table_bytes`` (a test holds the two equal).
+``budget_bytes.table_bytes`` (a test holds the two equal).
 """
 
 import dataclasses
@@ -15,22 +15,23 @@ import numpy as np
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
-from torchrec_memcom.modules.budget_config import (
-    FP32_BYTES,
-    INDEX_BYTES,
+from torchrec_memcom.modules.budget_allocation import (
     SIZE_STEP,
     Allocation,
-    Budget,
     TableAllocation,
     Tier,
     candidate_dims,
-    clean_cuts,
-    frequency_ranks,
+)
+from torchrec_memcom.modules.budget_bytes import (
+    FP32_BYTES,
+    INDEX_BYTES,
+    Budget,
     raise_over_budget,
     shapes_of,
     smallest_feasible_bytes,
     cheapest_table,
 )
+from torchrec_memcom.modules.frequency import clean_cuts, frequency_ranks
 
 # BET's four shapes and the range of their parameter (scipy's names).
 DISTRIBUTIONS = {"powerlaw": 20.0, "exponential": 5.0, "normal": 20.0, "lognormal": 1.5}

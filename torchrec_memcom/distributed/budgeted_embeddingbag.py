@@ -33,7 +33,7 @@ from torchrec_memcom.distributed.memcom_embeddingbag import (
     MEmComEmbeddingBagCollectionSharder,
     ShardedMEmComEmbeddingBagCollection,
 )
-from torchrec_memcom.modules.budget_config import check_training_optimizer
+from torchrec_memcom.modules.budget_bytes import check_training_optimizer
 from torchrec_memcom.modules.budgeted_embedding_bag import (
     BudgetedEmbeddingBagCollection,
     BudgetedTable,

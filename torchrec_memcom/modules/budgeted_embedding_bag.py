@@ -18,20 +18,16 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_memcom.modules.budget_config import (
+from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
+from torchrec_memcom.modules.budget_bytes import (
     FP32_BYTES,
-    Allocation,
     Budget,
-    TableAllocation,
     TableBytes,
-    Tier,
     check_budget,
-    clean_cuts,
-    frequency_ranks,
-    needs_remap,
     shapes_of,
     uncompressed_bytes,
 )
+from torchrec_memcom.modules.frequency import clean_cuts, frequency_ranks, needs_remap, table_counts
 from torchrec_memcom.modules.collection_checks import check_input, cost_report, feature_sizes
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.memcom_config import MEmComConfig
@@ -45,6 +41,17 @@ torch.fx.wrap("check_input")
 def tier_key(name: str, tier: int) -> str:
     """Name of tier ``tier`` of a table or of a feature: ``name@tier<j>``."""
     return f"{name}@tier{tier}"
+
+
+def check_sum_pooling(tables: Sequence[EmbeddingBagConfig]) -> None:
+    """Raise naming the table unless every table pools with SUM (the per-tier pools add up to
+    the bag only then)."""
+    for t in tables:
+        if t.pooling != PoolingType.SUM:
+            raise ValueError(
+                f"table {t.name!r}: budgeted tables pool with SUM (the per-tier pools add up "
+                f"to the bag only then); got pooling {t.pooling.name}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,30 +69,6 @@ class BudgetedTable:
     @property
     def starts(self) -> List[int]:
         return TableAllocation(self.tiers).starts
-
-
-def table_counts(
-    tables: Sequence[EmbeddingBagConfig], frequencies: Mapping[str, Any]
-) -> Dict[str, torch.Tensor]:
-    """Per table, the count of each id: ``frequencies[table]``, else the sum over its features."""
-    out = {}
-    for t in tables:
-        if t.name in frequencies:
-            counts = torch.as_tensor(frequencies[t.name])
-        elif all(f in frequencies for f in t.feature_names):
-            counts = sum(torch.as_tensor(frequencies[f]) for f in t.feature_names)  # type: ignore[assignment]
-        else:
-            raise ValueError(
-                f"frequencies lack table {t.name!r} (give it by table name or for all of its "
-                f"features {list(t.feature_names)})"
-            )
-        if tuple(counts.shape) != (t.num_embeddings,):
-            raise ValueError(
-                f"frequencies of table {t.name!r}: expected shape ({t.num_embeddings},), got "
-                f"{tuple(counts.shape)}"
-            )
-        out[t.name] = counts.to(torch.int64)
-    return out
 
 
 @torch.fx.wrap  # reads ids and lengths: one node in a traced model
@@ -213,16 +196,14 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
     """EmbeddingBagCollection whose tables fit a hard memory budget, sizes by id popularity.
 
     tables: the user's ``EmbeddingBagConfig``s (SUM pooling); all of them are budgeted.
-    budget_bytes / budget_ratio: the budget, in bytes or as uncompressed bytes / budget.
     frequencies: per table (or per feature, summed over a table's features) the count of each
         id, e.g. ``torchrec_memcom.data.load_frequencies(dir)``; ids are ranked by it.
-    allocation: an ``Allocation`` (or a file from ``memcom budget search|heuristic``); None
-        builds the quick popularity heuristic for the budget.
+    allocation: an ``Allocation`` (or a file from ``memcom budget search|heuristic``); for the
+        quick popularity heuristic use ``torchrec_memcom.methods.budgeted.budgeted_collection``.
+    budget_bytes / budget_ratio: the budget, in bytes or as uncompressed bytes / budget.
     optimizer: also count this sparse optimizer's state ("sgd", "rowwise_adagrad", "adagrad");
         it must be the one the tables train with (the sharder checks the fused optimizer).
-    tail / sizes: for the heuristic: the rarest ids may share a MEmCom tier; the tier dims to use
-        (any multiples of 4 up to the dim, BET's candidate set; default: 4, 8, 16, ... doubling,
-        and the dim: ``budget.space.size_ladder``).
+    tail: MEmCom tails are allowed: the over-budget error's smallest feasible budget counts them.
     scalars: the per-entity scalars of MEmCom tiers: a ``MEmComConfig``'s ``init_weight``,
         ``scalar_lr``, ``scalar_lr_scale`` and ``scalar_eps`` as a dict (default: init 1, 10x the
         tier table's lr and its eps, as ``MEmComConfig``).
@@ -237,37 +218,30 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
     def __init__(
         self,
         tables: List[EmbeddingBagConfig],
+        frequencies: Mapping[str, Any],
+        allocation: Union[Allocation, str, Path],
         budget_bytes: Optional[int] = None,
-        frequencies: Optional[Mapping[str, Any]] = None,
-        allocation: Union[None, Allocation, str, Path] = None,
         *,
         budget_ratio: Optional[float] = None,
         optimizer: Optional[str] = None,
         tail: bool = False,
-        sizes: Optional[Sequence[int]] = None,
         scalars: Optional[Mapping[str, Any]] = None,
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
         scalar_settings = scalar_params(scalars or {})
         self._num_embeddings = feature_sizes(tables)  # each feature reads one table
-        for t in tables:
-            if t.pooling != PoolingType.SUM:
-                raise ValueError(
-                    f"table {t.name!r}: budgeted tables pool with SUM (the per-tier pools add up "
-                    f"to the bag only then); got pooling {t.pooling.name}"
-                )
-        if frequencies is None:
-            raise ValueError("budgeted tables need frequencies: per table, the count of each id")
+        check_sum_pooling(tables)
         self._embedding_bag_configs = tables
         self.budget = Budget(bytes=budget_bytes, ratio=budget_ratio, optimizer=optimizer)
         shapes = shapes_of(tables)
         counts = table_counts(tables, frequencies)
         if allocation is None:
-            from torchrec_memcom.budget.space import AllocationSpace
-
-            allocation = AllocationSpace(tables, counts, self.budget, tail=tail, sizes=sizes).heuristic()
-        elif not isinstance(allocation, Allocation):
+            raise ValueError(
+                "budgeted tables need an allocation (an Allocation or a file of `memcom budget "
+                "search|heuristic`); torchrec_memcom.methods.budgeted.budgeted_collection builds the heuristic one"
+            )
+        if not isinstance(allocation, Allocation):
             allocation = Allocation.load(allocation)
         ranks = {name: frequency_ranks(c) for name, c in counts.items()}
         clean = {name: clean_cuts(r) for name, r in ranks.items()}
@@ -288,7 +262,8 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         ]
         # The tier tables as a MEmCom collection (MEmCom tiers compressed, the others plain);
         # this module adopts its modules, so the state dict shows them at `embedding_bags.*` /
-        # `entity_weights.*`, and keeps the collection itself out of the module tree.
+        # `entity_weights.*`, and keeps the collection itself out of the module tree (as a
+        # submodule it would add `_tiers.*` keys beside these, or rename them if not adopted).
         tier_configs, memcom = [], {}
         for cfg, t in zip(tables, self.tables):
             for j, tier in enumerate(t.tiers):
@@ -395,7 +370,7 @@ class BudgetedConfig:
     frequencies: per table or per feature the count of each id (as
         ``BudgetedEmbeddingBagCollection`` takes them), or a data folder (default: the folder
         the allocation was made on).
-    tail / sizes: the heuristic's options (``BudgetedEmbeddingBagCollection``).
+    tail / sizes: the heuristic's options (``torchrec_memcom.methods.budgeted.budgeted_collection``).
     init_weight, scalar_lr, scalar_lr_scale, scalar_eps: the MEmCom tail's scalar settings.
 
     Example::
@@ -437,50 +412,3 @@ def collection_params(params: Mapping[str, Union[BudgetedConfig, Mapping[str, An
             "compression spec's default params, not per table"
         )
     return next(iter(given), {})
-
-
-def build_budgeted(
-    tables: List[EmbeddingBagConfig],
-    params: Mapping[str, Union[BudgetedConfig, Mapping[str, Any]]],
-    device: torch.device,
-) -> BudgetedEmbeddingBagCollection:
-    """``compress()``'s builder of the "budgeted" method: ``params`` by table, the same
-    ``BudgetedConfig`` (or its dict) for every one."""
-    p = collection_params(params)
-    allocation = Allocation.load(p["allocation"]) if "allocation" in p else None
-    recorded = dict(allocation.meta) if allocation is not None else {}
-    budget = dict(recorded.get("budget", {}))
-    if "budget_bytes" in p or "budget_ratio" in p:
-        budget = {"bytes": p.get("budget_bytes"), "ratio": p.get("budget_ratio")}
-    if "optimizer" in p:
-        budget["optimizer"] = p["optimizer"]
-    if budget.get("bytes") is None and budget.get("ratio") is None:
-        raise ValueError(
-            "budgeted tables need a budget: params `budget_bytes` or `budget_ratio`, or an "
-            "`allocation` file that records one"
-        )
-    data = p.get("frequencies")
-    if data is None:
-        data = recorded.get("data")
-    if data is None:
-        raise ValueError(
-            "budgeted tables rank ids by frequency: give params `frequencies` (per table the "
-            "count of each id, or a data folder of `memcom data convert|synth`) or an "
-            "`allocation` file made on one"
-        )
-    if not isinstance(data, Mapping):
-        from torchrec_memcom.data import load_frequencies
-
-        data = load_frequencies(data)
-    return BudgetedEmbeddingBagCollection(
-        tables,
-        budget_bytes=budget.get("bytes"),
-        frequencies=data,
-        allocation=allocation,
-        budget_ratio=budget.get("ratio"),
-        optimizer=budget.get("optimizer"),
-        tail=bool(p.get("tail", False)),
-        sizes=p.get("sizes"),
-        scalars={k: p[k] for k in SCALAR_PARAMS if k in p},
-        device=device,
-    )
