@@ -33,9 +33,9 @@ from torchrec_memcom.budget.cli import Problem
 from torchrec_memcom.budget.labeler import TrainSettings, load_batches, train_and_evaluate
 from torchrec_memcom.budget.search import SearchSettings, search
 from torchrec_memcom.data import CAT_NAMES, convert, load_frequencies, load_manifest, synthesize
+from torchrec_memcom.methods.budgeted import budgeted_collection
 from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budget_bytes import Budget, table_bytes
-from torchrec_memcom.methods.budgeted import budgeted_collection
 from torchrec_memcom.modules.frequency import table_counts
 from torchrec_memcom.modules.memcom_config import MEmComConfig
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
@@ -87,6 +87,7 @@ def uniform(tables: List[EmbeddingBagConfig], dim: int) -> Allocation:
 
 def memcom_rows(tables: List[EmbeddingBagConfig], budget: int) -> Dict[str, int]:
     """Shared rows ``m = max(1, a * n)`` per table, the largest ``a`` whose total fits."""
+
     def rows(a: float) -> Dict[str, int]:
         return {t.name: int(min(t.num_embeddings, max(1, a * t.num_embeddings))) for t in tables}
 
@@ -138,8 +139,10 @@ def run_dataset(name: str, work: Path, seeds: List[int], scale: Scale, log: Call
         }
 
     def show(method: str, r: Dict[str, Any]) -> None:
-        log(f"  {method:<28} {r['bytes']:>10} bytes  test AUC {r['auc_mean']:.4f} ± {r['auc_std']:.4f}"
-            f"  logloss {r['logloss_mean']:.4f}")
+        log(
+            f"  {method:<28} {r['bytes']:>10} bytes  test AUC {r['auc_mean']:.4f} ± {r['auc_std']:.4f}"
+            f"  logloss {r['logloss_mean']:.4f}"
+        )
 
     log(f"{name}: {len(tables)} tables, {full_bytes} bytes uncompressed")
     ceiling = evaluate(lambda: EmbeddingBagCollection(tables), full_bytes)
@@ -149,8 +152,15 @@ def run_dataset(name: str, work: Path, seeds: List[int], scale: Scale, log: Call
         budget_bytes = sum(table_bytes(a, DIM, False, None).total for a in uniform(tables, dim).tables.values())
         log(f"{name}, budget of uniform dim {dim}: {budget_bytes} bytes ({full_bytes / budget_bytes:.2f}x smaller)")
         problem = Problem(
-            data=str(data), budgeted=tables, plain=[], counts=counts, budget=Budget(bytes=budget_bytes),
-            tail=True, sizes=list(LADDER), batch_size=batch_size, lr=lr,
+            data=str(data),
+            budgeted=tables,
+            plain=[],
+            counts=counts,
+            budget=Budget(bytes=budget_bytes),
+            tail=True,
+            sizes=list(LADDER),
+            batch_size=batch_size,
+            lr=lr,
             dense_arch_layer_sizes=list(TrainSettings.dense_arch_layer_sizes),
             over_arch_layer_sizes=list(TrainSettings.over_arch_layer_sizes),
         )
@@ -166,7 +176,11 @@ def run_dataset(name: str, work: Path, seeds: List[int], scale: Scale, log: Call
 
         def budgeted(allocation: Any = None, tail: bool = False) -> Callable[[], nn.Module]:
             return lambda: budgeted_collection(
-                tables, budget_bytes=budget_bytes, frequencies=counts, allocation=allocation, tail=tail,  # noqa: B023  (built in this iteration)
+                tables,
+                budget_bytes=budget_bytes,  # noqa: B023  (built in this iteration)
+                frequencies=counts,
+                allocation=allocation,
+                tail=tail,
                 sizes=LADDER,
             )
 
@@ -174,7 +188,8 @@ def run_dataset(name: str, work: Path, seeds: List[int], scale: Scale, log: Call
         methods: Dict[str, Callable[[], nn.Module]] = {
             f"uniform dim {dim}": budgeted(uniform(tables, dim)),
             "MEmCom": lambda: MEmComEmbeddingBagCollection(
-                tables, {t.name: MEmComConfig(num_hash_rows=rows[t.name]) for t in tables}  # noqa: B023  (built in this iteration)
+                tables,
+                {t.name: MEmComConfig(num_hash_rows=rows[t.name]) for t in tables},  # noqa: B023  (built in this iteration)
             ),
             "budgeted heuristic": budgeted(),
             "budgeted heuristic + tail": budgeted(tail=True),
@@ -201,8 +216,11 @@ def run_dataset(name: str, work: Path, seeds: List[int], scale: Scale, log: Call
             "methods": results,
         }
     return {
-        "data": {"kind": name, "rows": {s: v["rows"] for s, v in manifest["splits"].items()},
-                 "best_auc": manifest.get("best_auc")},
+        "data": {
+            "kind": name,
+            "rows": {s: v["rows"] for s, v in manifest["splits"].items()},
+            "best_auc": manifest.get("best_auc"),
+        },
         "tables": {t.name: t.num_embeddings for t in tables},
         "dim": DIM,
         "sizes": list(LADDER),
@@ -223,15 +241,21 @@ def plot(results: Dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(name, level, r, b) for name, r in results.items() for level, b in r["budgets"].items()]
-    fig, axes = plt.subplots(len(results), len(UNIFORM_DIMS), figsize=(6 * len(UNIFORM_DIMS), 3.8 * len(results)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(results), len(UNIFORM_DIMS), figsize=(6 * len(UNIFORM_DIMS), 3.8 * len(results)), squeeze=False
+    )
     for ax, (name, level, r, b) in zip(axes.flat, panels):
         entries = {"uncompressed": r["uncompressed"], **b["methods"]}
         methods = list(entries)
         means = np.array([entries[m]["auc_mean"] for m in methods])
         stds = np.array([entries[m]["auc_std"] for m in methods])
-        colors = ["#999999" if m == "uncompressed" else "#4c72b0" if m.startswith("budgeted") else "#dd8452" for m in methods]
+        colors = [
+            "#999999" if m == "uncompressed" else "#4c72b0" if m.startswith("budgeted") else "#dd8452" for m in methods
+        ]
         ax.barh(range(len(methods)), means, xerr=stds, color=colors, capsize=3)
-        ax.set_yticks(range(len(methods)), [f"{m} ({entries[m]['bytes'] / 2**20:.2f} MiB)" for m in methods], fontsize=8)
+        ax.set_yticks(
+            range(len(methods)), [f"{m} ({entries[m]['bytes'] / 2**20:.2f} MiB)" for m in methods], fontsize=8
+        )
         pad = 3 * max(float(stds.max()), 0.002)
         ax.set_xlim(float(means.min()) - pad, float(means.max()) + pad)
         ax.invert_yaxis()
@@ -243,15 +267,25 @@ def plot(results: Dict[str, Any], path: Path) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", help="where the data folders go (default: a folder in the system's temporary "
-                        "one, outside the repo: one is converted from the shared sample)")
-    parser.add_argument("--out", help="where budget_benchmark.json/png go (default docs/; with --smoke, "
-                        "budget_smoke.json/png in a temporary folder)")
+    parser.add_argument(
+        "--work",
+        help="where the data folders go (default: a folder in the system's temporary "
+        "one, outside the repo: one is converted from the shared sample)",
+    )
+    parser.add_argument(
+        "--out",
+        help="where budget_benchmark.json/png go (default docs/; with --smoke, "
+        "budget_smoke.json/png in a temporary folder)",
+    )
     parser.add_argument("--seeds", type=int, help="training seeds per method (default 3; 1 with --smoke)")
-    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS),
-                        help="default: all (synthetic only with --smoke)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny run for CI: one seed, 3,000 synthetic rows, 3 steps, a 3-label search")
+    parser.add_argument(
+        "--datasets", nargs="+", choices=list(DATASETS), help="default: all (synthetic only with --smoke)"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny run for CI: one seed, 3,000 synthetic rows, 3 steps, a 3-label search",
+    )
     args = parser.parse_args(argv)
     name = "budget_smoke" if args.smoke else "budget_benchmark"
     work = Path(args.work or Path(tempfile.gettempdir()) / f"torchrec_memcom_bench_{name}")

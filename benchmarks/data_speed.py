@@ -109,12 +109,18 @@ def time_dlrm(data_dir: Path, batch_size: int, steps: int, prefetch: Optional[in
     from torchrec_memcom.data import CriteoParquetLoader
 
     loader = CriteoParquetLoader(data_dir, "train", batch_size, prefetch=prefetch or 0)
-    ebc = EmbeddingBagCollection(tables=[
-        EmbeddingBagConfig(name=f"t_{name}", embedding_dim=16, num_embeddings=size, feature_names=[name])
-        for name, size in loader.num_embeddings.items()
-    ])
-    model = DLRM(embedding_bag_collection=ebc, dense_in_features=13, dense_arch_layer_sizes=[64, 16],
-                 over_arch_layer_sizes=[64, 1])
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name=f"t_{name}", embedding_dim=16, num_embeddings=size, feature_names=[name])
+            for name, size in loader.num_embeddings.items()
+        ]
+    )
+    model = DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=13,
+        dense_arch_layer_sizes=[64, 16],
+        over_arch_layer_sizes=[64, 1],
+    )
     optimizer = torch.optim.Adagrad(model.parameters(), lr=0.01)
     batches: Iterable[Any] = itertools.cycle(loader)
     if prefetch is None:
@@ -124,7 +130,8 @@ def time_dlrm(data_dir: Path, batch_size: int, steps: int, prefetch: Optional[in
         if step == _WARMUP:
             start, cpu = time.perf_counter(), time.process_time()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            model(batch.dense_features, batch.sparse_features).squeeze(-1), batch.labels)
+            model(batch.dense_features, batch.sparse_features).squeeze(-1), batch.labels
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -139,10 +146,17 @@ def main() -> None:
     parser.add_argument("--synthetic-rows", type=int, default=4_000_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--torch-threads", type=int, metavar="N",
-                        help="torch intra-op threads of the DLRM step (default: torch's, one per CPU)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="synthetic input only, tiny, one run, small batches: checks that everything runs")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        metavar="N",
+        help="torch intra-op threads of the DLRM step (default: torch's, one per CPU)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="synthetic input only, tiny, one run, small batches: checks that everything runs",
+    )
     args = parser.parse_args()
     if args.smoke:
         args.repeat, args.synthetic_rows, args.runs = 2, 4000, 1
@@ -152,8 +166,12 @@ def main() -> None:
 
     inputs = build_inputs(args.workdir, args.repeat, args.synthetic_rows, real_sample=not args.smoke)
     results: Dict[str, Any] = {
-        "command": " ".join(["benchmarks/data_speed.py"] + sys.argv[1:]), "smoke": args.smoke,
-        "cpus": os.cpu_count(), "load_average_before": os.getloadavg(), "conversion": [], "loader": [],
+        "command": " ".join(["benchmarks/data_speed.py"] + sys.argv[1:]),
+        "smoke": args.smoke,
+        "cpus": os.cpu_count(),
+        "load_average_before": os.getloadavg(),
+        "conversion": [],
+        "loader": [],
     }
     print(f"load average before: {os.getloadavg()}; {os.cpu_count()} CPUs\n")
     print("| input | size | mode | rows | best rows/s | median rows/s | rows per CPU-s | peak RSS |")
@@ -164,45 +182,71 @@ def main() -> None:
                 time_conversion(path, args.workdir / "out", options) for _ in range(args.runs)
             ]
             rates = [r["rows"] / r["seconds"] for r in runs]
-            row: Dict[str, Any] = {"input": name, "bytes": path.stat().st_size, "mode": mode, "rows": runs[0]["rows"],
-                   "best_rows_per_s": max(rates), "median_rows_per_s": statistics.median(rates),
-                   "rows_per_cpu_s": max(r["rows"] / r["cpu_seconds"] for r in runs),
-                   "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+            row: Dict[str, Any] = {
+                "input": name,
+                "bytes": path.stat().st_size,
+                "mode": mode,
+                "rows": runs[0]["rows"],
+                "best_rows_per_s": max(rates),
+                "median_rows_per_s": statistics.median(rates),
+                "rows_per_cpu_s": max(r["rows"] / r["cpu_seconds"] for r in runs),
+                "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+            }
             results["conversion"].append(row)
-            print(f"| {name} | {row['bytes'] / 2**20:,.0f} MiB | {mode} | {row['rows']:,} | "
-                  f"{row['best_rows_per_s']:,.0f} | {row['median_rows_per_s']:,.0f} | "
-                  f"{row['rows_per_cpu_s']:,.0f} | {row['peak_rss_mib']:,.0f} MiB |", flush=True)
+            print(
+                f"| {name} | {row['bytes'] / 2**20:,.0f} MiB | {mode} | {row['rows']:,} | "
+                f"{row['best_rows_per_s']:,.0f} | {row['median_rows_per_s']:,.0f} | "
+                f"{row['rows_per_cpu_s']:,.0f} | {row['peak_rss_mib']:,.0f} MiB |",
+                flush=True,
+            )
 
     from torchrec_memcom.data import convert
 
     # Smoke: small tables, so that the DLRM steps take milliseconds.
     data = args.workdir / f"synthetic_{args.synthetic_rows}_converted{'_smoke' if args.smoke else ''}"
-    manifest = convert(inputs["synthetic %d rows" % args.synthetic_rows], data, progress=False,
-                       num_embeddings=1000 if args.smoke else None)  # no-op when done
+    manifest = convert(
+        inputs["synthetic %d rows" % args.synthetic_rows],
+        data,
+        progress=False,
+        num_embeddings=1000 if args.smoke else None,
+    )  # no-op when done
     results["loader_train_rows"] = manifest["splits"]["train"]["rows"]
-    print(f"\n| loader, no prefetch ({manifest['splits']['train']['rows']:,} synthetic train rows) | batch | "
-          "ranks | best examples/s | median examples/s | examples per CPU-s |")
+    print(
+        f"\n| loader, no prefetch ({manifest['splits']['train']['rows']:,} synthetic train rows) | batch | "
+        "ranks | best examples/s | median examples/s | examples per CPU-s |"
+    )
     print("|---|---|---|---|---|---|")
     for batch_size, world_size in loader_cells:
         measured = [time_loader(data, batch_size, world_size) for _ in range(args.runs)]
         rates = [wall for wall, _ in measured]
-        row = {"batch_size": batch_size, "world_size": world_size, "best_examples_per_s": max(rates),
-               "median_examples_per_s": statistics.median(rates),
-               "examples_per_cpu_s": max(cpu for _, cpu in measured)}
+        row = {
+            "batch_size": batch_size,
+            "world_size": world_size,
+            "best_examples_per_s": max(rates),
+            "median_examples_per_s": statistics.median(rates),
+            "examples_per_cpu_s": max(cpu for _, cpu in measured),
+        }
         results["loader"].append(row)
-        print(f"| rank 0 | {batch_size} | {world_size} | {row['best_examples_per_s']:,.0f} | "
-              f"{row['median_examples_per_s']:,.0f} | {row['examples_per_cpu_s']:,.0f} |", flush=True)
+        print(
+            f"| rank 0 | {batch_size} | {world_size} | {row['best_examples_per_s']:,.0f} | "
+            f"{row['median_examples_per_s']:,.0f} | {row['examples_per_cpu_s']:,.0f} |",
+            flush=True,
+        )
 
     import torch
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    print(f"\nDLRM train (CPU, dim 16, batch {train_batch}, Adagrad, {train_steps} steps after {_WARMUP} warm-up, "
-          f"{torch.get_num_threads()} torch threads):")
+    print(
+        f"\nDLRM train (CPU, dim 16, batch {train_batch}, Adagrad, {train_steps} steps after {_WARMUP} warm-up, "
+        f"{torch.get_num_threads()} torch threads):"
+    )
     results["dlrm_train"] = {"batch_size": train_batch, "steps": train_steps, "torch_threads": torch.get_num_threads()}
-    for key, prefetch, what in (("prebuilt", None, "on batches built beforehand"),
-                                ("loader_prefetch_0", 0, "fed by the loader, no prefetch"),
-                                ("loader_prefetch_2", 2, "fed by the loader, prefetch 2")):
+    for key, prefetch, what in (
+        ("prebuilt", None, "on batches built beforehand"),
+        ("loader_prefetch_0", 0, "fed by the loader, no prefetch"),
+        ("loader_prefetch_2", 2, "fed by the loader, prefetch 2"),
+    ):
         wall, cpu = time_dlrm(data, train_batch, train_steps, prefetch)
         results["dlrm_train"][key] = {"examples_per_s": wall, "examples_per_cpu_s": cpu}
         print(f"  {what}: {wall:,.0f} examples/s, {cpu:,.0f} examples per CPU-s", flush=True)
@@ -210,6 +254,7 @@ def main() -> None:
     print(f"load average after: {os.getloadavg()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
+
 
 if __name__ == "__main__":
     main()

@@ -79,9 +79,12 @@ def prepare_movielens(work: Path, cache: Path, src: Optional[Path]) -> Dict[str,
     folder = src or fetch_movielens_1m(cache)
     out = (work if src else cache) / "movielens_parquet"
     manifest = convert_movielens(folder, out, seed=0)
-    return {"path": out, "manifest": manifest,
-            "description": f"MovieLens ({manifest['layout']} files {folder}): {manifest['rows_written']} ratings, "
-                           "label rating >= 4, shuffled (seed 0), Kaggle split"}
+    return {
+        "path": out,
+        "manifest": manifest,
+        "description": f"MovieLens ({manifest['layout']} files {folder}): {manifest['rows_written']} ratings, "
+        "label rating >= 4, shuffled (seed 0), Kaggle split",
+    }
 
 
 def prepare_criteo(work: Path, sample: Path, train_lines: int) -> Dict[str, Any]:
@@ -94,10 +97,21 @@ def prepare_criteo(work: Path, sample: Path, train_lines: int) -> Dict[str, Any]
     (days / "day_0.tsv").write_bytes(b"".join(lines[:train_lines]))
     (days / "day_1.tsv").write_bytes(b"".join(lines[train_lines:]))
     path = work / "criteo"
-    manifest = convert([days / "day_0.tsv", days / "day_1.tsv"], path, mode="mod", split="days",
-                       train_days=[0], val_days=[1], test_days=[1], progress=False)
-    return {"path": path, "manifest": manifest,
-            "description": f"{sample.name}: lines 1-{train_lines} train, the rest halved into val and test"}
+    manifest = convert(
+        [days / "day_0.tsv", days / "day_1.tsv"],
+        path,
+        mode="mod",
+        split="days",
+        train_days=[0],
+        val_days=[1],
+        test_days=[1],
+        progress=False,
+    )
+    return {
+        "path": path,
+        "manifest": manifest,
+        "description": f"{sample.name}: lines 1-{train_lines} train, the rest halved into val and test",
+    }
 
 
 def mean_se(xs: Sequence[float]) -> Dict[str, float]:
@@ -113,12 +127,18 @@ def managed_collision_unavailable(device: str) -> Optional[str]:
 
     if ManagedCollisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder()).sharding_types(device):
         return None
-    return (f"TorchRec's ManagedCollisionEmbeddingBagCollectionSharder offers no sharding type on {device} "
-            "(it shards row-wise only; the EBC sharder has no row-wise there)")
+    return (
+        f"TorchRec's ManagedCollisionEmbeddingBagCollectionSharder offers no sharding type on {device} "
+        "(it shards row-wise only; the EBC sharder has no row-wise there)"
+    )
 
 
-def run_arm(run: Callable[[float, Dict[str, Any], int, str], Dict[str, Any]], lrs: Sequence[float],
-            extra: Dict[str, List[Any]], seeds: Sequence[int]) -> Dict[str, Any]:
+def run_arm(
+    run: Callable[[float, Dict[str, Any], int, str], Dict[str, Any]],
+    lrs: Sequence[float],
+    extra: Dict[str, List[Any]],
+    seeds: Sequence[int],
+) -> Dict[str, Any]:
     """The grid (every lr, times every value of each ``extra`` method param) on val with the
     first seed, then every seed at the best setting on test."""
     settings = [{}]
@@ -151,8 +171,13 @@ def param_grid(specs: Sequence[str]) -> Dict[str, Dict[str, List[Any]]]:
 
 def summarize(arm: Dict[str, Any], baseline: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     runs = arm["runs"]
-    out = {**arm, "auc": mean_se([r["auc"] for r in runs]), "logloss": mean_se([r["logloss"] for r in runs]),
-           "achieved_ratio": runs[0]["compression_ratio"], "embedding_bytes": runs[0]["embedding_bytes"]}
+    out = {
+        **arm,
+        "auc": mean_se([r["auc"] for r in runs]),
+        "logloss": mean_se([r["logloss"] for r in runs]),
+        "achieved_ratio": runs[0]["compression_ratio"],
+        "embedding_bytes": runs[0]["embedding_bytes"],
+    }
     out["runs"] = [{k: r[k] for k in ("seed", "auc", "logloss", "train_loss", "compression_ratio")} for r in runs]
     if baseline is not None:
         by_seed = {r["seed"]: r for r in baseline["runs"]}
@@ -161,8 +186,9 @@ def summarize(arm: Dict[str, Any], baseline: Optional[Dict[str, Any]]) -> Dict[s
     return out
 
 
-def train_run(work: Path, data: Path, block: Dict[str, Any], t: Dict[str, Any], lr: float, seed: int,
-              split: str) -> Dict[str, Any]:
+def train_run(
+    work: Path, data: Path, block: Dict[str, Any], t: Dict[str, Any], lr: float, seed: int, split: str
+) -> Dict[str, Any]:
     """One quality.train_once run at this lr, evaluated on ``split``; its folder removed after."""
     import shutil
 
@@ -176,15 +202,24 @@ def train_run(work: Path, data: Path, block: Dict[str, Any], t: Dict[str, Any], 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny run for tests: generated data, few steps")
-    parser.add_argument("--datasets", nargs="+", default=["movielens", "synthetic", "criteo"],
-                        choices=["movielens", "synthetic", "criteo"])
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["movielens", "synthetic", "criteo"],
+        choices=["movielens", "synthetic", "criteo"],
+    )
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--ratios", nargs="+", type=float, default=RATIOS)
     parser.add_argument("--dims", nargs="+", type=int, default=[32, 128])
     parser.add_argument("--lrs", nargs="+", type=float, default=LRS, help="grid each method's lr is picked from on val")
-    parser.add_argument("--param-grid", nargs="*", default=[], metavar="METHOD.KEY=V1,V2",
-                        help="more of a method's params to pick on val with the lr, e.g. MEmCom's scalar "
-                             "settings once MEmComConfig has them")
+    parser.add_argument(
+        "--param-grid",
+        nargs="*",
+        default=[],
+        metavar="METHOD.KEY=V1,V2",
+        help="more of a method's params to pick on val with the lr, e.g. MEmCom's scalar "
+        "settings once MEmComConfig has them",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--min-rows", type=int, default=1000, help="smaller tables stay uncompressed")
     parser.add_argument("--synthetic-rows", type=int, default=1_000_000)
@@ -218,15 +253,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.synthetic_rows, args.max_cardinality, steps = 6000, 3000, 6
             args.batch_size = args.criteo_batch_size = 64
             if args.movielens_src is None:
-                args.movielens_src = str(write_movielens(work / "ml_src", "grouplens",
-                                                         **movielens_rows(users=1200, movies=50, ratings=5000)))
+                args.movielens_src = str(
+                    write_movielens(work / "ml_src", "grouplens", **movielens_rows(users=1200, movies=50, ratings=5000))
+                )
         result: Dict[str, Any] = {
             "command": " ".join(["python", "benchmarks/fair.py", *sys.argv[1:]]),
-            "smoke": args.smoke, "machine": {**quality.machine(), "torch_threads": args.threads},
-            "methods": args.methods, "target_ratios": args.ratios, "dims": args.dims, "lrs": args.lrs,
-            "seeds": args.seeds, "min_rows": args.min_rows, "steps": steps, "param_grid": extra,
+            "smoke": args.smoke,
+            "machine": {**quality.machine(), "torch_threads": args.threads},
+            "methods": args.methods,
+            "target_ratios": args.ratios,
+            "dims": args.dims,
+            "lrs": args.lrs,
+            "seeds": args.seeds,
+            "min_rows": args.min_rows,
+            "steps": steps,
+            "param_grid": extra,
             "protocol": "lr picked on val AUC with the first seed; every seed at that lr reported on test; "
-                        "paired deltas against the stock model of the same seed; se = standard error of the mean",
+            "paired deltas against the stock model of the same seed; se = standard error of the mean",
             "datasets": {},
         }
         managed_collision.register()
@@ -246,38 +289,60 @@ def main(argv: Optional[List[str]] = None) -> int:
             manifest = ds["manifest"]
             names = features_of(manifest).sparse
             sizes = [manifest["features"][f]["num_embeddings"] for f in names]
-            entry: Dict[str, Any] = {"description": ds["description"], "table_rows": dict(zip(names, sizes)),
-                                     "rows": {s: i["rows"] for s, i in manifest["splits"].items()}, "dims": {}}
+            entry: Dict[str, Any] = {
+                "description": ds["description"],
+                "table_rows": dict(zip(names, sizes)),
+                "rows": {s: i["rows"] for s, i in manifest["splits"].items()},
+                "dims": {},
+            }
             for dim in args.dims:
-                t = {"dim": dim, "batch_size": args.criteo_batch_size if dataset == "criteo" else args.batch_size,
-                     "epochs": 1, "steps": steps}
+                t = {
+                    "dim": dim,
+                    "batch_size": args.criteo_batch_size if dataset == "criteo" else args.batch_size,
+                    "epochs": 1,
+                    "steps": steps,
+                }
                 cells: Dict[str, Dict[str, Any]] = {}
                 baseline = None
                 for method in args.methods:
-                    for ratio in ([1.0] if method == "none" else args.ratios):
+                    for ratio in [1.0] if method == "none" else args.ratios:
                         key = "1" if method == "none" else f"{ratio:g}"
                         block = quality.within_tolerance(
-                            quality.compression(method, ratio, args.min_rows, ds["path"]), dim, sizes, names)
+                            quality.compression(method, ratio, args.min_rows, ds["path"]), dim, sizes, names
+                        )
                         why = mc_reason if method == managed_collision.NAME else None
                         why = why or quality.unreachable(method, block, dim, sizes, names)
                         if why:
-                            cells.setdefault(method, {})[key] = {"target_ratio": ratio, "reachable": False, "reason": why}
+                            cells.setdefault(method, {})[key] = {
+                                "target_ratio": ratio,
+                                "reachable": False,
+                                "reason": why,
+                            }
                             continue
-                        def run(lr: float, params: Dict[str, Any], seed: int, split: str,
-                                block: Dict[str, Any] = block) -> Dict[str, Any]:
-                            with_params = {**block, "params": {**block.get("params", {}), **params}} if params else block
+
+                        def run(
+                            lr: float, params: Dict[str, Any], seed: int, split: str, block: Dict[str, Any] = block
+                        ) -> Dict[str, Any]:
+                            with_params = (
+                                {**block, "params": {**block.get("params", {}), **params}} if params else block
+                            )
                             return train_run(work, ds["path"], with_params, t, lr, seed, split)  # noqa: B023  (run_arm calls it now)
 
                         arm = run_arm(run, args.lrs, extra.get(method, {}), args.seeds)
-                        cell = {"target_ratio": ratio, "reachable": True,
-                                **summarize(arm, arm if method == "none" else baseline)}
+                        cell = {
+                            "target_ratio": ratio,
+                            "reachable": True,
+                            **summarize(arm, arm if method == "none" else baseline),
+                        }
                         if method == "none":
                             baseline = arm
                         cells.setdefault(method, {})[key] = cell
                         d = cell.get("delta_auc_vs_none", {"mean": 0.0, "se": 0.0})
-                        print(f"[{dataset} d{dim}] {method:>17} {key:>3}x lr {cell['lr']:g} {cell['chosen_params'] or ''}: test auc "
-                              f"{cell['auc']['mean']:.4f} ± {cell['auc']['se']:.4f}, delta {d['mean']:+.4f} ± {d['se']:.4f}",
-                              flush=True)
+                        print(
+                            f"[{dataset} d{dim}] {method:>17} {key:>3}x lr {cell['lr']:g} {cell['chosen_params'] or ''}: test auc "
+                            f"{cell['auc']['mean']:.4f} ± {cell['auc']['se']:.4f}, delta {d['mean']:+.4f} ± {d['se']:.4f}",
+                            flush=True,
+                        )
                 entry["dims"][str(dim)] = cells
             result["datasets"][dataset] = entry
     result["seconds"] = time.time() - started
@@ -304,8 +369,11 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (dataset, dim) in zip(axes[0], panels):
         for method, cells in result["datasets"][dataset]["dims"][dim].items():
-            pts = sorted((c["target_ratio"], c["delta_auc_vs_none"]["mean"], c["delta_auc_vs_none"]["se"])
-                         for c in cells.values() if c.get("reachable") and "delta_auc_vs_none" in c)
+            pts = sorted(
+                (c["target_ratio"], c["delta_auc_vs_none"]["mean"], c["delta_auc_vs_none"]["se"])
+                for c in cells.values()
+                if c.get("reachable") and "delta_auc_vs_none" in c
+            )
             if pts and method != "none":
                 color, marker = STYLE.get(method, ("tab:red", "x"))
                 xs, ys, es = zip(*pts)
@@ -317,8 +385,10 @@ def plot(result: Dict[str, Any], path: Path) -> None:
         ax.set_title(f"{dataset}, dim {dim}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("lr picked on val per method; mean ± s.e. over seeds"
-                 + (" (SMOKE RUN: not a result)" if result["smoke"] else ""))
+    fig.suptitle(
+        "lr picked on val per method; mean ± s.e. over seeds"
+        + (" (SMOKE RUN: not a result)" if result["smoke"] else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -33,8 +33,34 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 # Criteo Kaggle's 26 categorical cardinalities.
-CRITEO_SIZES = [1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
-                27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572]
+CRITEO_SIZES = [
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
+]
 PACKAGE = "torchrec_memcom"
 
 
@@ -64,8 +90,11 @@ def _memcom_classes(root: Optional[str]) -> Dict[str, Any]:
         if root is not None:
             sys.path.remove(root)
             _purge()
-    return {"collection": MEmComEmbeddingBagCollection, "config": MEmComConfig,
-            "sharder": MEmComEmbeddingBagCollectionSharder}
+    return {
+        "collection": MEmComEmbeddingBagCollection,
+        "config": MEmComConfig,
+        "sharder": MEmComEmbeddingBagCollectionSharder,
+    }
 
 
 def _batches(a: argparse.Namespace, sizes: List[int], rank: int, device: Any) -> List[Any]:
@@ -77,11 +106,13 @@ def _batches(a: argparse.Namespace, sizes: List[int], rank: int, device: Any) ->
     out = []
     for _ in range(4):
         ids = [(torch.rand(a.batch_size, generator=g) ** 4 * n).long() for n in sizes]
-        out.append(KeyedJaggedTensor.from_lengths_sync(
-            keys=[f"cat_{i}" for i in range(len(sizes))],
-            values=torch.cat(ids),
-            lengths=torch.ones(len(sizes) * a.batch_size, dtype=torch.int32),
-        ).to(device))
+        out.append(
+            KeyedJaggedTensor.from_lengths_sync(
+                keys=[f"cat_{i}" for i in range(len(sizes))],
+                values=torch.cat(ids),
+                lengths=torch.ones(len(sizes) * a.batch_size, dtype=torch.int32),
+            ).to(device)
+        )
     return out
 
 
@@ -94,11 +125,20 @@ def _sharded(ebc: Any, sharder: Any, world_size: int, device: Any) -> Any:
 
     names = [c.name for c in ebc.embedding_bag_configs()]
     plan = construct_module_sharding_plan(
-        ebc, {n: table_wise(rank=i % world_size, compute_kernel="fused") for i, n in enumerate(names)},
-        sharder=sharder, local_size=world_size, world_size=world_size, device_type=device.type,
+        ebc,
+        {n: table_wise(rank=i % world_size, compute_kernel="fused") for i, n in enumerate(names)},
+        sharder=sharder,
+        local_size=world_size,
+        world_size=world_size,
+        device_type=device.type,
     )
-    return DistributedModelParallel(ebc, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                                    plan=ShardingPlan({"": plan}), sharders=[sharder], device=device)
+    return DistributedModelParallel(
+        ebc,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        plan=ShardingPlan({"": plan}),
+        sharders=[sharder],
+        device=device,
+    )
 
 
 def _arms(a: argparse.Namespace, sizes: List[int], world_size: int, device: Any) -> Dict[str, Any]:
@@ -109,18 +149,27 @@ def _arms(a: argparse.Namespace, sizes: List[int], world_size: int, device: Any)
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     fused = {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.05, "eps": 1e-8}
-    tables = [EmbeddingBagConfig(name=f"t_{i}", embedding_dim=a.dim, num_embeddings=n, feature_names=[f"cat_{i}"])
-              for i, n in enumerate(sizes)]
+    tables = [
+        EmbeddingBagConfig(name=f"t_{i}", embedding_dim=a.dim, num_embeddings=n, feature_names=[f"cat_{i}"])
+        for i, n in enumerate(sizes)
+    ]
     meta = torch.device("meta")
     kinds = {"memcom": _memcom_classes(None)}
     if a.baseline:
         kinds["memcom_baseline"] = _memcom_classes(a.baseline)
-    arms = {"stock": _sharded(EmbeddingBagCollection(tables, device=meta),
-                              EmbeddingBagCollectionSharder(fused_params=fused), world_size, device)}
+    arms = {
+        "stock": _sharded(
+            EmbeddingBagCollection(tables, device=meta),
+            EmbeddingBagCollectionSharder(fused_params=fused),
+            world_size,
+            device,
+        )
+    }
     for name, c in kinds.items():
         spec = c["config"](ratio=a.ratio, min_rows=a.min_rows, hash=a.hash)
-        arms[name] = _sharded(c["collection"](tables, spec, device=meta), c["sharder"](fused_params=fused),
-                              world_size, device)
+        arms[name] = _sharded(
+            c["collection"](tables, spec, device=meta), c["sharder"](fused_params=fused), world_size, device
+        )
     return arms
 
 
@@ -151,8 +200,14 @@ def _same_steps(arms: Dict[str, Any], batches: List[Any], grad: Any, steps: int)
 
 
 def _worker(rank: int, world_size: int, port: int, a: argparse.Namespace, queue: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     import torch
     import torch.distributed as dist
 
@@ -204,7 +259,7 @@ def _worker(rank: int, world_size: int, port: int, a: argparse.Namespace, queue:
     # time other jobs held the core (1 torch thread; gloo's threads and GPU kernels not counted)
     times: Dict[str, Dict[str, List[List[float]]]] = {c: {n: [] for n in names} for c in ("wall", "cpu")}
     for r in range(a.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             wall, cpu = [], []
             dist.barrier()
             for i in range(a.steps):
@@ -248,9 +303,11 @@ def summarize(times: Dict[str, List[List[float]]]) -> Dict[str, Any]:
     for name, rounds in times.items():
         med = [statistics.median(r) for r in rounds]
         ratios = sorted(s / m for s, m in zip(stock, med))
-        out[name] = {"ms_per_step": statistics.median(x for r in rounds for x in r),
-                     "speed_vs_stock": statistics.median(ratios),
-                     "speed_vs_stock_quartiles": [ratios[len(ratios) // 4], ratios[3 * len(ratios) // 4]]}
+        out[name] = {
+            "ms_per_step": statistics.median(x for r in rounds for x in r),
+            "speed_vs_stock": statistics.median(ratios),
+            "speed_vs_stock_quartiles": [ratios[len(ratios) // 4], ratios[3 * len(ratios) // 4]],
+        }
     return out
 
 
@@ -268,9 +325,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--baseline", help="repository root of another checkout: its MEmCom as a further arm")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of rank 0 instead")
-    parser.add_argument("--check", action="store_true",
-                        help="instead: train MEmCom and --baseline's from the same state for --steps steps; "
-                             "exit 1 unless outputs and state stay bit-equal")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="instead: train MEmCom and --baseline's from the same state for --steps steps; "
+        "exit 1 unless outputs and state stay bit-equal",
+    )
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI: structure only, no timing claims")
     a = parser.parse_args(argv)
@@ -280,9 +340,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         a.baseline = str(Path(a.baseline).resolve())
     elif a.check:
         parser.error("--check needs --baseline")
-    result: Dict[str, Any] = {"setup": {k: v for k, v in vars(a).items() if k not in ("out", "profile")},
-                              "machine": {"cpu_count": os.cpu_count(), "loadavg_1min_before": os.getloadavg()[0]},
-                              "nprocs": {}}
+    result: Dict[str, Any] = {
+        "setup": {k: v for k, v in vars(a).items() if k not in ("out", "profile")},
+        "machine": {"cpu_count": os.cpu_count(), "loadavg_1min_before": os.getloadavg()[0]},
+        "nprocs": {},
+    }
     for n in a.nprocs:
         out = run(a, n)
         if a.check:
@@ -298,8 +360,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         for clock, per in summary.items():
             for name, s in per.items():
                 q = s["speed_vs_stock_quartiles"]
-                print(f"{n} proc {clock:>4} {name:>16}: {s['ms_per_step']:7.2f} ms/step, speed vs stock "
-                      f"{s['speed_vs_stock']:.3f} (quartiles {q[0]:.3f}-{q[1]:.3f})", flush=True)
+                print(
+                    f"{n} proc {clock:>4} {name:>16}: {s['ms_per_step']:7.2f} ms/step, speed vs stock "
+                    f"{s['speed_vs_stock']:.3f} (quartiles {q[0]:.3f}-{q[1]:.3f})",
+                    flush=True,
+                )
     if a.out and not (a.profile or a.check):
         Path(a.out).write_text(json.dumps(result, indent=2))
     return 0

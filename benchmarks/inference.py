@@ -59,8 +59,12 @@ def train(name: str, compression: Dict[str, Any], data: Path, work: Path, steps:
         "data": {"path": str(data)},
         "model": {"dense_arch_layer_sizes": [64], "over_arch_layer_sizes": [64, 32, 1]},
         "embeddings": {"dim": 32, "compression": compression},
-        "train": {"batch_size": 512, "steps": steps, "run_dir": str(folder / "run"),
-                  "checkpoint_dir": str(folder / "ckpt")},
+        "train": {
+            "batch_size": 512,
+            "steps": steps,
+            "run_dir": str(folder / "run"),
+            "checkpoint_dir": str(folder / "ckpt"),
+        },
     }
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -82,8 +86,12 @@ def held_rows(data: Path, raw: Path, total: int, rows: int) -> Dict[str, torch.T
     with raw.open() as f:
         lines = list(itertools.islice(f, start, start + rows))
     parsed = parse_lines(lines, str(raw), start + 1)
-    return {"dense": torch.cat(dense)[:rows], "ids": torch.cat(ids)[:rows].contiguous(),
-            "raw_ints": parsed.ints, "raw_cats": parsed.cats}
+    return {
+        "dense": torch.cat(dense)[:rows],
+        "ids": torch.cat(ids)[:rows].contiguous(),
+        "raw_ints": parsed.ints,
+        "raw_cats": parsed.cats,
+    }
 
 
 def kjt(ids: torch.Tensor) -> KeyedJaggedTensor:
@@ -115,13 +123,18 @@ def timed(runs: Dict[str, Callable[[int], Any]], iterations: int, inputs: int) -
     out = {}
     for name, parts in samples.items():
         us = np.concatenate(parts)
-        out[name] = {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
-                     "mean_us": float(us.mean()), "iterations": len(us)}
+        out[name] = {
+            "p50_us": float(np.percentile(us, 50)),
+            "p99_us": float(np.percentile(us, 99)),
+            "mean_us": float(us.mean()),
+            "iterations": len(us),
+        }
     return out
 
 
-def measure(models: Dict[str, Dict[str, Any]], held: Dict[str, torch.Tensor],
-            iterations: Dict[int, int], threads: List[int]) -> List[Dict[str, Any]]:
+def measure(
+    models: Dict[str, Dict[str, Any]], held: Dict[str, torch.Tensor], iterations: Dict[int, int], threads: List[int]
+) -> List[Dict[str, Any]]:
     """Latency rows for every model, precision (plus TorchRec eager), batch size and thread count."""
     rows = []
     loaded = {name: {p: load_model(f) for p, f in entry["files"].items()} for name, entry in models.items()}
@@ -129,7 +142,7 @@ def measure(models: Dict[str, Dict[str, Any]], held: Dict[str, torch.Tensor],
         torch.set_num_threads(n_threads)
         for batch in BATCHES:
             count = max(1, min(len(held["ids"]) // batch, 64))
-            b = {key: [t[i * batch:(i + 1) * batch] for i in range(count)] for key, t in held.items()}
+            b = {key: [t[i * batch : (i + 1) * batch] for i in range(count)] for key, t in held.items()}
             d, x, k = b["dense"], b["ids"], [kjt(t) for t in b["ids"]]
             runs: Dict[Tuple[str, str], Callable[[int], Any]] = {}
             for name, entry in models.items():
@@ -139,13 +152,18 @@ def measure(models: Dict[str, Dict[str, Any]], held: Dict[str, torch.Tensor],
                     runs[name, precision] = lambda i, m=model: m(d[i], x[i])  # noqa: B023  (timed below)
                     runs[name, f"{precision}_embed"] = lambda i, m=model: m.embed(x[i])  # noqa: B023  (timed below)
                 runs[name, "int8_score_raw"] = lambda i, m=loaded[name]["int8"]: m.score_raw(
-                    b["raw_ints"][i], b["raw_cats"][i])  # noqa: B023  (timed below)
+                    b["raw_ints"][i],  # noqa: B023  (timed below)
+                    b["raw_cats"][i],  # noqa: B023
+                )
             with torch.no_grad():
                 results = timed(runs, iterations[batch], count)
             for (name, variant), r in results.items():
                 rows.append({"model": name, "variant": variant, "batch": batch, "threads": n_threads, **r})
-                print(f"{name:12s} {variant:22s} batch {batch:4d} threads {n_threads}: "
-                      f"p50 {r['p50_us']:9.1f} us  p99 {r['p99_us']:9.1f} us", flush=True)
+                print(
+                    f"{name:12s} {variant:22s} batch {batch:4d} threads {n_threads}: "
+                    f"p50 {r['p50_us']:9.1f} us  p99 {r['p99_us']:9.1f} us",
+                    flush=True,
+                )
     return rows
 
 
@@ -153,14 +171,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI")
     parser.add_argument("--rows", type=int, default=200_000, help="synthetic rows (the demo's)")
-    parser.add_argument("--num-embeddings", type=int, default=100_000, help="ids per feature (mod mode), also the synthetic cardinality cap")
+    parser.add_argument(
+        "--num-embeddings",
+        type=int,
+        default=100_000,
+        help="ids per feature (mod mode), also the synthetic cardinality cap",
+    )
     parser.add_argument("--steps", type=int, default=300, help="training steps per model")
     parser.add_argument("--nproc", type=int, default=2, help="training processes")
     parser.add_argument("--iterations", type=int, default=3000, help="timed calls at batch 1 (a tenth at 512)")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS),
-                        help="models to train and export (default: all)")
-    parser.add_argument("--sizes-only", action="store_true",
-                        help="train and export only: sizes and checks, no timing (writes inference_sizes.json)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        default=list(MODELS),
+        help="models to train and export (default: all)",
+    )
+    parser.add_argument(
+        "--sizes-only",
+        action="store_true",
+        help="train and export only: sizes and checks, no timing (writes inference_sizes.json)",
+    )
     parser.add_argument("--out", default=str(REPO / "docs"))
     args = parser.parse_args()
     if args.smoke:
@@ -182,15 +213,33 @@ def main() -> None:
                 reports[precision] = export_checkpoint(checkpoint, files[precision], precision)
             models[name] = {"files": files, "reports": reports, "trained": TrainedModel(checkpoint)}
         load_before = os.getloadavg()[0]
-        latency = [] if args.sizes_only else measure(
-            models, held_rows(data, raw, args.rows, 4096), {1: args.iterations, 512: max(1, args.iterations // 10)},
-            sorted({1, default_threads}),
+        latency = (
+            []
+            if args.sizes_only
+            else measure(
+                models,
+                held_rows(data, raw, args.rows, 4096),
+                {1: args.iterations, 512: max(1, args.iterations // 10)},
+                sorted({1, default_threads}),
+            )
         )
     sizes = {
         name: {
-            precision: {key: r[key] for key in ("file_bytes", "tensor_bytes", "fp32_uncompressed_bytes",
-                                                 "fp32_trained_bytes", "ratio_vs_fp32_uncompressed")}
-            | {"check": {k: r["check"][k] for k in ("rows", "max_abs_diff", "auc_trained", "auc_exported", "auc_change")}}
+            precision: {
+                key: r[key]
+                for key in (
+                    "file_bytes",
+                    "tensor_bytes",
+                    "fp32_uncompressed_bytes",
+                    "fp32_trained_bytes",
+                    "ratio_vs_fp32_uncompressed",
+                )
+            }
+            | {
+                "check": {
+                    k: r["check"][k] for k in ("rows", "max_abs_diff", "auc_trained", "auc_exported", "auc_change")
+                }
+            }
             for precision, r in m["reports"].items()
         }
         for name, m in models.items()
@@ -238,8 +287,11 @@ def _plot(result: Dict[str, Any], path: Path) -> None:
     axes[0].legend()
     for ax, batch in zip(axes[1:], BATCHES):
         for j, name in enumerate(names):
-            rows = {r["variant"]: r for r in result["latency"]
-                    if r["model"] == name and r["batch"] == batch and r["threads"] == 1}
+            rows = {
+                r["variant"]: r
+                for r in result["latency"]
+                if r["model"] == name and r["batch"] == batch and r["threads"] == 1
+            }
             x = np.arange(len(variants)) + j * width
             ax.bar(x, [rows[v]["p50_us"] for v in variants], width, color=colors[name], label=name)
             ax.scatter(x, [rows[v]["p99_us"] for v in variants], marker="_", s=200, color="black")

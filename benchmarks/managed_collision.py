@@ -53,18 +53,23 @@ class ManagedCollisionBags(nn.Module):
 
     def __init__(self, tables: List[EmbeddingBagConfig], configs: Dict[str, MCConfig], device: torch.device):
         super().__init__()
-        sized = [dataclasses.replace(t, num_embeddings=slots(t.num_embeddings, t.embedding_dim, configs[t.name].ratio))
-                 for t in tables]
+        sized = [
+            dataclasses.replace(t, num_embeddings=slots(t.num_embeddings, t.embedding_dim, configs[t.name].ratio))
+            for t in tables
+        ]
         modules = {
             t.name: MCHManagedCollisionModule(
-                zch_size=s.num_embeddings, device=torch.device("cpu") if device.type == "meta" else device,
-                eviction_policy=DistanceLFU_EvictionPolicy(), eviction_interval=configs[t.name].eviction_interval,
+                zch_size=s.num_embeddings,
+                device=torch.device("cpu") if device.type == "meta" else device,
+                eviction_policy=DistanceLFU_EvictionPolicy(),
+                eviction_interval=configs[t.name].eviction_interval,
                 input_hash_size=t.num_embeddings,
             )
             for t, s in zip(tables, sized)
         }
         self.mc = ManagedCollisionEmbeddingBagCollection(
-            EmbeddingBagCollection(sized, device=device), ManagedCollisionCollection(modules, sized),
+            EmbeddingBagCollection(sized, device=device),
+            ManagedCollisionCollection(modules, sized),
             return_remapped_features=False,
         )
         self._configs = list(tables)
@@ -88,11 +93,14 @@ def register() -> None:
     from torchrec_memcom.registry import CompressionMethod, method_names, register_method
 
     if NAME not in method_names():
-        register_method(CompressionMethod(
-            name=NAME,
-            config=MCConfig,
-            collection=ManagedCollisionBags,
-            build=ManagedCollisionBags,
-            sharder=lambda fused: ManagedCollisionEmbeddingBagCollectionSharder(
-                EmbeddingBagCollectionSharder(fused_params=fused)),
-        ))
+        register_method(
+            CompressionMethod(
+                name=NAME,
+                config=MCConfig,
+                collection=ManagedCollisionBags,
+                build=ManagedCollisionBags,
+                sharder=lambda fused: ManagedCollisionEmbeddingBagCollectionSharder(
+                    EmbeddingBagCollectionSharder(fused_params=fused)
+                ),
+            )
+        )

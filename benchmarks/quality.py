@@ -107,8 +107,11 @@ def prepare_synthetic(work: Path, rows: int, max_cardinality: int) -> Dict[str, 
 
     path = work / "synthetic"
     manifest = synthesize(rows, path, seed=0, max_cardinality=max_cardinality, progress=False)
-    return {"path": path, "manifest": manifest,
-            "description": f"synthetic, {rows} rows (seed 0), max_cardinality {max_cardinality}"}
+    return {
+        "path": path,
+        "manifest": manifest,
+        "description": f"synthetic, {rows} rows (seed 0), max_cardinality {max_cardinality}",
+    }
 
 
 def prepare_criteo(work: Path, sample: Path, train_lines: int) -> Dict[str, Any]:
@@ -123,11 +126,22 @@ def prepare_criteo(work: Path, sample: Path, train_lines: int) -> Dict[str, Any]
     (days / "day_0.tsv").write_bytes(b"".join(lines[:train_lines]))
     (days / "day_1.tsv").write_bytes(b"".join(lines[train_lines:]))
     path = work / "criteo"
-    manifest = convert([days / "day_0.tsv", days / "day_1.tsv"], path, mode="mod", split="days",
-                       train_days=[0], val_days=[1], test_days=[], progress=False)
-    return {"path": path, "manifest": manifest,
-            "description": f"{sample.name}: lines 1-{train_lines} train, {train_lines + 1}-{len(lines)} "
-                           f"evaluate; mod mode, {manifest['features']['cat_0']['num_embeddings']} rows per table"}
+    manifest = convert(
+        [days / "day_0.tsv", days / "day_1.tsv"],
+        path,
+        mode="mod",
+        split="days",
+        train_days=[0],
+        val_days=[1],
+        test_days=[],
+        progress=False,
+    )
+    return {
+        "path": path,
+        "manifest": manifest,
+        "description": f"{sample.name}: lines 1-{train_lines} train, {train_lines + 1}-{len(lines)} "
+        f"evaluate; mod mode, {manifest['features']['cat_0']['num_embeddings']} rows per table",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,9 +160,17 @@ def train_once(run_dir: Path, data: Path, block: Dict[str, Any], seed: int, t: D
         "data": {"path": str(data), "eval_split": t.get("eval_split", "val")},
         "model": {"arch": "DLRM", "dense_arch_layer_sizes": [64], "over_arch_layer_sizes": [64, 32, 1]},
         "embeddings": {"dim": t["dim"], "compression": block},
-        "optimizer": {"sparse": {"type": "rowwise_adagrad", "lr": t["lr"]}, "dense": {"type": "adagrad", "lr": t["lr"]}},
-        "train": {"batch_size": t["batch_size"], "epochs": t["epochs"], "steps": t.get("steps"), "seed": seed,
-                  "run_dir": str(run_dir)},
+        "optimizer": {
+            "sparse": {"type": "rowwise_adagrad", "lr": t["lr"]},
+            "dense": {"type": "adagrad", "lr": t["lr"]},
+        },
+        "train": {
+            "batch_size": t["batch_size"],
+            "epochs": t["epochs"],
+            "steps": t.get("steps"),
+            "seed": seed,
+            "run_dir": str(run_dir),
+        },
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
@@ -181,8 +203,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default=str(REPO / "docs"))
     parser.add_argument("--name", default="quality_results", help="stem of the JSON and PNG written into --out")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the plot and tables of a results file")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="only build every arm on the meta device and print the ratio it reaches (no training)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only build every arm on the meta device and print the ratio it reaches (no training)",
+    )
     args = parser.parse_args(argv)
     if args.replot:
         replot(Path(args.replot))
@@ -209,9 +234,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         "methods": names,
         "target_ratios": args.ratios,
         "seeds": args.seeds,
-        "setup": {"model": "DLRM, dense arch [64, dim], over arch [64, 32, 1]", "dim": args.dim,
-                  "min_rows": args.min_rows, "optimizer": f"row-wise Adagrad (sparse) and Adagrad (dense), lr {args.lr}",
-                  "epochs": args.epochs, "steps": steps},
+        "setup": {
+            "model": "DLRM, dense arch [64, dim], over arch [64, 32, 1]",
+            "dim": args.dim,
+            "min_rows": args.min_rows,
+            "optimizer": f"row-wise Adagrad (sparse) and Adagrad (dense), lr {args.lr}",
+            "epochs": args.epochs,
+            "steps": steps,
+        },
         "datasets": {},
     }
     failures = 0
@@ -272,8 +302,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         shutil.rmtree(run_dir, ignore_errors=True)
                     r = {**r, "seed": seed, "seconds": time.time() - t0}
                     runs[(method, ratio)].append(r)
-                    print(f"[{dataset}] {method:>8} {ratio:>4g}x seed {seed}: auc {r['auc']:.4f} logloss "
-                          f"{r['logloss']:.4f} achieved {r['compression_ratio']:.2f}x ({r['seconds']:.1f}s)", flush=True)
+                    print(
+                        f"[{dataset}] {method:>8} {ratio:>4g}x seed {seed}: auc {r['auc']:.4f} logloss "
+                        f"{r['logloss']:.4f} achieved {r['compression_ratio']:.2f}x ({r['seconds']:.1f}s)",
+                        flush=True,
+                    )
             baseline = add_cells(entry, runs, blocks, sizes, args.dim, args.min_rows)
             if baseline:
                 positives = _eval_positives(ds["path"])
@@ -293,23 +326,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 1 if failures else 0
 
 
-def dry_run(dataset: str, blocks: Dict[Any, Dict[str, Any]], entry: Dict[str, Any], dim: int,
-            sizes: Sequence[int], min_rows: int) -> str:
+def dry_run(
+    dataset: str,
+    blocks: Dict[Any, Dict[str, Any]],
+    entry: Dict[str, Any],
+    dim: int,
+    sizes: Sequence[int],
+    min_rows: int,
+) -> str:
     """What ``--dry-run`` prints: per arm, the ratio its meta-device build reaches over the
     compressed tables and over all tables, or why it is unreachable."""
     from torchrec_memcom.train.model import embedding_bytes
 
     full = 4 * dim * sum(sizes)
-    lines = [f"[{dataset}] {len(sizes) - len(entry['uncompressed_tables'])} of {len(sizes)} tables compressed "
-             f"({sum(n for n in sizes if n >= min_rows) / sum(sizes):.1%} of the rows)"]
+    lines = [
+        f"[{dataset}] {len(sizes) - len(entry['uncompressed_tables'])} of {len(sizes)} tables compressed "
+        f"({sum(n for n in sizes if n >= min_rows) / sum(sizes):.1%} of the rows)"
+    ]
     for method, cells in entry["methods"].items():
         for key, c in cells.items():
             lines.append(f"  {method:>8} {key:>3}x: unreachable: {c['reason']}")
     for (method, ratio), block in blocks.items():
         tables = [f"t_cat_{i}" for i in range(len(sizes))]
         total = sum(embedding_bytes(build_meta(block, dim, sizes), tables).values())
-        lines.append(f"  {method:>8} {ratio:>3g}x: {compressed_tables_ratio(total, sizes, dim, min_rows):.2f}x "
-                     f"on the compressed tables, {full / total:.2f}x on all")
+        lines.append(
+            f"  {method:>8} {ratio:>3g}x: {compressed_tables_ratio(total, sizes, dim, min_rows):.2f}x "
+            f"on the compressed tables, {full / total:.2f}x on all"
+        )
     return "\n".join(lines)
 
 

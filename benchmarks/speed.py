@@ -54,11 +54,22 @@ BATCHES = (1, 512)
 DIAGNOSTIC_ARMS = ["hash@table_wise", "memcom@table_wise"]
 
 
-def config_dict(data: Path, block: Dict[str, Any], a: argparse.Namespace, run_dir: Path,
-                checkpoint_dir: Optional[Path] = None, steps: Optional[int] = None) -> Dict[str, Any]:
+def config_dict(
+    data: Path,
+    block: Dict[str, Any],
+    a: argparse.Namespace,
+    run_dir: Path,
+    checkpoint_dir: Optional[Path] = None,
+    steps: Optional[int] = None,
+) -> Dict[str, Any]:
     # evaluation is not timed; a few batches keep each job short
-    train: Dict[str, Any] = {"batch_size": a.batch_size, "steps": steps or a.steps, "run_dir": str(run_dir), "seed": 0,
-                             "eval_batches": 20}
+    train: Dict[str, Any] = {
+        "batch_size": a.batch_size,
+        "steps": steps or a.steps,
+        "run_dir": str(run_dir),
+        "seed": 0,
+        "eval_batches": 20,
+    }
     if checkpoint_dir is not None:
         train["checkpoint_dir"] = str(checkpoint_dir)
     return {
@@ -78,7 +89,9 @@ def write_config(path: Path, config: Dict[str, Any]) -> Path:
     return path
 
 
-def resolve_ratio(method: str, target: float, a: argparse.Namespace, data: Path, sizes: List[int]) -> Tuple[float, Dict[str, Any]]:
+def resolve_ratio(
+    method: str, target: float, a: argparse.Namespace, data: Path, sizes: List[int]
+) -> Tuple[float, Dict[str, Any]]:
     """``target``, or the reachable ratio nearest to it (in log scale), and its config block."""
     if method == "none":
         return 1.0, compression("none", 1, a.min_rows, data)
@@ -95,8 +108,19 @@ def resolve_ratio(method: str, target: float, a: argparse.Namespace, data: Path,
 
 def launch_arm(config: Path, nproc: int, threads: int, sharding: Optional[str]) -> Dict[str, Any]:
     """One training job of ``nproc`` processes (torchrun); its results.json."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(Path(__file__).resolve()), "--worker", "--config", str(config), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--config",
+        str(config),
+        "--threads",
+        str(threads),
+    ]
     if sharding:
         cmd += ["--sharding", sharding]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -160,8 +184,12 @@ def planned_sharding(config_path: Path, nproc: int, sharding: Optional[str]) -> 
         gpu = torch.cuda.is_available()
         model, sharders = build_model(config, sizes, torch.device("cuda" if gpu else "cpu"))
         if gpu:
-            topology = Topology(world_size=nproc, local_world_size=nproc, compute_device="cuda",
-                                hbm_cap=torch.cuda.get_device_properties(0).total_memory)
+            topology = Topology(
+                world_size=nproc,
+                local_world_size=nproc,
+                compute_device="cuda",
+                hbm_cap=torch.cuda.get_device_properties(0).total_memory,
+            )
         else:
             ddr = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // nproc
             topology = Topology(world_size=nproc, local_world_size=nproc, compute_device="cpu", ddr_cap=ddr)
@@ -217,9 +245,13 @@ def eager_model(config_path: Path, checkpoint: Path, work: Path) -> Any:
     sizes = [manifest["features"][f]["num_embeddings"] for f in CAT_NAMES]
     cpu = torch.device("cpu")
     ebc = EmbeddingBagCollection(table_configs(config.embeddings.dim, sizes), device=cpu)
-    dlrm = DLRM(embedding_bag_collection=ebc, dense_in_features=len(INT_NAMES),
-                dense_arch_layer_sizes=config.model.dense_arch_layer_sizes + [config.embeddings.dim],
-                over_arch_layer_sizes=config.model.over_arch_layer_sizes, dense_device=cpu)
+    dlrm = DLRM(
+        embedding_bag_collection=ebc,
+        dense_in_features=len(INT_NAMES),
+        dense_arch_layer_sizes=config.model.dense_arch_layer_sizes + [config.embeddings.dim],
+        over_arch_layer_sizes=config.model.over_arch_layer_sizes,
+        dense_device=cpu,
+    )
     model, _ = compress(DLRMTrain(dlrm), config.embeddings.compression)
     latest = checkpoint / (checkpoint / "latest").read_text().strip()
     flat = work / f"{checkpoint.name}.pt"
@@ -259,7 +291,7 @@ def measure_latency(models: Dict[str, Any], data: Path, a: argparse.Namespace) -
                 for x in inputs[bs][:5]:
                     models[m](*x)
         for rep in range(a.latency_repeats):
-            for m in names[rep % len(names):] + names[: rep % len(names)]:
+            for m in names[rep % len(names) :] + names[: rep % len(names)]:
                 for bs in BATCHES:
                     batches = inputs[bs]
                     for i in range(iters[bs]):
@@ -274,16 +306,25 @@ def measure_latency(models: Dict[str, Any], data: Path, a: argparse.Namespace) -
         out[m] = {}
         for bs in BATCHES:
             s = np.array(samples[m][bs]) * 1e3
-            out[m][str(bs)] = {"p50_ms": float(np.percentile(s, 50)), "p99_ms": float(np.percentile(s, 99)),
-                               "mean_ms": float(s.mean()), "calls": int(s.size)}
+            out[m][str(bs)] = {
+                "p50_ms": float(np.percentile(s, 50)),
+                "p99_ms": float(np.percentile(s, 99)),
+                "mean_ms": float(s.mean()),
+                "calls": int(s.size),
+            }
     for m in names:
         for bs in map(str, BATCHES):
             base = out["none"][bs] if "none" in out else None
             if base:
                 out[m][bs]["p50_ratio_vs_stock"] = out[m][bs]["p50_ms"] / base["p50_ms"]
                 out[m][bs]["p99_ratio_vs_stock"] = out[m][bs]["p99_ms"] / base["p99_ms"]
-    return {"device": str(device), "torch_threads": a.latency_threads, "repeats": a.latency_repeats,
-            "calls_per_repeat": {str(k): v for k, v in iters.items()}, "methods": out}
+    return {
+        "device": str(device),
+        "torch_threads": a.latency_threads,
+        "repeats": a.latency_repeats,
+        "calls_per_repeat": {str(k): v for k, v in iters.items()},
+        "methods": out,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,8 +346,10 @@ def profile(names: List[str], data: Path, a: argparse.Namespace, sizes: List[int
     for arm in names:
         method, sharding = split_arm(arm)
         ratio, block = resolve_ratio(method, a.ratio, a, data, sizes)
-        path = write_config(work / f"profile_{arm}" / "config.yaml",
-                            config_dict(data, block, a, work / f"profile_{arm}", steps=a.profile_steps))
+        path = write_config(
+            work / f"profile_{arm}" / "config.yaml",
+            config_dict(data, block, a, work / f"profile_{arm}", steps=a.profile_steps),
+        )
         os.environ["MASTER_PORT"] = str(free_port())
         undo = pin_sharding(sharding)
         prof = cProfile.Profile()
@@ -319,10 +362,16 @@ def profile(names: List[str], data: Path, a: argparse.Namespace, sizes: List[int
         stats.sort_stats("tottime").print_stats(30)
         stats.sort_stats("cumulative").print_stats(60)
         (out_dir / f"{arm}.txt").write_text(text.getvalue())
-        report[arm] = {"ratio": ratio, "examples_per_s_under_profiler": results["examples_per_s"],
-                       "stats": str(out_dir / f"{arm}.prof"), "text": str(out_dir / f"{arm}.txt")}
-        print(f"== {arm} ({ratio:g}x): {results['examples_per_s']:.0f} examples/s under cProfile; "
-              f"top functions by own time:")
+        report[arm] = {
+            "ratio": ratio,
+            "examples_per_s_under_profiler": results["examples_per_s"],
+            "stats": str(out_dir / f"{arm}.prof"),
+            "text": str(out_dir / f"{arm}.txt"),
+        }
+        print(
+            f"== {arm} ({ratio:g}x): {results['examples_per_s']:.0f} examples/s under cProfile; "
+            f"top functions by own time:"
+        )
         stats.stream = sys.stdout
         stats.sort_stats("tottime").print_stats(15)
     return report
@@ -344,13 +393,24 @@ def kernel_costs(a: argparse.Namespace, sizes: List[int], device: "torch.device"
     from torchrec_memcom.modules.memcom_config import MEmComConfig
 
     torch.set_num_threads(a.threads)
-    rows = [MEmComConfig(ratio=a.ratio).hash_rows(n, a.dim, f"cat_{i}") if n >= a.min_rows else n
-            for i, n in enumerate(sizes)]
+    rows = [
+        MEmComConfig(ratio=a.ratio).hash_rows(n, a.dim, f"cat_{i}") if n >= a.min_rows else n
+        for i, n in enumerate(sizes)
+    ]
     cuda = device.type == "cuda"
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
-        [(r, a.dim, EmbeddingLocation.DEVICE if cuda else EmbeddingLocation.HOST,
-          ComputeDevice.CUDA if cuda else ComputeDevice.CPU) for r in rows],
-        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01, pooling_mode=PoolingMode.SUM,
+        [
+            (
+                r,
+                a.dim,
+                EmbeddingLocation.DEVICE if cuda else EmbeddingLocation.HOST,
+                ComputeDevice.CUDA if cuda else ComputeDevice.CPU,
+            )
+            for r in rows
+        ],
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=0.01,
+        pooling_mode=PoolingMode.SUM,
         device=device,
     )
     g = torch.Generator().manual_seed(0)
@@ -369,9 +429,15 @@ def kernel_costs(a: argparse.Namespace, sizes: List[int], device: "torch.device"
         if i >= 20:  # warm-up
             times[arm].append((time.perf_counter() - t) * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"tables": len(rows), "rows": rows, "ids_per_step": ids.numel(), "iters": iters,
-            "unweighted_ms": med["unweighted"], "weighted_ms": med["weighted"],
-            "weighted_over_unweighted": med["weighted"] / med["unweighted"]}
+    return {
+        "tables": len(rows),
+        "rows": rows,
+        "ids_per_step": ids.numel(),
+        "iters": iters,
+        "unweighted_ms": med["unweighted"],
+        "weighted_ms": med["weighted"],
+        "weighted_over_unweighted": med["weighted"] / med["unweighted"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,10 +446,14 @@ def kernel_costs(a: argparse.Namespace, sizes: List[int], device: "torch.device"
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI: structure only, no timing claims")
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help="arms: METHOD or METHOD@SHARDING_TYPE (a diagnostic arm whose planner may use only "
-                             "that sharding type); default: none, every registered method, and "
-                             f"{' '.join(DIAGNOSTIC_ARMS)} (not in --smoke)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="arms: METHOD or METHOD@SHARDING_TYPE (a diagnostic arm whose planner may use only "
+        "that sharding type); default: none, every registered method, and "
+        f"{' '.join(DIAGNOSTIC_ARMS)} (not in --smoke)",
+    )
     parser.add_argument("--ratio", type=float, default=16, help="target ratio (else the nearest reachable)")
     parser.add_argument("--min-rows", type=int, default=1000)
     parser.add_argument("--dim", type=int, default=32)
@@ -398,13 +468,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--latency-repeats", type=int, default=5)
     parser.add_argument("--latency-iters-1", type=int, default=200, help="batch-1 calls per method and repeat")
     parser.add_argument("--latency-iters-512", type=int, default=20, help="batch-512 calls per method and repeat")
-    parser.add_argument("--profile", nargs="+", default=None, metavar="METHOD",
-                        help="instead of the benchmark: cProfile in-process training of these methods")
+    parser.add_argument(
+        "--profile",
+        nargs="+",
+        default=None,
+        metavar="METHOD",
+        help="instead of the benchmark: cProfile in-process training of these methods",
+    )
     parser.add_argument("--profile-steps", type=int, default=200)
     parser.add_argument("--profile-out", default=str(Path(tempfile.gettempdir()) / "memcom_speed_profile"))
     parser.add_argument("--out", default=str(REPO / "docs"))
-    parser.add_argument("--name", default=None,
-                        help="file name of the results, NAME.json and NAME.png in --out (default speed, speed_smoke)")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="file name of the results, NAME.json and NAME.png in --out (default speed, speed_smoke)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--sharding", help=argparse.SUPPRESS)
@@ -437,7 +515,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         blocks = {m: resolve_ratio(split_arm(m)[0], a.ratio, a, data, sizes) for m in names}
         samples: Dict[str, Dict[int, List[Dict[str, Any]]]] = {m: {n: [] for n in nprocs} for m in names}
         for rep in range(a.repeats):
-            order = names[rep % len(names):] + names[: rep % len(names)]
+            order = names[rep % len(names) :] + names[: rep % len(names)]
             for nproc in nprocs:
                 for m in order:
                     run_dir = work / "runs" / f"{m}_{nproc}_{rep}"
@@ -446,14 +524,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                     r = launch_arm(path, nproc, a.threads, split_arm(m)[1])
                     r["config_path"] = str(path)
                     samples[m][nproc].append(r)
-                    print(f"repeat {rep} nproc {nproc} {m:>8}: {r['examples_per_s']:9.0f} examples/s, peak "
-                          f"{r['peak_memory_bytes'] / 2**20:7.1f} MiB, ratio {r['compression_ratio']:.2f}x "
-                          f"(load {r['loadavg_1min_before']:.1f})", flush=True)
+                    print(
+                        f"repeat {rep} nproc {nproc} {m:>8}: {r['examples_per_s']:9.0f} examples/s, peak "
+                        f"{r['peak_memory_bytes'] / 2**20:7.1f} MiB, ratio {r['compression_ratio']:.2f}x "
+                        f"(load {r['loadavg_1min_before']:.1f})",
+                        flush=True,
+                    )
         training = summarize(samples, names, nprocs)
         for m in names:
             for nproc in nprocs:
                 training[m][str(nproc)]["planned_sharding"] = planned_sharding(
-                    Path(samples[m][nproc][0]["config_path"]), nproc, split_arm(m)[1])
+                    Path(samples[m][nproc][0]["config_path"]), nproc, split_arm(m)[1]
+                )
         models = {}
         for m in (m for m in names if "@" not in m):  # a pinned arm's eager model is its method's
             first = samples[m][nprocs[0]][0]  # the run that saved a checkpoint
@@ -466,10 +548,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         "backend": "nccl" if gpus else "gloo",
         "threads_per_process": a.threads,
         "omp_num_threads": a.threads,
-        "setup": {"model": "DLRM, dense arch [64, dim], over arch [64, 32, 1]", "dim": a.dim,
-                  "batch_size_per_process": a.batch_size, "steps": a.steps, "rows": a.rows,
-                  "max_cardinality": a.max_cardinality, "min_rows": a.min_rows, "target_ratio": a.ratio,
-                  "optimizer": "row-wise Adagrad (sparse, fused) + Adagrad (dense), lr 0.05"},
+        "setup": {
+            "model": "DLRM, dense arch [64, dim], over arch [64, 32, 1]",
+            "dim": a.dim,
+            "batch_size_per_process": a.batch_size,
+            "steps": a.steps,
+            "rows": a.rows,
+            "max_cardinality": a.max_cardinality,
+            "min_rows": a.min_rows,
+            "target_ratio": a.ratio,
+            "optimizer": "row-wise Adagrad (sparse, fused) + Adagrad (dense), lr 0.05",
+        },
         "repeats": a.repeats,
         "nprocs": nprocs,
         "ratios": {m: blocks[m][0] for m in names},
@@ -488,7 +577,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def summarize(samples: Dict[str, Dict[int, List[Dict[str, Any]]]], names: List[str], nprocs: List[int]) -> Dict[str, Any]:
+def summarize(
+    samples: Dict[str, Dict[int, List[Dict[str, Any]]]], names: List[str], nprocs: List[int]
+) -> Dict[str, Any]:
     """Medians over repeats, and ratios to the stock run of the same repeat (then their median)."""
     table: Dict[str, Any] = {}
     for m in names:
@@ -514,24 +605,32 @@ def summarize(samples: Dict[str, Dict[int, List[Dict[str, Any]]]], names: List[s
 
 
 def tables(result: Dict[str, Any]) -> str:
-    lines = ["| method | ratio | procs | examples/s | vs stock (min-max) | peak memory MiB | vs stock |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | ratio | procs | examples/s | vs stock (min-max) | peak memory MiB | vs stock |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m, per in result["training"].items():
         for nproc, r in per.items():
             lines.append(
                 f"| {m} | {r['compression_ratio']:.2f}x | {nproc} | {r['examples_per_s']:.0f} | "
                 f"{r['throughput_ratio_vs_stock']:.3f} ({min(r['throughput_ratio_all']):.3f}-{max(r['throughput_ratio_all']):.3f}) | "
-                f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['peak_memory_ratio_vs_stock']:.3f} |")
+                f"{r['peak_memory_bytes'] / 2**20:.0f} | {r['peak_memory_ratio_vs_stock']:.3f} |"
+            )
     k = result["kernel"]
-    lines += ["", f"FBGEMM kernel alone ({k['tables']} tables, {k['ids_per_step']} ids, forward + backward): "
-                  f"unweighted {k['unweighted_ms']:.3f} ms, weighted {k['weighted_ms']:.3f} ms "
-                  f"({k['weighted_over_unweighted']:.2f}x)"]
+    lines += [
+        "",
+        f"FBGEMM kernel alone ({k['tables']} tables, {k['ids_per_step']} ids, forward + backward): "
+        f"unweighted {k['unweighted_ms']:.3f} ms, weighted {k['weighted_ms']:.3f} ms "
+        f"({k['weighted_over_unweighted']:.2f}x)",
+    ]
     if result["inference"]:
         lines += ["", "| method | batch | p50 ms | p99 ms | p50 vs stock | p99 vs stock |", "|---|---|---|---|---|---|"]
         for m, per in result["inference"]["methods"].items():
             for bs, r in per.items():
-                lines.append(f"| {m} | {bs} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
-                             f"{r.get('p50_ratio_vs_stock', 1):.3f} | {r.get('p99_ratio_vs_stock', 1):.3f} |")
+                lines.append(
+                    f"| {m} | {bs} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
+                    f"{r.get('p50_ratio_vs_stock', 1):.3f} | {r.get('p99_ratio_vs_stock', 1):.3f} |"
+                )
     return "\n".join(lines)
 
 
@@ -552,15 +651,25 @@ def _plot(result: Dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4))
     width = 0.8 / len(nprocs)
     x = np.arange(len(names))
-    for ax, key, title in ((axes[0], "throughput", "training examples/s vs stock"),
-                           (axes[1], "peak_memory", "peak memory vs stock")):
+    for ax, key, title in (
+        (axes[0], "throughput", "training examples/s vs stock"),
+        (axes[1], "peak_memory", "peak memory vs stock"),
+    ):
         for j, nproc in enumerate(nprocs):
             mid = [training[m][nproc][f"{key}_ratio_vs_stock"] for m in names]
             alls = [training[m][nproc][f"{key}_ratio_all"] for m in names]
             err = [[v - min(a) for v, a in zip(mid, alls)], [max(a) - v for v, a in zip(mid, alls)]]
-            ax.bar(x + (j - (len(nprocs) - 1) / 2) * width, mid, width, yerr=err, capsize=3,
-                   label=f"{nproc} process{'es' if nproc != '1' else ''}", hatch=["", "//", "xx"][j % 3],
-                   color=[COLORS.get(split_arm(m)[0], "gray") for m in names], edgecolor="black")
+            ax.bar(
+                x + (j - (len(nprocs) - 1) / 2) * width,
+                mid,
+                width,
+                yerr=err,
+                capsize=3,
+                label=f"{nproc} process{'es' if nproc != '1' else ''}",
+                hatch=["", "//", "xx"][j % 3],
+                color=[COLORS.get(split_arm(m)[0], "gray") for m in names],
+                edgecolor="black",
+            )
         ax.axhline(1.0, color="black", lw=0.8)
         if key == "throughput":
             ax.axhline(0.95, color="red", lw=0.8, ls="--", label="MEmCom target 0.95x")
@@ -580,9 +689,12 @@ def _plot(result: Dict[str, Any], path: Path) -> None:
             ax.set_ylabel("ms per forward")
             ax.set_title(f"eager inference latency, batch {bs}", fontsize=9)
             ax.legend(fontsize=7)
-    fig.suptitle(f"DLRM dim {result['setup']['dim']}, {result['machine']['device']} "
-                 f"({result['machine']['processor']}, {result['backend']}, {result['threads_per_process']} thread/process)"
-                 + (" SMOKE RUN: not a result" if result["smoke"] else ""), fontsize=10)
+    fig.suptitle(
+        f"DLRM dim {result['setup']['dim']}, {result['machine']['device']} "
+        f"({result['machine']['processor']}, {result['backend']}, {result['threads_per_process']} thread/process)"
+        + (" SMOKE RUN: not a result" if result["smoke"] else ""),
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -18,15 +18,11 @@ def small_tables(dim: int = 8) -> List[EmbeddingBagConfig]:
     return [
         EmbeddingBagConfig(name="t0", embedding_dim=dim, num_embeddings=1000, feature_names=["f0"]),
         EmbeddingBagConfig(name="t1", embedding_dim=dim, num_embeddings=400, feature_names=["f1"]),
-        EmbeddingBagConfig(
-            name="t2", embedding_dim=dim, num_embeddings=60, feature_names=["f2", "f3"]
-        ),
+        EmbeddingBagConfig(name="t2", embedding_dim=dim, num_embeddings=60, feature_names=["f2", "f3"]),
     ]
 
 
-def random_kjt(
-    tables: List[EmbeddingBagConfig], batch: int, seed: int, max_len: int = 4
-) -> KeyedJaggedTensor:
+def random_kjt(tables: List[EmbeddingBagConfig], batch: int, seed: int, max_len: int = 4) -> KeyedJaggedTensor:
     """A KJT over every feature, bag lengths in [0, max_len] (so some bags are empty)."""
     g = torch.Generator().manual_seed(seed)
     keys, values, lengths = [], [], []
@@ -36,9 +32,7 @@ def random_kjt(
             keys.append(f)
             lengths.append(ln)
             values.append(torch.randint(0, t.num_embeddings, (int(ln.sum()),), generator=g))
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)
-    )
+    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
 
 
 def batch_slice(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTensor:
@@ -50,15 +44,15 @@ def batch_slice(kjt: KeyedJaggedTensor, start: int, stop: int) -> KeyedJaggedTen
         off = jt.offsets()
         lengths.append(jt.lengths()[start:stop])
         values.append(jt.values()[off[start] : off[stop]])
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths)
-    )
+    return KeyedJaggedTensor.from_lengths_sync(keys=kjt.keys(), values=torch.cat(values), lengths=torch.cat(lengths))
 
 
 def assert_matches_reference(
     module: torch.nn.Module,
     tables: List[EmbeddingBagConfig],
-    reference: Callable[[Dict[str, torch.Tensor], List[EmbeddingBagConfig], torch.nn.Module, KeyedJaggedTensor], Dict[str, torch.Tensor]],
+    reference: Callable[
+        [Dict[str, torch.Tensor], List[EmbeddingBagConfig], torch.nn.Module, KeyedJaggedTensor], Dict[str, torch.Tensor]
+    ],
 ) -> None:
     """Outputs and parameter gradients of ``module`` equal a plain-PyTorch ``reference`` built
     from its own state dict (integer buffers included), on random ids with ragged and empty bags."""
@@ -88,8 +82,11 @@ def optimizer_state_bytes(module: torch.nn.Module, optimizer: Optional[str]) -> 
     an independent count of what a fused sparse optimizer holds for tables of these shapes."""
     if optimizer in (None, "sgd"):
         return 0
-    params = [torch.nn.Parameter(p.detach().cpu().clone()) for name, p in module.named_parameters()
-              if not name.startswith("projections.")]
+    params = [
+        torch.nn.Parameter(p.detach().cpu().clone())
+        for name, p in module.named_parameters()
+        if not name.startswith("projections.")
+    ]
     step = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad}[optimizer](params, lr=0.1)
     for p in params:
         p.grad = torch.zeros_like(p)

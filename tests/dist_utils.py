@@ -22,8 +22,14 @@ def _worker(
 ) -> None:
     # all of a rank's variables: an in-process single-rank run earlier in the session leaves
     # LOCAL_WORLD_SIZE=1 behind, which would make TorchRec place shards as if on other hosts
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
@@ -47,8 +53,7 @@ def run_multiprocess(fn: Callable[..., None], world_size: int = 2, *args: Any, b
     errors = ctx.SimpleQueue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, errors))
-        for r in range(world_size)
+        ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, errors)) for r in range(world_size)
     ]
     for p in procs:
         p.start()

@@ -27,9 +27,7 @@ def assert_state_matches(module: nn.Module, full: Dict[str, torch.Tensor], what:
     for key, value in state.items():
         if isinstance(value, ShardedTensor):
             for shard in value.local_shards():
-                index = tuple(
-                    slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes)
-                )
+                index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
                 torch.testing.assert_close(shard.tensor.cpu(), full[key][index], msg=lambda m: f"{what}: {key}: {m}")  # noqa: B023  (assert_close calls msg at once)
         else:
             torch.testing.assert_close(value.cpu(), full[key], msg=f"{what}: {key}")
@@ -40,7 +38,11 @@ def assert_outputs_match(out: Dict[str, torch.Tensor], ref: Dict[str, torch.Tens
     feature by feature: by key, never by position."""
     assert sorted(out) == sorted(ref), f"{what}: keys {sorted(out)} != {sorted(ref)}"
     for f in ref:
-        torch.testing.assert_close(out[f].detach().cpu(), ref[f][mine].detach(), msg=lambda m: f"{what}: feature {f}: {m}")  # noqa: B023  (assert_close calls msg at once)
+        torch.testing.assert_close(
+            out[f].detach().cpu(),
+            ref[f][mine].detach(),
+            msg=lambda m: f"{what}: feature {f}: {m}",  # noqa: B023  (assert_close calls msg at once)
+        )
 
 
 def backward_both(out: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor], mine: slice) -> None:

@@ -16,15 +16,32 @@ def test_bench_sweeps_keeps_finished_arms_and_writes_results(tmp_path: Path, cap
     data = tmp_path / "data"
     synthesize(6000, data, seed=0, max_cardinality=2000, progress=False)
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"dense_arch_layer_sizes": [16], "over_arch_layer_sizes": [16, 1]},
-        "embeddings": {"dim": 8},
-        "optimizer": {"sparse": {"type": "rowwise_adagrad", "lr": 0.1}, "dense": {"lr": 0.1}},
-        "train": {"batch_size": 128, "steps": 4, "run_dir": str(tmp_path / "unused")},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"dense_arch_layer_sizes": [16], "over_arch_layer_sizes": [16, 1]},
+                "embeddings": {"dim": 8},
+                "optimizer": {"sparse": {"type": "rowwise_adagrad", "lr": 0.1}, "dense": {"lr": 0.1}},
+                "train": {"batch_size": 128, "steps": 4, "run_dir": str(tmp_path / "unused")},
+            }
+        )
+    )
     out = tmp_path / "bench"
-    args = ["bench", "--config", str(config), "--data", str(data), "--out", str(out), "--methods", "memcom",
-            "--min-rows", "100", "--nproc", "1"]
+    args = [
+        "bench",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--methods",
+        "memcom",
+        "--min-rows",
+        "100",
+        "--nproc",
+        "1",
+    ]
     assert main([*args, "--ratios", "4"]) == 0
     result = json.loads((out / "bench.json").read_text())
     cells = result["datasets"]["data"]["methods"]
@@ -32,7 +49,8 @@ def test_bench_sweeps_keeps_finished_arms_and_writes_results(tmp_path: Path, cap
     trained = json.loads((out / "arms" / "memcom_4_s0" / "run" / "results.json").read_text())
     assert cells["memcom"]["4"]["auc"]["mean"] == trained["auc"] and trained["step"] == 4
     assert cells["memcom"]["4"]["delta_auc_vs_none"]["mean"] == pytest.approx(
-        trained["auc"] - cells["none"]["1"]["auc"]["mean"])
+        trained["auc"] - cells["none"]["1"]["auc"]["mean"]
+    )
     assert (out / "bench.png").stat().st_size > 0 and "| memcom | 4x |" in capsys.readouterr().out
     stamp = (out / "arms" / "memcom_4_s0" / "run" / "results.json").stat().st_mtime_ns
     assert main([*args, "--ratios", "4", "1000"]) == 0  # 1000x is unreachable: recorded, not trained
@@ -60,4 +78,11 @@ def test_torchx_bench_component_runs_memcom_bench() -> None:
     bench.add_parser(parser.add_subparsers())
     args = parser.parse_args(role.args[2:])
     assert (args.config, args.data, args.out, args.methods, args.ratios, args.seeds, args.nproc) == (
-        "c.yaml", "data", "out", ["hash", "memcom"], [4.0, 8.0], [0, 1], 4)
+        "c.yaml",
+        "data",
+        "out",
+        ["hash", "memcom"],
+        [4.0, 8.0],
+        [0, 1],
+        4,
+    )

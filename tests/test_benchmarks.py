@@ -17,13 +17,16 @@ import quality  # noqa: E402
 def _run(script: str, out: Path) -> None:
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def test_reachability_follows_each_methods_limits() -> None:
     sizes = [100_000] * 25 + [1460]  # one small table: QR reaches about sqrt(1460)/2 = 19x on it
+
     def why(method: str, ratio: float, min_rows: int = 1000) -> object:
         return quality.unreachable(method, quality.compression(method, ratio, min_rows, Path(".")), 32, sizes)
 
@@ -135,9 +138,19 @@ def test_hotpath_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "hotpath.json"
     for extra in (["--out", str(out)], ["--check"]):
         done = subprocess.run(
-            [sys.executable, str(REPO / "benchmarks" / "hotpath.py"), "--smoke", "--nprocs", "1",
-             "--baseline", str(REPO), *extra],
-            capture_output=True, text=True, timeout=600,
+            [
+                sys.executable,
+                str(REPO / "benchmarks" / "hotpath.py"),
+                "--smoke",
+                "--nprocs",
+                "1",
+                "--baseline",
+                str(REPO),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "'outputs_bit_equal': True, 'state_bit_equal': True" in done.stdout

@@ -59,7 +59,10 @@ def toy_data(batches: int, batch_size: int, seed: int) -> Tuple[List[Batch], Dic
 
 
 def tables() -> List[EmbeddingBagConfig]:
-    return [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=DIM, num_embeddings=n, feature_names=[f]) for f, n in SIZES.items()]
+    return [
+        EmbeddingBagConfig(name=f"t_{f}", embedding_dim=DIM, num_embeddings=n, feature_names=[f])
+        for f, n in SIZES.items()
+    ]
 
 
 def test_dlrm_with_budgeted_tables_trains() -> None:
@@ -71,7 +74,9 @@ def test_dlrm_with_budgeted_tables_trains() -> None:
 
     module = build()
     assert any(len(t.tiers) > 1 for t in module.tables)
-    result = train_and_evaluate(build, train, val, TrainSettings(steps=120, lr=0.1, dense_arch_layer_sizes=(16,), over_arch_layer_sizes=(16, 1)))
+    result = train_and_evaluate(
+        build, train, val, TrainSettings(steps=120, lr=0.1, dense_arch_layer_sizes=(16,), over_arch_layer_sizes=(16, 1))
+    )
     assert result["train_loss"] < result["first_loss"] - 0.05, result
     assert result["auc"] > 0.7, result
 
@@ -81,25 +86,47 @@ def _dmp_trains(rank: int, world_size: int) -> None:
     torch.manual_seed(0)
     train, counts = toy_data(30, 128, seed=1)
     ebc = budgeted_collection(
-        tables(), budget_ratio=4, frequencies=counts, tail=True, optimizer="rowwise_adagrad", device=torch.device("meta")
+        tables(),
+        budget_ratio=4,
+        frequencies=counts,
+        tail=True,
+        optimizer="rowwise_adagrad",
+        device=torch.device("meta"),
     )
-    model = DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=DENSE, dense_arch_layer_sizes=[16, DIM], over_arch_layer_sizes=[16, 1]))
+    model = DLRMTrain(
+        DLRM(
+            embedding_bag_collection=ebc,
+            dense_in_features=DENSE,
+            dense_arch_layer_sizes=[16, DIM],
+            over_arch_layer_sizes=[16, 1],
+        )
+    )
     sharder = BudgetedEmbeddingBagCollectionSharder(
         fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.1, "eps": 1e-8}
     )
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"))
     plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
     dmp = DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.group.WORLD), plan=plan, sharders=[sharder], device=torch.device("cpu")
+        model,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        plan=plan,
+        sharders=[sharder],
+        device=torch.device("cpu"),
     )
     sharded = [m for m in dmp.modules() if isinstance(m, ShardedBudgetedEmbeddingBagCollection)]
     assert len(sharded) == 1 and sharded[0].cost()["total"]["bytes"] <= sharded[0].cost()["total"]["budget_bytes"]
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.Adagrad(p, lr=0.1))
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda p: torch.optim.Adagrad(p, lr=0.1)
+    )
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
     losses = []
     for _epoch in range(2):
         for b in train:
-            mine = Batch(b.dense_features[rank::world_size], _rows(b.sparse_features, rank, world_size), b.labels[rank::world_size])
+            mine = Batch(
+                b.dense_features[rank::world_size],
+                _rows(b.sparse_features, rank, world_size),
+                b.labels[rank::world_size],
+            )
             loss, _ = dmp(mine)
             optimizer.zero_grad()
             loss.backward()

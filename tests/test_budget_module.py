@@ -13,9 +13,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_memcom.budget.space import AllocationSpace
+from torchrec_memcom.methods.budgeted import budgeted_collection
 from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budget_bytes import Budget, allocation_bytes, shapes_of
-from torchrec_memcom.methods.budgeted import budgeted_collection
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 from torchrec_memcom.modules.frequency import table_counts
 
@@ -130,7 +130,9 @@ def test_popular_ids_get_larger_embeddings_under_the_heuristic() -> None:
 
 def test_errors() -> None:
     tables, freqs = small_tables(16), _frequencies()
-    mean = [EmbeddingBagConfig(name="m", embedding_dim=8, num_embeddings=10, feature_names=["f"], pooling=PoolingType.MEAN)]
+    mean = [
+        EmbeddingBagConfig(name="m", embedding_dim=8, num_embeddings=10, feature_names=["f"], pooling=PoolingType.MEAN)
+    ]
     with pytest.raises(ValueError, match="'m'.*SUM"):
         budgeted_collection(mean, budget_ratio=2, frequencies={"m": torch.ones(10)})
     with pytest.raises(ValueError, match="frequencies lack table 't1'"):
@@ -158,7 +160,10 @@ def test_errors() -> None:
             BudgetedEmbeddingBagCollection(tables, budget_ratio=1, frequencies=freqs, allocation=alloc(bad))
     with pytest.raises(ValueError, match="allocation lacks tables \\['t2'\\]"):
         BudgetedEmbeddingBagCollection(
-            tables, budget_ratio=1, frequencies=freqs, allocation=Allocation({k: ALLOCATION.tables[k] for k in ("t0", "t1")})
+            tables,
+            budget_ratio=1,
+            frequencies=freqs,
+            allocation=Allocation({k: ALLOCATION.tables[k] for k in ("t0", "t1")}),
         )
     needed = _module().parameter_bytes()
     with pytest.raises(ValueError, match=f"allocation needs {needed} bytes .*over the budget of {needed - 1}"):
@@ -167,7 +172,9 @@ def test_errors() -> None:
 
 
 def _module_with_budget(budget: int) -> BudgetedEmbeddingBagCollection:
-    return BudgetedEmbeddingBagCollection(small_tables(16), budget_bytes=budget, frequencies=_frequencies(), allocation=ALLOCATION)
+    return BudgetedEmbeddingBagCollection(
+        small_tables(16), budget_bytes=budget, frequencies=_frequencies(), allocation=ALLOCATION
+    )
 
 
 @pytest.mark.parametrize("bad", [-1, 1000])
@@ -186,7 +193,9 @@ def test_allocation_file_round_trip(tmp_path) -> None:
     Allocation(ALLOCATION.tables, {"data": "/somewhere", "budget": {"ratio": 4}}).save(path)
     loaded = Allocation.load(path)
     assert loaded == ALLOCATION and loaded.meta == {"data": "/somewhere", "budget": {"ratio": 4}}
-    module = BudgetedEmbeddingBagCollection(small_tables(16), budget_ratio=1.5, frequencies=_frequencies(), allocation=path)
+    module = BudgetedEmbeddingBagCollection(
+        small_tables(16), budget_ratio=1.5, frequencies=_frequencies(), allocation=path
+    )
     assert module.allocation == ALLOCATION
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="bad.json: cannot read allocation"):
@@ -228,8 +237,13 @@ def problems(draw):  # type: ignore[no-untyped-def]
 
 def _build(tables, counts, budget, tail, allocation=None) -> BudgetedEmbeddingBagCollection:  # type: ignore[no-untyped-def]
     return budgeted_collection(
-        tables, budget_bytes=budget.bytes, frequencies=counts, allocation=allocation,
-        budget_ratio=budget.ratio, optimizer=budget.optimizer, tail=tail,
+        tables,
+        budget_bytes=budget.bytes,
+        frequencies=counts,
+        allocation=allocation,
+        budget_ratio=budget.ratio,
+        optimizer=budget.optimizer,
+        tail=tail,
     )
 
 
@@ -308,7 +322,10 @@ def test_budgets_at_the_floor_give_valid_allocations(tail: bool, slack: float) -
     back to the cheapest one (per table one tier at its cheapest size, or one MEmCom row) and
     are still valid."""
     sizes = [3, 40, 2000, 700]
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=n, feature_names=[f"f{i}"]) for i, n in enumerate(sizes)]
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=n, feature_names=[f"f{i}"])
+        for i, n in enumerate(sizes)
+    ]
     rng = np.random.default_rng(0)
     counts = {t.name: torch.from_numpy(rng.integers(0, 100, t.num_embeddings)) for t in tables}
     floor_message = ""

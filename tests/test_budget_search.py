@@ -15,9 +15,9 @@ from torchrec_memcom.budget.search import SearchSettings, search
 from torchrec_memcom.budget.space import DISTRIBUTIONS, AllocationSpace
 from torchrec_memcom.cli import main
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
+from torchrec_memcom.methods.budgeted import build_budgeted
 from torchrec_memcom.modules.budget_allocation import Allocation
 from torchrec_memcom.modules.budget_bytes import Budget, allocation_bytes, shapes_of
-from torchrec_memcom.methods.budgeted import build_budgeted
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 from torchrec_memcom.modules.frequency import table_counts
 
@@ -137,13 +137,59 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_cli_heuristic_and_search_write_allocations_within_budget(tiny_data: Path, tmp_path: Path) -> None:
     heuristic = tmp_path / "heuristic.json"
-    assert main(["budget", "heuristic", "--data", str(tiny_data), "--dim", "8", "--budget-ratio", "3",
-                 "--tail", "--out", str(heuristic)]) == 0
+    assert (
+        main(
+            [
+                "budget",
+                "heuristic",
+                "--data",
+                str(tiny_data),
+                "--dim",
+                "8",
+                "--budget-ratio",
+                "3",
+                "--tail",
+                "--out",
+                str(heuristic),
+            ]
+        )
+        == 0
+    )
     searched = tmp_path / "searched.json"
-    assert main(["budget", "search", "--data", str(tiny_data), "--dim", "8", "--budget-ratio", "3",
-                 "--optimizer", "rowwise_adagrad", "--tail", "--out", str(searched), "--rounds", "1", "--initial", "2",
-                 "--per-round", "1", "--pool", "20", "--steps", "10", "--batch-size", "64",
-                 "--val-batches", "2"]) == 0
+    assert (
+        main(
+            [
+                "budget",
+                "search",
+                "--data",
+                str(tiny_data),
+                "--dim",
+                "8",
+                "--budget-ratio",
+                "3",
+                "--optimizer",
+                "rowwise_adagrad",
+                "--tail",
+                "--out",
+                str(searched),
+                "--rounds",
+                "1",
+                "--initial",
+                "2",
+                "--per-round",
+                "1",
+                "--pool",
+                "20",
+                "--steps",
+                "10",
+                "--batch-size",
+                "64",
+                "--val-batches",
+                "2",
+            ]
+        )
+        == 0
+    )
     for path, optimizer in [(heuristic, None), (searched, "rowwise_adagrad")]:
         allocation = Allocation.load(path)
         assert allocation.meta["data"] == str(tiny_data.resolve())
@@ -162,7 +208,18 @@ def test_cli_heuristic_and_search_write_allocations_within_budget(tiny_data: Pat
 
 def test_cli_names_the_smallest_feasible_budget(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "never.json"
-    args = ["budget", "heuristic", "--data", str(tiny_data), "--dim", "8", "--optimizer", "rowwise_adagrad", "--out", str(out)]
+    args = [
+        "budget",
+        "heuristic",
+        "--data",
+        str(tiny_data),
+        "--dim",
+        "8",
+        "--optimizer",
+        "rowwise_adagrad",
+        "--out",
+        str(out),
+    ]
     assert main(args + ["--budget-ratio", "3"]) == 2
     err = capsys.readouterr().err
     floor = int(err.split("smallest feasible budget for these tables is ")[1].split()[0])
@@ -175,18 +232,30 @@ def test_cli_refuses_a_budget_counting_another_optimizer_than_the_config_trains_
     tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"path": str(tiny_data)},
-        "embeddings": {"dim": 8, "compression": {"method": "budgeted", "params": {"budget_ratio": 2, "tail": True, "optimizer": "adagrad"}}},
-        "optimizer": {"sparse": {"type": "rowwise_adagrad"}},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"path": str(tiny_data)},
+                "embeddings": {
+                    "dim": 8,
+                    "compression": {
+                        "method": "budgeted",
+                        "params": {"budget_ratio": 2, "tail": True, "optimizer": "adagrad"},
+                    },
+                },
+                "optimizer": {"sparse": {"type": "rowwise_adagrad"}},
+            }
+        )
+    )
     out = tmp_path / "allocation.json"
     assert main(["budget", "heuristic", "--config", str(config), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert str(config) in err and "counts adagrad state" in err and "optimizer.sparse.type" in err, err
     assert "train with rowwise_adagrad" in err and not out.exists()
     # counting the state the config trains with
-    assert main(["budget", "heuristic", "--config", str(config), "--optimizer", "rowwise_adagrad", "--out", str(out)]) == 0
+    assert (
+        main(["budget", "heuristic", "--config", str(config), "--optimizer", "rowwise_adagrad", "--out", str(out)]) == 0
+    )
     assert Allocation.load(out).meta["budget"]["optimizer"] == "rowwise_adagrad"
 
 
@@ -195,15 +264,47 @@ def test_cli_search_on_a_training_config_then_train_with_it(tiny_data: Path, tmp
     and outside the budget; the trainer's model builder then compresses with the file."""
     out = tmp_path / "allocation.json"
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        "data": {"path": str(tiny_data)},
-        "embeddings": {"dim": 8, "compression": {
-            "method": "budgeted", "min_rows": 100, "params": {"budget_ratio": 3, "tail": True, "allocation": str(out)},
-        }},
-        "train": {"batch_size": 64},
-    }))
-    assert main(["budget", "search", "--config", str(config), "--out", str(out), "--rounds", "1",
-                 "--initial", "1", "--per-round", "1", "--pool", "10", "--steps", "10", "--val-batches", "1"]) == 0
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"path": str(tiny_data)},
+                "embeddings": {
+                    "dim": 8,
+                    "compression": {
+                        "method": "budgeted",
+                        "min_rows": 100,
+                        "params": {"budget_ratio": 3, "tail": True, "allocation": str(out)},
+                    },
+                },
+                "train": {"batch_size": 64},
+            }
+        )
+    )
+    assert (
+        main(
+            [
+                "budget",
+                "search",
+                "--config",
+                str(config),
+                "--out",
+                str(out),
+                "--rounds",
+                "1",
+                "--initial",
+                "1",
+                "--per-round",
+                "1",
+                "--pool",
+                "10",
+                "--steps",
+                "10",
+                "--val-batches",
+                "1",
+            ]
+        )
+        == 0
+    )
     allocation = Allocation.load(out)
     from torchrec_memcom.data import CAT_NAMES, CriteoParquetLoader, load_manifest
     from torchrec_memcom.train.config import load_config
@@ -218,13 +319,16 @@ def test_cli_search_on_a_training_config_then_train_with_it(tiny_data: Path, tmp
     assert len(collections) == 1 and collections[0].allocation == allocation
     # the trainer builds on meta; materialise it to run one batch through
     budgeted = build_budgeted(
-        collections[0].embedding_bag_configs(), {t.name: {"allocation": str(out)} for t in collections[0].embedding_bag_configs()},
+        collections[0].embedding_bag_configs(),
+        {t.name: {"allocation": str(out)} for t in collections[0].embedding_bag_configs()},
         torch.device("cpu"),
     )
     batch = next(iter(CriteoParquetLoader(tiny_data, "train", 16)))
-    pooled = budgeted(batch.sparse_features.permute(
-        [batch.sparse_features.keys().index(f) for c in budgeted.embedding_bag_configs() for f in c.feature_names]
-    ))
+    pooled = budgeted(
+        batch.sparse_features.permute(
+            [batch.sparse_features.keys().index(f) for c in budgeted.embedding_bag_configs() for f in c.feature_names]
+        )
+    )
     assert pooled.values().shape == (16, 8 * len(allocation.tables))
 
 
@@ -238,7 +342,11 @@ def test_sizes_stay_on_each_tables_own_ladder() -> None:
         EmbeddingBagConfig(name="t2", embedding_dim=16, num_embeddings=965, feature_names=["f2"]),
     ]
     g = torch.Generator().manual_seed(0)
-    counts = {"t0": torch.tensor([10_000]), "t1": torch.tensor([10_000]), "t2": torch.randint(5, 3000, (965,), generator=g)}
+    counts = {
+        "t0": torch.tensor([10_000]),
+        "t1": torch.tensor([10_000]),
+        "t2": torch.randint(5, 3000, (965,), generator=g),
+    }
     space = AllocationSpace(tables, table_counts(tables, counts), Budget(bytes=92_838), tail=False, grid=16)
     for seed in range(8):
         candidates = space.sample(4, np.random.default_rng(seed))

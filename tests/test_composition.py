@@ -80,7 +80,9 @@ SPECS: Dict[str, Callable[[], CompressionSpec]] = {
         params=MEmComConfig(ratio=4), min_rows=MIN_ROWS, tables={"t1": HashConfig(ratio=4)}
     ),
     "budgeted+qr": lambda: CompressionSpec(
-        method="budgeted", params=BUDGETED, min_rows=MIN_ROWS,
+        method="budgeted",
+        params=BUDGETED,
+        min_rows=MIN_ROWS,
         tables={"t1": TableCompression("qr", {"ratio": 5, "operation": "add"})},
     ),
 }
@@ -145,14 +147,20 @@ def _plan(
             continue
         params = sharder.shardable_parameters(module)
         # a mixed collection's tables by the child holding them (its sharder plans them all)
-        owner = {n: c for c in getattr(module, "collections", [module]) for n in by_type[type(c)].shardable_parameters(c)}
+        owner = {
+            n: c for c in getattr(module, "collections", [module]) for n in by_type[type(c)].shardable_parameters(c)
+        }
         kinds = {
             name: _kind(by_table[name.split("@")[0]], owner[name], w) if substitute else by_table[name.split("@")[0]]
             for name, w in params.items()
         }
         plan[path] = construct_module_sharding_plan(
-            module, {name: KINDS[k]() for name, k in kinds.items()},
-            sharder=sharder, local_size=world, world_size=world, device_type="cpu",
+            module,
+            {name: KINDS[k]() for name, k in kinds.items()},
+            sharder=sharder,
+            local_size=world,
+            world_size=world,
+            device_type="cpu",
         )
     return ShardingPlan(plan)
 
@@ -160,8 +168,11 @@ def _plan(
 def _dmp(spec: str, by_table: Dict[str, str]) -> DistributedModelParallel:
     model, sharders = _build(spec, torch.device("meta"))
     return DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.group.WORLD), plan=_plan(model, sharders, by_table),
-        sharders=sharders, device=torch.device("cpu"),
+        model,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        plan=_plan(model, sharders, by_table),
+        sharders=sharders,
+        device=torch.device("cpu"),
     )
 
 
@@ -186,7 +197,9 @@ def _composition(rank: int, world: int, specs: List[str], folder: str) -> None:
                 p -= LR * (DEFAULT_SCALAR_LR_SCALE if ".entity_weights." in f".{name}" else 1.0) * p.grad / world
         stepped = ref.state_dict()
         assert_state_matches(dmp, stepped, f"{spec}: after one SGD step")
-        assert_outputs_match(dmp(batch_slice(probe, rank * BATCH, (rank + 1) * BATCH)), ref(probe), mine, f"{spec} stepped")
+        assert_outputs_match(
+            dmp(batch_slice(probe, rank * BATCH, (rank + 1) * BATCH)), ref(probe), mine, f"{spec} stepped"
+        )
 
         # A DCP checkpoint loaded into a model sharded by another plan.
         path = str(Path(folder) / spec)
@@ -196,8 +209,9 @@ def _composition(rank: int, world: int, specs: List[str], folder: str) -> None:
         dcp.load(state, checkpoint_id=path)
         other.load_state_dict(state)
         assert_state_matches(other, stepped, f"{spec}: loaded into plan B")
-        assert_outputs_match(other(batch_slice(probe, rank * BATCH, (rank + 1) * BATCH)), ref(probe), mine, f"{spec} plan B")
-
+        assert_outputs_match(
+            other(batch_slice(probe, rank * BATCH, (rank + 1) * BATCH)), ref(probe), mine, f"{spec} plan B"
+        )
 
         if spec == "none":
             _stock_row_wise_mean(ref, kjt, mine)
@@ -205,7 +219,9 @@ def _composition(rank: int, world: int, specs: List[str], folder: str) -> None:
     model, sharders = _build("qr", torch.device("meta"))
     with pytest.raises(ValueError, match=r"\['t0@q', 't0@r', 't1@q', 't1@r'\]: on CPU they need the fused"):
         DistributedModelParallel(
-            model, env=ShardingEnv.from_process_group(dist.group.WORLD), device=torch.device("cpu"),
+            model,
+            env=ShardingEnv.from_process_group(dist.group.WORLD),
+            device=torch.device("cpu"),
             plan=_plan(model, sharders, {t: "data_parallel" for t in PLAN_A}, substitute=False),
             sharders=sharders,
         )

@@ -70,15 +70,14 @@ def test_per_table_overrides_and_leave_alone() -> None:
     assert ratios["t2"] == pytest.approx(60 * 8 / (15 * 8 + 60))  # the default method and params
 
 
-
 def test_per_table_overrides_across_the_collections_of_a_model() -> None:
     """A model with two EBCs (two towers): each override reaches the collection holding its
     table; a name no collection holds is still refused."""
-    user = [dataclasses.replace(t, name=f"u_{t.name}", feature_names=[f"u_{f}" for f in t.feature_names])
-            for t in small_tables()]
-    towers = torch.nn.ModuleDict(
-        {"user": EmbeddingBagCollection(user), "item": EmbeddingBagCollection(small_tables())}
-    )
+    user = [
+        dataclasses.replace(t, name=f"u_{t.name}", feature_names=[f"u_{f}" for f in t.feature_names])
+        for t in small_tables()
+    ]
+    towers = torch.nn.ModuleDict({"user": EmbeddingBagCollection(user), "item": EmbeddingBagCollection(small_tables())})
     spec = CompressionSpec(tables={"u_t0": MEmComConfig(ratio=4), "t1": HashConfig(ratio=4)})
     model, sharders = compress(towers, spec)
     assert type(model["user"]) is MEmComEmbeddingBagCollection
@@ -89,8 +88,11 @@ def test_per_table_overrides_across_the_collections_of_a_model() -> None:
     for name, tower in (("user", user), ("item", small_tables())):
         assert model[name](random_kjt(tower, batch=3, seed=1)).keys() == [f for t in tower for f in t.feature_names]
     with pytest.raises(ValueError, match=r"unknown tables: \['t9'\]"):
-        compress(torch.nn.ModuleDict({"a": EmbeddingBagCollection(small_tables())}),
-                 CompressionSpec(tables={"t0": HashConfig(ratio=4), "t9": HashConfig(ratio=4)}))
+        compress(
+            torch.nn.ModuleDict({"a": EmbeddingBagCollection(small_tables())}),
+            CompressionSpec(tables={"t0": HashConfig(ratio=4), "t9": HashConfig(ratio=4)}),
+        )
+
 
 def test_nothing_to_compress_keeps_the_stock_collection() -> None:
     model, sharders = compress(_dlrm(), CompressionSpec())
@@ -156,7 +158,12 @@ def test_uncompressed_tables_keep_their_trained_weights() -> None:
             assert any(m is before[cfg.name] for m in owner.modules()), cfg.name
     untouched = _dlrm()
     ebc = untouched.sparse_arch.embedding_bag_collection
-    assert compress(untouched, CompressionSpec(min_rows=10**6, method="hash", params={"ratio": 2}))[0].sparse_arch.embedding_bag_collection is ebc
+    assert (
+        compress(untouched, CompressionSpec(min_rows=10**6, method="hash", params={"ratio": 2}))[
+            0
+        ].sparse_arch.embedding_bag_collection
+        is ebc
+    )
 
 
 def test_fp16_tables_run_unsharded() -> None:
@@ -168,8 +175,12 @@ def test_fp16_tables_run_unsharded() -> None:
         w = ebc.embedding_bags[t.name].weight.float()
         jt = kjt.to_dict()[cfg.feature_names[0]]
         s = ebc.entity_weights.flat(t.name)[jt.values()].half().float()
-        expected = torch.stack([(w[i % 20] * s[o:e, None]).sum(0) for i, o, e in
-                                [(jt.values()[a:b], a, b) for a, b in zip(jt.offsets()[:-1], jt.offsets()[1:])]])
+        expected = torch.stack(
+            [
+                (w[i % 20] * s[o:e, None]).sum(0)
+                for i, o, e in [(jt.values()[a:b], a, b) for a, b in zip(jt.offsets()[:-1], jt.offsets()[1:])]
+            ]
+        )
         torch.testing.assert_close(out[cfg.feature_names[0]], expected, atol=1e-2, rtol=1e-2)
     ebc(kjt).values().sum().backward()
     assert all(w.grad is not None for w in ebc.entity_weights.values())
@@ -189,10 +200,16 @@ def test_subclass_is_refused_when_compressed_and_left_alone_otherwise() -> None:
 
 
 def test_spec_takes_config_objects_and_checks_when_built() -> None:
-    spec = CompressionSpec(params=MEmComConfig(ratio=4), tables={"t1": HashConfig(ratio=4), "t2": TableCompression("none")})
+    spec = CompressionSpec(
+        params=MEmComConfig(ratio=4), tables={"t1": HashConfig(ratio=4), "t2": TableCompression("none")}
+    )
     assert spec.method == "memcom" and spec.tables["t1"].method == "hash"
     assert spec.tables["t1"].params["ratio"] == 4
-    as_dicts = CompressionSpec(method="memcom", params={"ratio": 4}, tables={"t1": {"method": "hash", "params": {"ratio": 4}}, "t2": {"method": "none"}})
+    as_dicts = CompressionSpec(
+        method="memcom",
+        params={"ratio": 4},
+        tables={"t1": {"method": "hash", "params": {"ratio": 4}}, "t2": {"method": "none"}},
+    )
     models = [compress(_dlrm(), s)[0].sparse_arch.embedding_bag_collection for s in (spec, as_dicts)]
     assert [type(c) for c in models[0].collections] == [type(c) for c in models[1].collections]
     with pytest.raises(ValueError, match=r"compression.params.ratoi: unknown key"):

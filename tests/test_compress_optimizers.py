@@ -26,8 +26,12 @@ SPECS = {
 
 
 def _dlrm() -> DLRM:
-    return DLRM(embedding_bag_collection=EmbeddingBagCollection(TABLES, device=torch.device("meta")),
-                dense_in_features=3, dense_arch_layer_sizes=[8], over_arch_layer_sizes=[4, 1])
+    return DLRM(
+        embedding_bag_collection=EmbeddingBagCollection(TABLES, device=torch.device("meta")),
+        dense_in_features=3,
+        dense_arch_layer_sizes=[8],
+        over_arch_layer_sizes=[4, 1],
+    )
 
 
 @pytest.mark.parametrize("method", list(SPECS))
@@ -60,8 +64,9 @@ def test_what_cannot_be_carried_is_refused_naming_the_fix() -> None:
 
 def test_fused_params_reach_every_sharder_returned() -> None:
     fused = {"learning_rate": 0.3}
-    _, sharders = compress(_dlrm(), CompressionSpec(method="qr", params={"num_collisions": 4}, min_rows=100),
-                           fused_params=fused)
+    _, sharders = compress(
+        _dlrm(), CompressionSpec(method="qr", params={"num_collisions": 4}, min_rows=100), fused_params=fused
+    )
     # DMP picks one sharder per module type: ours, then every stock one get_default_sharders() has
     assert {s.module_type for s in sharders} >= {s.module_type for s in get_default_sharders()}
     stock = next(s for s in sharders if type(s) is EmbeddingBagCollectionSharder)

@@ -24,10 +24,12 @@ STEPS, BATCH = 6, 256
 def base_rate_logloss(data: Path) -> float:
     """Log loss of predicting the train split's click rate for every example."""
     manifest = load_manifest(data)
-    labels = np.concatenate([
-        pq.read_table(data / s["path"], columns=["label"]).column(0).to_numpy()
-        for s in manifest["splits"]["train"]["shards"]
-    ])
+    labels = np.concatenate(
+        [
+            pq.read_table(data / s["path"], columns=["label"]).column(0).to_numpy()
+            for s in manifest["splits"]["train"]["shards"]
+        ]
+    )
     p = float(labels.mean())
     return -(p * math.log(p) + (1 - p) * math.log(1 - p))
 

@@ -38,8 +38,23 @@ def test_synth_tsv_then_convert(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert main(["data", "synth", "--rows", "1500", "--out", str(tsv), "--format", "tsv", "--quiet"]) == 0
     assert len(tsv.read_text().splitlines()) == 1500
     sizes = ",".join(str(100 + j) for j in range(26))
-    assert main(["data", "convert", str(tsv), "--out", str(tmp_path / "out"), "--split", "none",
-                 "--num-embeddings", sizes, "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                str(tsv),
+                "--out",
+                str(tmp_path / "out"),
+                "--split",
+                "none",
+                "--num-embeddings",
+                sizes,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     manifest = load_manifest(tmp_path / "out")
     assert manifest["features"]["cat_25"]["num_embeddings"] == 125 and manifest["rows_written"] == 1500
 
@@ -47,8 +62,23 @@ def test_synth_tsv_then_convert(tmp_path: Path, capsys: pytest.CaptureFixture) -
 def test_convert_real_sample(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     if not SAMPLE.is_file():
         pytest.skip(f"real Criteo sample not found at {SAMPLE} (see ../shared/data/README.md)")
-    assert main(["data", "convert", str(SAMPLE), "--out", str(tmp_path), "--mode", "frequency",
-                 "--min-count", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                str(SAMPLE),
+                "--out",
+                str(tmp_path),
+                "--mode",
+                "frequency",
+                "--min-count",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "8,000 rows written" in out and "train" in out
     assert load_manifest(tmp_path)["min_count"] == 2
@@ -60,8 +90,7 @@ def test_bad_line_exit_code_and_message(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["data", "convert", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert f"{path}:1: expected 40 tab-separated fields, found 2" in err
-    assert main(["data", "convert", str(path), "--out", str(tmp_path / "out"), "--quiet",
-                 "--on-bad-line", "skip"]) == 0
+    assert main(["data", "convert", str(path), "--out", str(tmp_path / "out"), "--quiet", "--on-bad-line", "skip"]) == 0
     assert load_manifest(tmp_path / "out")["rows_skipped"] == 1
 
 
@@ -72,8 +101,23 @@ def test_unreadable_and_empty_files(tmp_path: Path, capsys: pytest.CaptureFixtur
     cut = tmp_path / "cut.gz"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     for on_bad_line in ("error", "skip"):
-        assert main(["data", "convert", str(cut), "--out", str(tmp_path / "out"), "--split", "none", "--quiet",
-                     "--on-bad-line", on_bad_line]) == 1
+        assert (
+            main(
+                [
+                    "data",
+                    "convert",
+                    str(cut),
+                    "--out",
+                    str(tmp_path / "out"),
+                    "--split",
+                    "none",
+                    "--quiet",
+                    "--on-bad-line",
+                    on_bad_line,
+                ]
+            )
+            == 1
+        )
         err = capsys.readouterr().err
         assert err.startswith(f"memcom data convert: error: {cut}: cannot be read") and "Truncated" in err
         assert len(err.splitlines()) == 1
@@ -85,10 +129,43 @@ def test_unreadable_and_empty_files(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_days_options(tmp_path: Path) -> None:
     for day in range(3):
-        assert main(["data", "synth", "--rows", "700", "--seed", str(day), "--format", "tsv",
-                     "--out", str(tmp_path / f"day_{day}.gz"), "--quiet"]) == 0
-    assert main(["data", "convert", str(tmp_path), "--out", str(tmp_path / "out"), "--train-days", "0-1",
-                 "--val-days", "2", "--test-days", "2", "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "data",
+                    "synth",
+                    "--rows",
+                    "700",
+                    "--seed",
+                    str(day),
+                    "--format",
+                    "tsv",
+                    "--out",
+                    str(tmp_path / f"day_{day}.gz"),
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "out"),
+                "--train-days",
+                "0-1",
+                "--val-days",
+                "2",
+                "--test-days",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     splits = load_manifest(tmp_path / "out")["splits"]
     assert {s: v["rows"] for s, v in splits.items()} == {"train": 1400, "val": 350, "test": 350}
     assert main(["data", "convert", str(tmp_path), "--out", str(tmp_path / "x"), "--train-days", "a"]) == 1

@@ -171,11 +171,15 @@ def test_folder_of_days(sample_rows: List[List[str]], tmp_path: Path) -> None:
     assert manifest["split_rule"] == {"rule": "days", "train_days": [0, 1, 2], "val_days": [3], "test_days": [3]}
     assert [s["day"] for s in manifest["sources"]] == [0, 1, 2, 3]
     assert {s: v["rows"] for s, v in manifest["splits"].items()} == {"train": 6000, "val": 1000, "test": 1000}
-    np.testing.assert_array_equal(read_split(tmp_path / "out", "test")["label"], [int(r[0]) for r in sample_rows[7000:]])
+    np.testing.assert_array_equal(
+        read_split(tmp_path / "out", "test")["label"], [int(r[0]) for r in sample_rows[7000:]]
+    )
     # Days picked per split; day 1 left out is never read.
     manifest = convert(days, tmp_path / "out2", train_days=[0, 2], val_days=[3], test_days=[1], progress=False)
     assert {s: v["rows"] for s, v in manifest["splits"].items()} == {"train": 4000, "val": 2000, "test": 2000}
-    np.testing.assert_array_equal(read_split(tmp_path / "out2", "test")["label"], [int(r[0]) for r in sample_rows[2000:4000]])
+    np.testing.assert_array_equal(
+        read_split(tmp_path / "out2", "test")["label"], [int(r[0]) for r in sample_rows[2000:4000]]
+    )
     assert manifest["rows_read"] == 8000
     manifest = convert(days, tmp_path / "out3", train_days=[0], val_days=[3], test_days=[3], progress=False)
     assert manifest["rows_read"] == 4000
@@ -193,7 +197,11 @@ def test_day_options_are_checked(sample_rows: List[List[str]], tmp_path: Path) -
 
 # --- malformed lines -------------------------------------------------------------------------
 
-GOOD = ["1", "5", "-1", "", "3", "", "0", "2", "4", "", "1", "1", "", "7"] + ["0a1b2c3d", "", "FFFFFFFF"] + ["1234abcd"] * 23
+GOOD = (
+    ["1", "5", "-1", "", "3", "", "0", "2", "4", "", "1", "1", "", "7"]
+    + ["0a1b2c3d", "", "FFFFFFFF"]
+    + ["1234abcd"] * 23
+)
 
 BAD_LINES = {
     "too few fields": ("\t".join(GOOD[:-1]), "field_count", "expected 40 tab-separated fields, found 39"),
@@ -246,7 +254,9 @@ def test_many_bad_lines_counted_by_reason(sample_rows: List[List[str]], tmp_path
     for i in range(5, 3000, 13):
         rows[i][0] = "x"
     path = write_lines(tmp_path / "in.tsv", rows)
-    manifest = convert(path, tmp_path / "out", on_bad_line="skip", rows_per_shard=700, block_size=1 << 16, progress=False)
+    manifest = convert(
+        path, tmp_path / "out", on_bad_line="skip", rows_per_shard=700, block_size=1 << 16, progress=False
+    )
     bad_hex = set(range(0, 3000, 7))
     field = set(range(3, 3000, 11))
     label = set(range(5, 3000, 13)) - field
@@ -255,8 +265,9 @@ def test_many_bad_lines_counted_by_reason(sample_rows: List[List[str]], tmp_path
     assert manifest["rows_read"] == 3000 == manifest["rows_written"] + manifest["rows_skipped"]
     good = [i for i in range(3000) if i not in bad_hex | field | label]
     lo, hi = kaggle_split(3000)["train"]
-    np.testing.assert_array_equal(read_split(tmp_path / "out", "train")["label"],
-                                  [int(rows[i][0]) for i in good if lo <= i < hi])
+    np.testing.assert_array_equal(
+        read_split(tmp_path / "out", "train")["label"], [int(rows[i][0]) for i in good if lo <= i < hi]
+    )
 
 
 def test_error_then_resume_with_skip(sample_rows: List[List[str]], tmp_path: Path) -> None:
@@ -283,8 +294,9 @@ def test_empty_file_is_zero_rows(sample_rows: List[List[str]], tmp_path: Path) -
     empty.write_bytes(b"")
     for on_bad_line in ("error", "skip"):
         for split in ("kaggle", "none"):
-            manifest = convert(empty, tmp_path / f"out_{split}_{on_bad_line}", split=split, on_bad_line=on_bad_line,
-                               progress=False)
+            manifest = convert(
+                empty, tmp_path / f"out_{split}_{on_bad_line}", split=split, on_bad_line=on_bad_line, progress=False
+            )
             assert manifest["rows_read"] == manifest["rows_written"] == manifest["rows_skipped"] == 0
     days = tmp_path / "days"
     days.mkdir()
@@ -296,8 +308,9 @@ def test_empty_file_is_zero_rows(sample_rows: List[List[str]], tmp_path: Path) -
         manifest = convert(days, tmp_path / f"days_{mode}", mode=mode, rows_per_shard=100, progress=False)
         assert {s: v["rows"] for s, v in manifest["splits"].items()} == {"train": 300, "val": 100, "test": 100}
         assert manifest["rows_read"] == 500
-        np.testing.assert_array_equal(read_split(tmp_path / f"days_{mode}", "train")["label"],
-                                      [int(r[0]) for r in sample_rows[:300]])
+        np.testing.assert_array_equal(
+            read_split(tmp_path / f"days_{mode}", "train")["label"], [int(r[0]) for r in sample_rows[:300]]
+        )
 
 
 def test_truncated_gzip_names_file_and_keeps_finished_shards(sample_rows: List[List[str]], tmp_path: Path) -> None:
@@ -309,8 +322,9 @@ def test_truncated_gzip_names_file_and_keeps_finished_shards(sample_rows: List[L
         with pytest.raises(CriteoReadError) as error:
             # small blocks put the cut ~60 blocks in, far beyond pyarrow's bounded read-ahead (with
             # 64 KiB blocks a full-suite run once saw the error before the first batch)
-            convert(path, out, split="none", rows_per_shard=100, block_size=1 << 14, on_bad_line=on_bad_line,
-                    progress=False)
+            convert(
+                path, out, split="none", rows_per_shard=100, block_size=1 << 14, on_bad_line=on_bad_line, progress=False
+            )
         assert str(error.value).startswith(f"{path}: cannot be read past line ")
         assert "Truncated compressed stream" in str(error.value) and error.value.path == str(path)
         assert 0 < error.value.line < 5000  # the reader reads ahead: the error comes some blocks early

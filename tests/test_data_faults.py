@@ -27,10 +27,15 @@ def row(k: int) -> str:
 def converted(out: Path) -> Dict[str, np.ndarray]:
     """int_0 (log1p of the line's k) and label of every row, all splits in order."""
     manifest = load_manifest(out)
-    tables = [pq.read_table(out / s["path"], columns=["label", "int_0"]) for split in manifest["splits"].values()
-              for s in split["shards"]]
-    return {"k": np.concatenate([np.rint(np.expm1(t.column("int_0").to_numpy().astype(np.float64))) for t in tables]),
-            "label": np.concatenate([t.column("label").to_numpy() for t in tables])}
+    tables = [
+        pq.read_table(out / s["path"], columns=["label", "int_0"])
+        for split in manifest["splits"].values()
+        for s in split["shards"]
+    ]
+    return {
+        "k": np.concatenate([np.rint(np.expm1(t.column("int_0").to_numpy().astype(np.float64))) for t in tables]),
+        "label": np.concatenate([t.column("label").to_numpy() for t in tables]),
+    }
 
 
 # --- one rule for line ends ------------------------------------------------------------------
@@ -85,9 +90,16 @@ def test_second_convert_into_a_folder_in_use_is_refused(tmp_path: Path) -> None:
     path.write_text("".join(row(k) + "\n" for k in range(50)))
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys; from pathlib import Path; from torchrec_memcom.data.manifest import locked\n"
-                               f"with locked(Path({str(out)!r})):\n print('held', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from pathlib import Path; from torchrec_memcom.data.manifest import locked\n"
+            f"with locked(Path({str(out)!r})):\n print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         before = sorted(p.name for p in out.iterdir())

@@ -89,8 +89,9 @@ def test_epoch_reads_every_row_once(data: Path, train_keys: Counter) -> None:
 
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_two_ranks_read_disjoint_parts(data: Path, train_keys: Counter, drop_last: bool) -> None:
-    loaders = [CriteoParquetLoader(data, "train", 500, rank=r, world_size=2, seed=1, drop_last=drop_last)
-               for r in range(2)]
+    loaders = [
+        CriteoParquetLoader(data, "train", 500, rank=r, world_size=2, seed=1, drop_last=drop_last) for r in range(2)
+    ]
     for loader in loaders:
         loader.set_epoch(4)
     keys = [Counter(all_keys(loader)) for loader in loaders]
@@ -214,10 +215,14 @@ def test_frequencies(data: Path) -> None:
 
 def test_feeds_an_embedding_bag_collection(data: Path) -> None:
     loader = CriteoParquetLoader(data, "train", 64)
-    ebc = EmbeddingBagCollection(tables=[
-        EmbeddingBagConfig(name=f"t_{n}", embedding_dim=4, num_embeddings=loader.num_embeddings[n], feature_names=[n])
-        for n in CAT_NAMES
-    ])
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(
+                name=f"t_{n}", embedding_dim=4, num_embeddings=loader.num_embeddings[n], feature_names=[n]
+            )
+            for n in CAT_NAMES
+        ]
+    )
     pooled = ebc(next(iter(loader)).sparse_features)
     assert pooled.values().shape == (64, 26 * 4)
 

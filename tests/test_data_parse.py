@@ -12,8 +12,11 @@ from torchrec_memcom.data.parse import csv_reader_options, dense_transform, pars
 
 LABEL = st.sampled_from(["0", "1", "", "2", "01", "-1", "x"])
 INT = st.one_of(st.text("0123456789", min_size=1, max_size=20), st.text("-0123456789+. e", max_size=6))
-HEX = st.one_of(st.text("0123456789abcdefABCDEF", min_size=8, max_size=8), st.just(""),
-                st.text("0123456789abcdefABCDEFgxz-", max_size=18))
+HEX = st.one_of(
+    st.text("0123456789abcdefABCDEF", min_size=8, max_size=8),
+    st.just(""),
+    st.text("0123456789abcdefABCDEFgxz-", max_size=18),
+)
 ROW = st.tuples(LABEL, st.lists(INT, min_size=13, max_size=13), st.lists(HEX, min_size=26, max_size=26))
 
 

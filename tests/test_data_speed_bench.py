@@ -12,15 +12,26 @@ from conftest import REPO
 def test_data_speed_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "data_speed.json"
     run = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "data_speed.py"), "--smoke", "--workdir", str(tmp_path),
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "data_speed.py"),
+            "--smoke",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["smoke"] is True and result["cpus"] >= 1
     assert [(r["input"], r["mode"]) for r in result["conversion"]] == [
-        ("synthetic 4000 rows", "mod"), ("synthetic 4000 rows", "frequency")]
+        ("synthetic 4000 rows", "mod"),
+        ("synthetic 4000 rows", "frequency"),
+    ]
     for row in result["conversion"]:
         assert row["rows"] == 4000 and row["bytes"] > 0 and row["peak_rss_mib"] > 0
         assert 0 < row["median_rows_per_s"] <= row["best_rows_per_s"]

@@ -64,8 +64,9 @@ def test_tsv_form_converts_to_the_same_rows(tmp_path: Path) -> None:
     rows = 20_000
     write_synthetic_tsv(tmp_path / "train.txt.gz", rows, seed=4, max_cardinality=2000, progress=False)
     synthesize(rows, tmp_path / "direct", seed=4, max_cardinality=2000, progress=False)
-    manifest = convert(tmp_path / "train.txt.gz", tmp_path / "converted", mode="frequency", min_count=1,
-                       split="none", progress=False)
+    manifest = convert(
+        tmp_path / "train.txt.gz", tmp_path / "converted", mode="frequency", min_count=1, split="none", progress=False
+    )
     assert manifest["rows_written"] == rows
     direct, converted = columns(tmp_path / "direct"), columns(tmp_path / "converted", splits=["train"])
     np.testing.assert_array_equal(direct["label"], converted["label"])

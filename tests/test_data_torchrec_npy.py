@@ -33,7 +33,9 @@ def npy_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tsv = folder / f"day_{day}.tsv"
         tsv.write_text("".join(lines[start : start + rows]))
         start += rows
-        BinaryCriteoUtils.tsv_to_npys(str(tsv), *(str(folder / f"day_{day}_{k}.npy") for k in ("dense", "sparse", "labels")))
+        BinaryCriteoUtils.tsv_to_npys(
+            str(tsv), *(str(folder / f"day_{day}_{k}.npy") for k in ("dense", "sparse", "labels"))
+        )
         tsv.unlink()
     return folder
 
@@ -48,24 +50,32 @@ def read_all(loader: TorchRecNpyLoader) -> Dict[str, np.ndarray]:
     assert len(batches) == len(loader)
     ids = [b.sparse_features.to_dict() for b in batches]
     assert all(b.labels.dtype == torch.float32 for b in batches)
-    return {"dense": torch.cat([b.dense_features for b in batches]).numpy(),
-            "ids": np.stack([torch.cat([d[f"cat_{j}"].values() for d in ids]).numpy() for j in range(26)], axis=1),
-            "labels": torch.cat([b.labels for b in batches]).numpy()}
+    return {
+        "dense": torch.cat([b.dense_features for b in batches]).numpy(),
+        "ids": np.stack([torch.cat([d[f"cat_{j}"].values() for d in ids]).numpy() for j in range(26)], axis=1),
+        "labels": torch.cat([b.labels for b in batches]).numpy(),
+    }
 
 
 def test_splits_hash_ids_as_the_dlrm_example(npy_folder: Path) -> None:
-    for split, days, rows in [("train", [0, 1], slice(0, 1984)), ("val", [2], slice(0, 501)),
-                              ("test", [2], slice(501, 1001))]:
-        loader = TorchRecNpyLoader(npy_folder, split, 64, num_embeddings=SIZES, shuffle=False,
-                                   drop_last=split == "train")
+    for split, days, rows in [
+        ("train", [0, 1], slice(0, 1984)),
+        ("val", [2], slice(0, 501)),
+        ("test", [2], slice(501, 1001)),
+    ]:
+        loader = TorchRecNpyLoader(
+            npy_folder, split, 64, num_embeddings=SIZES, shuffle=False, drop_last=split == "train"
+        )
         got, want = read_all(loader), reference(npy_folder, days, rows)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"{split} {key}")
 
 
 def test_two_ranks_get_equal_disjoint_parts(npy_folder: Path) -> None:
-    ranks = [TorchRecNpyLoader(npy_folder, "train", 100, rank=r, world_size=2, num_embeddings=SIZES, seed=3)
-             for r in range(2)]
+    ranks = [
+        TorchRecNpyLoader(npy_folder, "train", 100, rank=r, world_size=2, num_embeddings=SIZES, seed=3)
+        for r in range(2)
+    ]
     assert len(ranks[0]) == len(ranks[1]) == 10  # 2,000 rows: 20 full batches of 100
     parts = [read_all(loader) for loader in ranks]
     rows = lambda d: sorted(map(tuple, np.hstack([d["dense"], d["ids"], d["labels"][:, None]])))  # noqa: E731
@@ -94,8 +104,11 @@ def test_memcom_train_reads_torchrec_npy(npy_folder: Path, tmp_path: Path) -> No
     config = {
         "data": {"path": str(npy_folder), "format": "torchrec_npy"},
         "model": {"dense_arch_layer_sizes": [16], "over_arch_layer_sizes": [16, 1]},
-        "embeddings": {"dim": 8, "num_embeddings": SIZES,
-                       "compression": {"method": "memcom", "params": {"ratio": 4}, "min_rows": 100}},
+        "embeddings": {
+            "dim": 8,
+            "num_embeddings": SIZES,
+            "compression": {"method": "memcom", "params": {"ratio": 4}, "min_rows": 100},
+        },
         "optimizer": {"sparse": {"type": "rowwise_adagrad", "lr": 0.1}, "dense": {"lr": 0.1}},
         "train": {"batch_size": 100, "steps": 6, "eval_every": 3, "run_dir": str(tmp_path / "run")},
     }

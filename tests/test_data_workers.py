@@ -110,10 +110,29 @@ def test_torchx_component_converts_on_two_hosts(sample: Path, tmp_path: Path) ->
     convert(days, tmp_path / "one", num_embeddings=1000, rows_per_shard=700, progress=False)
     torchx = Path(sys.executable).with_name("torchx")
     run = subprocess.run(
-        [str(torchx), "run", "-s", "local_cwd", "launch/memcom_torchx.py:convert", "--inputs", str(days),
-         "--out", str(tmp_path / "tx"), "--nnodes", "2", "--workers", "1", "--num_embeddings", "1000",
-         "--extra", "--rows-per-shard 700"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            str(torchx),
+            "run",
+            "-s",
+            "local_cwd",
+            "launch/memcom_torchx.py:convert",
+            "--inputs",
+            str(days),
+            "--out",
+            str(tmp_path / "tx"),
+            "--nnodes",
+            "2",
+            "--workers",
+            "1",
+            "--num_embeddings",
+            "1000",
+            "--extra",
+            "--rows-per-shard 700",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_output(tmp_path / "one", tmp_path / "tx")
@@ -142,8 +161,11 @@ def test_sigkilled_parallel_conversion_resumes(sample: Path, tmp_path: Path) -> 
     assert proc.wait() == -signal.SIGKILL, "conversion finished before it could be killed"
     assert children, "no worker processes seen"
     time.sleep(1.0)
-    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
-             and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()]
+    alive = [
+        pid
+        for pid in children
+        if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    ]
     assert not alive, f"workers {alive} outlived their parent"
     from torchrec_memcom.cli import main
 

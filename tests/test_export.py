@@ -138,8 +138,9 @@ def _plain_torch_env(tmp: Path) -> Dict[str, str]:
 
 def _run_plain(tmp: Path, args: List[str]) -> subprocess.CompletedProcess:
     """``python -S ARGS`` (no site-packages) with only torch importable."""
-    return subprocess.run([sys.executable, "-S", *args], env=_plain_torch_env(tmp), capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-S", *args], env=_plain_torch_env(tmp), capture_output=True, text=True, timeout=120
+    )
 
 
 # --- export of the 2-rank checkpoint ---------------------------------------------------------
@@ -289,7 +290,10 @@ print(json.dumps(p.tolist()))
 
 
 def test_example_and_memcom_score_give_the_data_path_scores(
-    tmp_path: Path, raw_tsv: Path, mod_data: Path, exported: Dict[str, Tuple[Path, Dict[str, Any]]],
+    tmp_path: Path,
+    raw_tsv: Path,
+    mod_data: Path,
+    exported: Dict[str, Tuple[Path, Dict[str, Any]]],
     capsys: pytest.CaptureFixture,
 ) -> None:
     file, _ = exported["int8"]
@@ -309,7 +313,8 @@ def test_example_and_memcom_score_give_the_data_path_scores(
     assert out.read_text() == run.stdout
     summary = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
     assert summary["rows"] == len(lines) and summary["auc"] == pytest.approx(
-        exported["int8"][1]["check"]["auc_exported"], abs=1e-4  # scores printed with 6 decimals
+        exported["int8"][1]["check"]["auc_exported"],
+        abs=1e-4,  # scores printed with 6 decimals
     )
 
 
@@ -324,8 +329,13 @@ def test_example_scores_real_criteo_lines(
     run = _run_plain(tmp_path, [str(REPO / "examples" / "score_raw_criteo.py")])
     assert run.returncode == 2 and "score_raw_criteo.py model.pt" in run.stderr  # usage
     with lines.open() as stdin:
-        run = subprocess.run([sys.executable, "-S", str(REPO / "examples" / "score_raw_criteo.py"), str(file)],
-                             stdin=stdin, env=_plain_torch_env(tmp_path), capture_output=True, text=True)
+        run = subprocess.run(
+            [sys.executable, "-S", str(REPO / "examples" / "score_raw_criteo.py"), str(file)],
+            stdin=stdin,
+            env=_plain_torch_env(tmp_path),
+            capture_output=True,
+            text=True,
+        )
     assert run.returncode == 0, run.stderr[-2000:]
     scores = [float(v) for v in run.stdout.split()]
     assert len(scores) == 5 and all(0 < s < 1 for s in scores)
@@ -342,11 +352,13 @@ def _mapped(data: Path, lines: List[str]) -> torch.Tensor:
 
 
 def _all_ids(data: Path) -> torch.Tensor:
-    return torch.cat([
-        b.sparse_features.values().view(len(CAT_NAMES), -1).t()
-        for split in ("train", "val", "test")
-        for b in CriteoParquetLoader(data, split, 4096, shuffle=False, drop_last=False)
-    ])
+    return torch.cat(
+        [
+            b.sparse_features.values().view(len(CAT_NAMES), -1).t()
+            for split in ("train", "val", "test")
+            for b in CriteoParquetLoader(data, split, 4096, shuffle=False, drop_last=False)
+        ]
+    )
 
 
 def test_frequency_and_synthetic_id_maps_match_the_data_path(tmp_path: Path, raw_tsv: Path) -> None:
@@ -375,10 +387,13 @@ def test_mod_id_map_and_dense_match_the_converter_on_real_criteo(
     assert torch.equal(_mapped(data, lines), _all_ids(data))
     assert _mapped(data, [wide])[0, :2].tolist() == [(2**64 - 1) % 1000, (2**63 + 1) % 10_000_000]
     dense, _ = load_model(exported["int8"][0]).preprocess(parse_lines(lines).ints, parse_lines(lines).cats)
-    parquet = torch.cat([
-        b.dense_features for split in ("train", "val", "test")
-        for b in CriteoParquetLoader(data, split, 4096, shuffle=False, drop_last=False)
-    ])
+    parquet = torch.cat(
+        [
+            b.dense_features
+            for split in ("train", "val", "test")
+            for b in CriteoParquetLoader(data, split, 4096, shuffle=False, drop_last=False)
+        ]
+    )
     assert torch.equal(dense, parquet)
 
 
@@ -388,11 +403,15 @@ def test_mod_id_map_and_dense_match_the_converter_on_real_criteo(
 def _random_checkpoint(tmp: Path, data: Path, compression: Dict[str, Any], arch: str) -> Path:
     """A checkpoint as memcom train writes it, of a randomly filled model."""
     config_file = tmp / "config.yaml"
-    config_file.write_text(yaml.safe_dump({
-        "data": {"path": str(data)},
-        "model": {"arch": arch, "dense_arch_layer_sizes": [16], "over_arch_layer_sizes": [16, 1]},
-        "embeddings": {"dim": 8, "compression": compression},
-    }))
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"path": str(data)},
+                "model": {"arch": arch, "dense_arch_layer_sizes": [16], "over_arch_layer_sizes": [16, 1]},
+                "embeddings": {"dim": 8, "compression": compression},
+            }
+        )
+    )
     config = load_config(config_file)
     manifest = load_manifest(data)
     model, _ = build_model(config, [manifest["features"][f]["num_embeddings"] for f in CAT_NAMES], torch.device("cpu"))
@@ -405,8 +424,9 @@ def _random_checkpoint(tmp: Path, data: Path, compression: Dict[str, Any], arch:
     progress = {"step": 1, "epoch": 0, "batch": 1, "world_size": 1}
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:  # as memcom train writes it: shards, records and checksums
-        return save_checkpoint(tmp / "ckpt", 1, {"model": model.state_dict()}, as_dict(config),
-                               {PROGRESS: progress, DATA: manifest})
+        return save_checkpoint(
+            tmp / "ckpt", 1, {"model": model.state_dict()}, as_dict(config), {PROGRESS: progress, DATA: manifest}
+        )
     finally:
         dist.destroy_process_group()
 
@@ -423,10 +443,25 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     [
         ({"method": "hash", "params": {"ratio": 4, "hash": "mix"}, "min_rows": 100}, "DLRM", {"hash", "none"}),
         ({"method": "memcom", "params": {"ratio": 4, "hash": "mix"}, "min_rows": 100}, "DLRM_DCN", {"memcom", "none"}),
-        ({"method": "qr", "params": {"num_collisions": 7, "operation": "add"}, "min_rows": 100}, "DLRM_DCN", {"qr", "none"}),
-        ({"method": "memcom", "params": {"ratio": 4}, "min_rows": 100, "tables": {
-            "t_cat_2": {"method": "qr", "params": {"ratio": 4}}, "t_cat_3": {"method": "hash", "params": {"ratio": 8}},
-            "t_cat_4": {"method": "none"}}}, "DLRM", {"memcom", "qr", "hash", "none"}),
+        (
+            {"method": "qr", "params": {"num_collisions": 7, "operation": "add"}, "min_rows": 100},
+            "DLRM_DCN",
+            {"qr", "none"},
+        ),
+        (
+            {
+                "method": "memcom",
+                "params": {"ratio": 4},
+                "min_rows": 100,
+                "tables": {
+                    "t_cat_2": {"method": "qr", "params": {"ratio": 4}},
+                    "t_cat_3": {"method": "hash", "params": {"ratio": 8}},
+                    "t_cat_4": {"method": "none"},
+                },
+            },
+            "DLRM",
+            {"memcom", "qr", "hash", "none"},
+        ),
     ],
     ids=["hash-mix", "memcom-mix-dcn", "qr-add-dcn", "mixed-methods"],
 )
@@ -466,7 +501,9 @@ def test_unknown_precision_is_refused(tmp_path: Path, checkpoint: Path, capsys: 
     assert exit_.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
 
 
-def test_bad_check_rows_are_refused_before_any_work(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
+def test_bad_check_rows_are_refused_before_any_work(
+    tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture
+) -> None:
     with pytest.raises(ValueError, match="check_rows must be a positive number of rows or None"):
         export_checkpoint(checkpoint, tmp_path / "m.pt", check_rows=0)
     assert memcom(["export", str(checkpoint), "--out", str(tmp_path / "m.pt"), "--check-rows", "-3"]) == 1
@@ -494,8 +531,23 @@ def test_failed_check_fails_the_command_and_writes_no_file(
 
 def test_cli_export_writes_file_and_report(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
     out, report = tmp_path / "m.pt", tmp_path / "r.json"
-    assert memcom(["export", str(checkpoint), "--out", str(out), "--precision", "fp16",
-                   "--check-rows", "200", "--report", str(report)]) == 0
+    assert (
+        memcom(
+            [
+                "export",
+                str(checkpoint),
+                "--out",
+                str(out),
+                "--precision",
+                "fp16",
+                "--check-rows",
+                "200",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     r = json.loads(report.read_text())
     assert r["file_bytes"] == out.stat().st_size and r["check"]["rows"] == 200 and r["precision"] == "fp16"
     assert "smaller than the uncompressed fp32 model" in capsys.readouterr().out
@@ -576,21 +628,32 @@ def test_int8_lookups_equal_torchrec_quantized_tables() -> None:
 
     n, m, d, batch = 500, 64, 8, 32
     torch.manual_seed(0)
-    ebc = EmbeddingBagCollection([
-        EmbeddingBagConfig(name="t0", embedding_dim=d, num_embeddings=m, feature_names=["f0"]),
-        EmbeddingBagConfig(name="t1", embedding_dim=d, num_embeddings=n, feature_names=["f1"]),
-    ], is_weighted=True)
+    ebc = EmbeddingBagCollection(
+        [
+            EmbeddingBagConfig(name="t0", embedding_dim=d, num_embeddings=m, feature_names=["f0"]),
+            EmbeddingBagConfig(name="t1", embedding_dim=d, num_embeddings=n, feature_names=["f1"]),
+        ],
+        is_weighted=True,
+    )
     scalars = torch.rand(n) + 0.5
-    ours = build_embeddings([
-        TableExport("t0", ["f0"], "memcom", n, ebc.embedding_bags["t0"].weight.detach(), scalars=scalars),
-        TableExport("t1", ["f1"], "none", n, ebc.embedding_bags["t1"].weight.detach()),
-    ], ["f0", "f1"], "int8")
-    ebc.qconfig = QConfig(activation=PlaceholderObserver.with_args(dtype=torch.float),
-                          weight=PlaceholderObserver.with_args(dtype=torch.qint8))
+    ours = build_embeddings(
+        [
+            TableExport("t0", ["f0"], "memcom", n, ebc.embedding_bags["t0"].weight.detach(), scalars=scalars),
+            TableExport("t1", ["f1"], "none", n, ebc.embedding_bags["t1"].weight.detach()),
+        ],
+        ["f0", "f1"],
+        "int8",
+    )
+    ebc.qconfig = QConfig(
+        activation=PlaceholderObserver.with_args(dtype=torch.float),
+        weight=PlaceholderObserver.with_args(dtype=torch.qint8),
+    )
     quantized = QuantEmbeddingBagCollection.from_float(ebc)
     ids = torch.randint(0, n, (batch, 2))
     kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=["f0", "f1"], values=torch.cat([ids[:, 0] % m, ids[:, 1]]), lengths=torch.ones(2 * batch, dtype=torch.int32),
+        keys=["f0", "f1"],
+        values=torch.cat([ids[:, 0] % m, ids[:, 1]]),
+        lengths=torch.ones(2 * batch, dtype=torch.int32),
         weights=torch.cat([scalars.half().float()[ids[:, 0]], torch.ones(batch)]),
     )
     expected = quantized(kjt).values().view(batch, 2, d)
@@ -616,15 +679,21 @@ def test_budgeted_lookups_equal_the_module() -> None:
     (fp32) and joined to a MEmCom collection in interleaved feature order (fp32, int8)."""
     d = 16
     tables = small_tables(d) + [EmbeddingBagConfig(name="t3", embedding_dim=d, num_embeddings=30, feature_names=["f4"])]
-    allocation = Allocation({
-        "t0": TableAllocation((Tier(100, 16), Tier(300, 8), Tier(600, 4, hash_rows=37))),
-        "t1": TableAllocation((Tier(50, 16), Tier(350, 8))),
-        "t2": TableAllocation((Tier(10, 8), Tier(50, 4))),
-        "t3": TableAllocation((Tier(30, 16),)),
-    })
+    allocation = Allocation(
+        {
+            "t0": TableAllocation((Tier(100, 16), Tier(300, 8), Tier(600, 4, hash_rows=37))),
+            "t1": TableAllocation((Tier(50, 16), Tier(350, 8))),
+            "t2": TableAllocation((Tier(10, 8), Tier(50, 4))),
+            "t3": TableAllocation((Tier(30, 16),)),
+        }
+    )
     g = torch.Generator().manual_seed(0)
-    frequencies = {"t0": torch.randint(0, 500, (1000,), generator=g), "t1": torch.arange(400, 0, -1),
-                   "t2": torch.randint(0, 20, (60,), generator=g), "t3": torch.randint(0, 9, (30,), generator=g)}
+    frequencies = {
+        "t0": torch.randint(0, 500, (1000,), generator=g),
+        "t1": torch.arange(400, 0, -1),
+        "t2": torch.randint(0, 20, (60,), generator=g),
+        "t3": torch.randint(0, 9, (30,), generator=g),
+    }
     budgeted = BudgetedEmbeddingBagCollection(tables, budget_ratio=1, frequencies=frequencies, allocation=allocation)
     assert [t.remap for t in budgeted.tables] == [True, False, True, False]
     memcom = MEmComEmbeddingBagCollection(

@@ -14,9 +14,19 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 def test_inference_benchmark_smoke(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "inference.py"), "--smoke", "--models", "memcom_16x", "budgeted_16x",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "inference.py"),
+            "--smoke",
+            "--models",
+            "memcom_16x",
+            "budgeted_16x",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "inference_smoke.json").read_text())

@@ -19,9 +19,22 @@ import managed_collision  # noqa: E402
 
 
 def test_fair_smoke_picks_settings_on_val_and_reports_paired_test_deltas(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fair.py"), "--smoke", "--datasets", "movielens",
-                           "--param-grid", "hash.hash=mod,mix",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "fair.py"),
+            "--smoke",
+            "--datasets",
+            "movielens",
+            "--param-grid",
+            "hash.hash=mod,mix",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "fair_smoke.json").read_text())
     assert (tmp_path / "fair_smoke.png").stat().st_size > 0
@@ -41,7 +54,7 @@ def test_fair_smoke_picks_settings_on_val_and_reports_paired_test_deltas(tmp_pat
             aucs = [r["auc"] for r in cell["runs"]]
             assert [r["seed"] for r in cell["runs"]] == result["seeds"] == [0, 1]
             assert cell["auc"]["mean"] == pytest.approx(statistics.fmean(aucs))
-            assert cell["auc"]["se"] == pytest.approx(statistics.stdev(aucs) / 2 ** 0.5)
+            assert cell["auc"]["se"] == pytest.approx(statistics.stdev(aucs) / 2**0.5)
             deltas = [a - b["auc"] for a, b in zip(aucs, baseline["runs"])]
             assert cell["delta_auc_vs_none"]["mean"] == pytest.approx(statistics.fmean(deltas))
             if method != "none":
@@ -54,7 +67,9 @@ def test_managed_collisions_take_the_bytes_of_the_ratio() -> None:
 
     n, dim, ratio = 5000, 16, 8
     tables = [EmbeddingBagConfig(name="t_a", embedding_dim=dim, num_embeddings=n, feature_names=["a"])]
-    bags = managed_collision.ManagedCollisionBags(tables, {"t_a": managed_collision.MCConfig(ratio=ratio)}, torch.device("cpu"))
+    bags = managed_collision.ManagedCollisionBags(
+        tables, {"t_a": managed_collision.MCConfig(ratio=ratio)}, torch.device("cpu")
+    )
     slots = managed_collision.slots(n, dim, ratio)
     weight = bags.mc._embedding_module.embedding_bags["t_a"].weight
     assert weight.shape == (slots, dim)

@@ -19,8 +19,9 @@ def test_without_a_cuda_device_it_reports_and_does_nothing(tmp_path: Path, probe
         smi.write_text("#!/bin/sh\necho 'No devices were found'\nexit 6\n")
         smi.chmod(0o755)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in (REPO / "docs").iterdir())
-    done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "NVIDIA_SMI": str(smi)})
+    done = subprocess.run(
+        ["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, env={**os.environ, "NVIDIA_SMI": str(smi)}
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"gpu_check: no CUDA device on this machine ({smi} lists no GPU): nothing to check"
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (REPO / "docs").iterdir()) == before

@@ -41,7 +41,10 @@ SHARDERS = {"hash": HashEmbeddingBagCollectionSharder, "qr_mult": QREmbeddingBag
 def _dlrm(ebc: nn.Module) -> DLRM:
     torch.manual_seed(0)
     return DLRM(
-        embedding_bag_collection=ebc, dense_in_features=DENSE, dense_arch_layer_sizes=[16, DIM], over_arch_layer_sizes=[16, 1]
+        embedding_bag_collection=ebc,
+        dense_in_features=DENSE,
+        dense_arch_layer_sizes=[16, DIM],
+        over_arch_layer_sizes=[16, 1],
     )
 
 
@@ -77,10 +80,16 @@ def _train_sharded(rank: int, world_size: int) -> None:
         sharders = [make_sharder(fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": 0.1})]
         sharders += get_default_sharders()
         model = DLRMTrain(_dlrm(BUILDERS[method](TABLES)))
-        planner = EmbeddingShardingPlanner(topology=Topology(world_size=world_size, compute_device="cpu"), batch_size=16)
+        planner = EmbeddingShardingPlanner(
+            topology=Topology(world_size=world_size, compute_device="cpu"), batch_size=16
+        )
         plan = planner.collective_plan(model, sharders, dist.group.WORLD)
         dmp = DistributedModelParallel(
-            model, env=ShardingEnv.from_process_group(dist.group.WORLD), plan=plan, sharders=sharders, device=torch.device("cpu")
+            model,
+            env=ShardingEnv.from_process_group(dist.group.WORLD),
+            plan=plan,
+            sharders=sharders,
+            device=torch.device("cpu"),
         )
         optimizer = KeyedOptimizerWrapper(dict(dmp.named_parameters()), lambda p: torch.optim.SGD(p, lr=0.1))
         pipeline = TrainPipelineSparseDist(dmp, optimizer, torch.device("cpu"), execute_all_batches=True)

@@ -30,24 +30,34 @@ BATCH = 6
 USER_TABLES = [
     EmbeddingBagConfig(name="users", embedding_dim=8, num_embeddings=500, feature_names=["user_id"]),
     EmbeddingBagConfig(name="geo", embedding_dim=8, num_embeddings=90, feature_names=["user_geo"]),
-    EmbeddingBagConfig(name="history", embedding_dim=8, num_embeddings=300, feature_names=["watched", "liked"],
-                       pooling=PoolingType.MEAN),
-    EmbeddingBagConfig(name="age", embedding_dim=4, num_embeddings=12, feature_names=["age_bucket"],
-                       pooling=PoolingType.MEAN),
+    EmbeddingBagConfig(
+        name="history",
+        embedding_dim=8,
+        num_embeddings=300,
+        feature_names=["watched", "liked"],
+        pooling=PoolingType.MEAN,
+    ),
+    EmbeddingBagConfig(
+        name="age", embedding_dim=4, num_embeddings=12, feature_names=["age_bucket"], pooling=PoolingType.MEAN
+    ),
 ]
-USER_SPEC = CompressionSpec(tables={
-    "users": MEmComConfig(num_hash_rows=37, hash="mix"),
-    "geo": HashConfig(num_hash_rows=16, hash="mix"),
-    "history": QRConfig(num_collisions=7, operation="mult"),
-})
+USER_SPEC = CompressionSpec(
+    tables={
+        "users": MEmComConfig(num_hash_rows=37, hash="mix"),
+        "geo": HashConfig(num_hash_rows=16, hash="mix"),
+        "history": QRConfig(num_collisions=7, operation="mult"),
+    }
+)
 ITEM_TABLES = [
     EmbeddingBagConfig(name="items", embedding_dim=8, num_embeddings=400, feature_names=["item_id"]),
     EmbeddingBagConfig(name="tags", embedding_dim=8, num_embeddings=120, feature_names=["item_tags"]),
 ]
-ITEM_ALLOCATION = Allocation({
-    "items": TableAllocation((Tier(60, 8), Tier(140, 4), Tier(200, 4, hash_rows=23))),
-    "tags": TableAllocation((Tier(20, 8), Tier(100, 4))),
-})
+ITEM_ALLOCATION = Allocation(
+    {
+        "items": TableAllocation((Tier(60, 8), Tier(140, 4), Tier(200, 4, hash_rows=23))),
+        "tags": TableAllocation((Tier(20, 8), Tier(100, 4))),
+    }
+)
 QUERY_TABLES = [EmbeddingBagConfig(name="terms", embedding_dim=8, num_embeddings=80, feature_names=["query_terms"])]
 # multi-hot features: up to this many ids per bag (empty bags included)
 MAX_LENGTH = {"watched": 5, "liked": 3, "item_tags": 4, "query_terms": 3}
@@ -83,9 +93,11 @@ class Recommender(nn.Module):
         self.users = UserTower()
         g = torch.Generator().manual_seed(0)
         frequencies = {"items": torch.randint(0, 50, (400,), generator=g), "tags": torch.arange(120, 0, -1)}
-        self.items = ItemTower(BudgetedEmbeddingBagCollection(
-            ITEM_TABLES, budget_ratio=1, frequencies=frequencies, allocation=ITEM_ALLOCATION
-        ))
+        self.items = ItemTower(
+            BudgetedEmbeddingBagCollection(
+                ITEM_TABLES, budget_ratio=1, frequencies=frequencies, allocation=ITEM_ALLOCATION
+            )
+        )
         self.query_tables = EmbeddingBagCollection(QUERY_TABLES, is_weighted=True)
         self.query_mlp = nn.Linear(8, 8)
 
@@ -230,8 +242,13 @@ def test_exported_mix_slots_equal_the_modules_for_every_id(trained: nn.Module, s
     of the MEmCom and hashed tables still reads what the trained collection reads."""
     c = trained.users.tables
     size = 500
-    ids = {"user_id": torch.arange(size), "user_geo": torch.arange(size) % 90, "watched": torch.arange(size) % 300,
-           "liked": torch.arange(size) % 300, "age_bucket": torch.arange(size) % 12}
+    ids = {
+        "user_id": torch.arange(size),
+        "user_geo": torch.arange(size) % 90,
+        "watched": torch.arange(size) % 300,
+        "liked": torch.arange(size) % 300,
+        "age_bucket": torch.arange(size) % 12,
+    }
     ones = torch.ones(size * len(ids), dtype=torch.int64)
     features = KeyedJaggedTensor(list(ids), torch.cat(list(ids.values())), lengths=ones)
     served = InferenceEmbeddingBagCollection.from_float(c, "fp32")

@@ -30,7 +30,9 @@ def imported_modules(source: str, module: str) -> List[str]:
 
 def upward(names: List[str]) -> List[str]:
     """The names that are, or are inside, a higher layer of the package."""
-    return sorted({n for n in names if any(n == f"torchrec_memcom.{h}" or n.startswith(f"torchrec_memcom.{h}.") for h in HIGHER)})
+    return sorted(
+        {n for n in names if any(n == f"torchrec_memcom.{h}" or n.startswith(f"torchrec_memcom.{h}.") for h in HIGHER)}
+    )
 
 
 def test_checker_sees_local_relative_and_from_imports() -> None:

@@ -72,8 +72,7 @@ def write_config(folder: Path, data: Path, method: str = "memcom", lr: float = 0
         "model": {"dense_arch_layer_sizes": [16], "over_arch_layer_sizes": [16, 1]},
         "embeddings": {"dim": 8, "compression": compression},
         "optimizer": {"sparse": {"type": "rowwise_adagrad", "lr": lr}, "dense": {"lr": 0.1}},
-        "train": {"batch_size": 128, "run_dir": str(folder / "run"), "checkpoint_dir": str(folder / "ckpt"),
-                  **train},
+        "train": {"batch_size": 128, "run_dir": str(folder / "run"), "checkpoint_dir": str(folder / "ckpt"), **train},
     }
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
@@ -86,8 +85,11 @@ def _train_all(rank: int, world: int, configs: List[str], diverging: str) -> Non
 
     for path in configs:
         train(load_config(path))
-    with pytest.raises(DivergedError, match=r"training diverged at step \d+: the loss is not finite; likely "
-                                            r"cause: a learning rate too high .*optimizer.sparse.lr=1e\+30"):
+    with pytest.raises(
+        DivergedError,
+        match=r"training diverged at step \d+: the loss is not finite; likely "
+        r"cause: a learning rate too high .*optimizer.sparse.lr=1e\+30",
+    ):
         train(load_config(diverging))
 
 
@@ -117,9 +119,7 @@ def _resume_all(rank: int, world: int, configs: List[str]) -> None:
         train(load_config(path))
 
 
-def test_every_composition_resumes_as_uninterrupted(
-    tmp_path: Path, data: Path, whole_runs: Dict[str, Path]
-) -> None:
+def test_every_composition_resumes_as_uninterrupted(tmp_path: Path, data: Path, whole_runs: Dict[str, Path]) -> None:
     """Kill-and-resume at world size 2 for every method, the stock baseline included: a job killed
     after checkpoint ``CUT`` leaves exactly that checkpoint as ``latest`` (test_train.py kills one
     for real); resumed from it, every method ends with the uninterrupted run's weights, optimizer
@@ -200,8 +200,9 @@ def test_sigterm_stops_the_whole_job_saves_and_resumes(tmp_path: Path, data: Pat
     assert "Traceback" not in text
     # what happened, said once: the plan per table, where results and checkpoints go
     assert text.count("results: ") == 1 and text.count(f"checkpoints: {tmp_path / 'job' / 'ckpt'}") == 1
-    assert any(line.startswith("model.sparse_arch") and "t_cat_2 " in line and "fused" in line
-               for line in text.splitlines())
+    assert any(
+        line.startswith("model.sparse_arch") and "t_cat_2 " in line and "fused" in line for line in text.splitlines()
+    )
     assert text.count("is_fx_tracing will return true") <= 1
     assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
     a = flat_checkpoint(whole_runs["memcom"] / "ckpt" / "step_16", tmp_path / "a.pt")
@@ -217,8 +218,11 @@ def test_a_loss_that_stays_far_above_the_base_rate_stops_the_run(tmp_path: Path,
     from torchrec_memcom.train.trainer import train
 
     config = load_config(write_config(tmp_path, data, "none", lr=1e6, steps=100))
-    with pytest.raises(DivergedError, match=r"training diverged by step 100: the mean training loss over steps "
-                                            r"51-100 is [0-9.]+, above 1\.[0-9]+ .*base rate 0\.[0-9]+"):
+    with pytest.raises(
+        DivergedError,
+        match=r"training diverged by step 100: the mean training loss over steps "
+        r"51-100 is [0-9.]+, above 1\.[0-9]+ .*base rate 0\.[0-9]+",
+    ):
         train(config)
     assert not (tmp_path / "run" / "results.json").exists() and latest_checkpoint(tmp_path / "ckpt") is None
 
@@ -301,8 +305,9 @@ def test_a_resume_with_other_config_or_data_is_refused_unless_allowed(
     config = load_config(write_config(tmp_path / "a", data, "memcom", **TRAIN))
     manifest = load_manifest(data)
     progress = {"step": 4, "world_size": 1}
-    path = save_checkpoint(tmp_path / "ck", 4, {"w": torch.zeros(2)}, as_dict(config),
-                           {PROGRESS: progress, DATA: manifest})
+    path = save_checkpoint(
+        tmp_path / "ck", 4, {"w": torch.zeros(2)}, as_dict(config), {PROGRESS: progress, DATA: manifest}
+    )
     moved = load_config(write_config(tmp_path / "b", data, "memcom", **TRAIN))  # other folders only
     assert _check_resume(path, moved, manifest, 1, False) == progress
     changed = load_config(write_config(tmp_path / "c", data, "memcom", lr=0.2, **TRAIN))
@@ -332,16 +337,22 @@ def test_ids_beyond_a_table_are_refused_naming_feature_and_bound(tmp_path: Path,
     assert len(list(_checked(batches, bounds, "train"))) == len(batches)
     values = batches[0].sparse_features.to_dict()["cat_7"].values()
     bounds["cat_7"] = int(values.max())  # the largest id is now one past the table
-    with pytest.raises(DataError, match=rf"train, batch 0: feature cat_7 has id {bounds['cat_7']}.*"
-                                        rf"num_embeddings {bounds['cat_7']}"):
+    with pytest.raises(
+        DataError,
+        match=rf"train, batch 0: feature cat_7 has id {bounds['cat_7']}.*"
+        rf"num_embeddings {bounds['cat_7']}",
+    ):
         list(_checked(batches, bounds, "train"))
 
 
-@pytest.mark.parametrize("text, message", [
-    ("optimizer: {sparse: {lr: .inf}}", "optimizer.sparse.lr: must be a finite number > 0, got inf"),
-    ("optimizer: {dense: {lr: inf}}", "optimizer.dense.lr: must be a finite number > 0, got inf"),
-    ("optimizer: {sparse: {lr: .nan}}", "optimizer.sparse.lr: must be a finite number > 0, got nan"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("optimizer: {sparse: {lr: .inf}}", "optimizer.sparse.lr: must be a finite number > 0, got inf"),
+        ("optimizer: {dense: {lr: inf}}", "optimizer.dense.lr: must be a finite number > 0, got inf"),
+        ("optimizer: {sparse: {lr: .nan}}", "optimizer.sparse.lr: must be a finite number > 0, got nan"),
+    ],
+)
 def test_learning_rates_must_be_finite(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -357,10 +368,14 @@ def test_expected_failures_are_one_line_and_debug_shows_the_traceback(
     cases = [
         (["train", "--config", str(bad)], f"memcom train: error: {bad}: unknown key train.batchsize"),
         (["train", "--config", str(bad), "--nproc", "0"], "memcom train: error: "),
-        (["train", "--config", str(write_config(tmp_path, data)), "--nproc", "0"],
-         "memcom train: error: --nproc: must be >= 1, got 0"),
-        (["data", "synth", "--rows", "10", "--out", str(tmp_path / "d"), "--rows-per-shard", "0"],
-         "memcom data synth: error: --rows-per-shard: must be >= 1, got 0"),
+        (
+            ["train", "--config", str(write_config(tmp_path, data)), "--nproc", "0"],
+            "memcom train: error: --nproc: must be >= 1, got 0",
+        ),
+        (
+            ["data", "synth", "--rows", "10", "--out", str(tmp_path / "d"), "--rows-per-shard", "0"],
+            "memcom data synth: error: --rows-per-shard: must be >= 1, got 0",
+        ),
     ]
     for argv, message in cases:
         assert memcom_main(argv) == 1
@@ -404,15 +419,23 @@ def _data_parallel_grads(rank: int, world: int) -> None:
 
     from torchrec_memcom.train.trainer import FBGEMM_AUTOGRAD_WARNING
 
-    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=50, feature_names=[f"f{i}"],
-                                 pooling=pooling) for i, pooling in enumerate([PoolingType.SUM, PoolingType.MEAN])]
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=50, feature_names=[f"f{i}"], pooling=pooling)
+        for i, pooling in enumerate([PoolingType.SUM, PoolingType.MEAN])
+    ]
     torch.manual_seed(0)
     reference = EmbeddingBagCollection(tables)
     sharded_ebc = EmbeddingBagCollection(tables, device=torch.device("meta"))
-    plan = ShardingPlan({"": construct_module_sharding_plan(
-        sharded_ebc, {t.name: data_parallel() for t in tables}, world_size=world, device_type="cpu")})
-    model = DistributedModelParallel(sharded_ebc, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-                                     device=torch.device("cpu"), plan=plan)
+    plan = ShardingPlan(
+        {
+            "": construct_module_sharding_plan(
+                sharded_ebc, {t.name: data_parallel() for t in tables}, world_size=world, device_type="cpu"
+            )
+        }
+    )
+    model = DistributedModelParallel(
+        sharded_ebc, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=torch.device("cpu"), plan=plan
+    )
     model.load_state_dict(reference.state_dict())
     g = torch.Generator().manual_seed(1)
     lengths = torch.randint(0, 4, (2 * world * 3,), generator=g)
@@ -423,7 +446,7 @@ def _data_parallel_grads(rank: int, world: int) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = model(mine)
-        (out.values() * weights[rank * 3: rank * 3 + 3]).sum().backward()
+        (out.values() * weights[rank * 3 : rank * 3 + 3]).sum().backward()
     assert any(re.match(FBGEMM_AUTOGRAD_WARNING, str(w.message)) for w in caught)
     ref = reference(full)
     (ref.values() * weights).sum().div(world).backward()  # DDP averages the ranks' gradients
@@ -439,7 +462,7 @@ def _slice(kjt: Any, start: int, stop: int, batch: int) -> Any:
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     d = kjt.to_dict()
-    values = [d[k].values()[d[k].offsets()[start]: d[k].offsets()[stop]] for k in kjt.keys()]
+    values = [d[k].values()[d[k].offsets()[start] : d[k].offsets()[stop]] for k in kjt.keys()]
     lengths = [d[k].lengths()[start:stop] for k in kjt.keys()]
     return KeyedJaggedTensor.from_lengths_sync(kjt.keys(), torch.cat(values), torch.cat(lengths))
 

@@ -104,7 +104,9 @@ def test_impossible_ratios_error() -> None:
         MEmComEmbeddingBagCollection(tables, MEmComConfig(num_hash_rows=2000))
     with pytest.raises(ValueError, match="unknown tables"):
         MEmComEmbeddingBagCollection(tables, {"nope": MEmComConfig(ratio=2)})
-    mean = [EmbeddingBagConfig(name="m", embedding_dim=8, num_embeddings=100, feature_names=["f"], pooling=PoolingType.MEAN)]
+    mean = [
+        EmbeddingBagConfig(name="m", embedding_dim=8, num_embeddings=100, feature_names=["f"], pooling=PoolingType.MEAN)
+    ]
     with pytest.raises(ValueError, match="'m'.*SUM"):
         MEmComEmbeddingBagCollection(mean, MEmComConfig(ratio=2))
 

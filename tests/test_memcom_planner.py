@@ -46,15 +46,20 @@ def _local_bytes(state: Dict[str, Any]) -> int:
 
 def _shard_storage(module: nn.Module, sharder: Any, kind: str, topology: Topology) -> List[int]:
     """DDR of each shard of the one table of ``module`` as TorchRec's stock planner sizes it."""
-    constraints = {n: ParameterConstraints(sharding_types=[kind], compute_kernels=["fused"])
-                   for n in sharder.shardable_parameters(module)}
+    constraints = {
+        n: ParameterConstraints(sharding_types=[kind], compute_kernels=["fused"])
+        for n in sharder.shardable_parameters(module)
+    }
     options = EmbeddingEnumerator(topology, BATCH, constraints=constraints).enumerate(module, [sharder])
     assert len(options) == 1
     return [s.storage.ddr for s in options[0].shards]
 
 
 CASES = [  # (sharding type, optimizer applied in backward or None for the sharder's fused SGD)
-    ("table_wise", RowWiseAdagrad), ("row_wise", RowWiseAdagrad), ("row_wise", None), ("table_wise", torch.optim.Adagrad),
+    ("table_wise", RowWiseAdagrad),
+    ("row_wise", RowWiseAdagrad),
+    ("row_wise", None),
+    ("table_wise", torch.optim.Adagrad),
 ]
 BATCH = 32
 
@@ -72,15 +77,20 @@ def _storage_equals_allocation(rank: int, world_size: int) -> None:
         # (left uncompressed, so planned as TorchRec plans any table), trained without state.
         m = module.tables[0].hash_rows
         plain = MEmComEmbeddingBagCollection(
-            [dataclasses.replace(table, num_embeddings=m)], MEmComConfig(num_hash_rows=1, min_rows=m + 1),
+            [dataclasses.replace(table, num_embeddings=m)],
+            MEmComConfig(num_hash_rows=1, min_rows=m + 1),
             device=torch.device("meta"),
         )
         stock_storage = _shard_storage(plain, MEmComEmbeddingBagCollectionSharder(), kind, topology)
-        plan = EmbeddingShardingPlanner(topology, BATCH, constraints={
-            "t0": ParameterConstraints(sharding_types=[kind], compute_kernels=["fused"])}).plan(module, [sharder])
+        plan = EmbeddingShardingPlanner(
+            topology, BATCH, constraints={"t0": ParameterConstraints(sharding_types=[kind], compute_kernels=["fused"])}
+        ).plan(module, [sharder])
         dmp = DistributedModelParallel(
-            Wrapper(module), env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-            device=torch.device("cpu"), plan=ShardingPlan({"ebc": plan.plan[""]}), sharders=[sharder],
+            Wrapper(module),
+            env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+            device=torch.device("cpu"),
+            plan=ShardingPlan({"ebc": plan.plan[""]}),
+            sharders=[sharder],
         )
         sharded = get_unwrapped_module(dmp).ebc
         held = _local_bytes(sharded.state_dict()) + _local_bytes(sharded.fused_optimizer.state_dict()["state"])
@@ -114,8 +124,10 @@ def test_memcom_planner_plans_memcom_tables_on_cpu() -> None:
     reservation = HeuristicalStorageReservation(percentage=0.05)
     constraints = {"t1": ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value])}
     planner = memcom_planner(
-        Topology(world_size=2, local_world_size=2, compute_device="cpu"), 32,
-        storage_reservation=reservation, constraints=constraints,
+        Topology(world_size=2, local_world_size=2, compute_device="cpu"),
+        32,
+        storage_reservation=reservation,
+        constraints=constraints,
     )
     assert planner._storage_reservation is reservation
     assert planner.plan(module, [sharder]).plan[""]["t1"].sharding_type == ShardingType.TABLE_WISE.value
@@ -129,13 +141,19 @@ def test_reservation_holds_what_budgeted_collections_replicate(device: str) -> N
         EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=1000, feature_names=[f"f{i}"])
         for i in range(2)
     ]
-    allocation = Allocation({
-        t.name: TableAllocation((Tier(100, 16), Tier(300, 8), Tier(600, 4, hash_rows=37))) for t in tables
-    })
-    frequencies = {"t0": torch.randperm(1000, generator=torch.Generator().manual_seed(0)) + 1,  # ranks != ids
-                   "t1": torch.arange(1000, 0, -1)}  # already in rank order: no remap kept
+    allocation = Allocation(
+        {t.name: TableAllocation((Tier(100, 16), Tier(300, 8), Tier(600, 4, hash_rows=37))) for t in tables}
+    )
+    frequencies = {
+        "t0": torch.randperm(1000, generator=torch.Generator().manual_seed(0)) + 1,  # ranks != ids
+        "t1": torch.arange(1000, 0, -1),
+    }  # already in rank order: no remap kept
     module = BudgetedEmbeddingBagCollection(
-        tables, budget_ratio=1.5, frequencies=frequencies, allocation=allocation, device=torch.device("meta"),
+        tables,
+        budget_ratio=1.5,
+        frequencies=frequencies,
+        allocation=allocation,
+        device=torch.device("meta"),
     )
     sharders = [BudgetedEmbeddingBagCollectionSharder()]
     cap = {"hbm_cap": 2**30} if device == "cuda" else {"ddr_cap": 2**30}

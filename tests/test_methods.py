@@ -75,7 +75,9 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])]
 
 
-def _with_kernel(generator: ParameterShardingGenerator, sharding_type: Optional[ShardingType] = None) -> ParameterShardingGenerator:
+def _with_kernel(
+    generator: ParameterShardingGenerator, sharding_type: Optional[ShardingType] = None
+) -> ParameterShardingGenerator:
     """``generator`` with the fused kernel (table_row_wise takes no kernel), as ``sharding_type``
     if given: TorchRec has no table-column-wise generator, and a table-column-wise plan is column
     shards on the ranks of one host."""
@@ -103,7 +105,9 @@ PLANS: Dict[str, Callable[[int], ParameterShardingGenerator]] = {
     "column_wise": lambda world: column_wise(ranks=_column_ranks(world), compute_kernel=FUSED),
     "data_parallel": lambda world: data_parallel(),
     "table_row_wise": lambda world: _with_kernel(table_row_wise(host_index=0)),
-    "table_column_wise": lambda world: _with_kernel(column_wise(ranks=_column_ranks(world)), ShardingType.TABLE_COLUMN_WISE),
+    "table_column_wise": lambda world: _with_kernel(
+        column_wise(ranks=_column_ranks(world)), ShardingType.TABLE_COLUMN_WISE
+    ),
 }
 COLUMN_SHARDED = ("column_wise", "table_column_wise")
 
@@ -140,11 +144,13 @@ def _frequencies() -> Dict[str, torch.Tensor]:
 
 
 # One MEmCom tier among t0's; t0's tiers at 16, 8 and 8 columns (column shards of 4 or more).
-ALLOCATION = Allocation({
-    "t0": TableAllocation((Tier(100, 16), Tier(300, 8), Tier(600, 8, hash_rows=50))),
-    "t1": TableAllocation((Tier(50, 16), Tier(350, 8))),
-    "t2": TableAllocation((Tier(60, 16),)),
-})
+ALLOCATION = Allocation(
+    {
+        "t0": TableAllocation((Tier(100, 16), Tier(300, 8), Tier(600, 8, hash_rows=50))),
+        "t1": TableAllocation((Tier(50, 16), Tier(350, 8))),
+        "t2": TableAllocation((Tier(60, 16),)),
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,42 +186,57 @@ class MethodCase:
 
 CASES: List[MethodCase] = [
     MethodCase(
-        "memcom", small_tables,
+        "memcom",
+        small_tables,
         # t0: 128 rows do not divide its 1000 ids, so its last slot block is partial (104 of 128)
         lambda device, _: MEmComEmbeddingBagCollection(
-            small_tables(), {"t0": MEmComConfig(num_hash_rows=128), "t1": MEmComConfig(num_hash_rows=50, hash="mix")},
+            small_tables(),
+            {"t0": MEmComConfig(num_hash_rows=128), "t1": MEmComConfig(num_hash_rows=50, hash="mix")},
             device=device,
         ),
-        MEmComEmbeddingBagCollectionSharder, memcom_reference,
+        MEmComEmbeddingBagCollectionSharder,
+        memcom_reference,
         ("table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise"),
         off_init=_uniform_scalars,
     ),
     MethodCase(
-        "hash", _mean_t1,
+        "hash",
+        _mean_t1,
         lambda device, _: HashEmbeddingBagCollection(
             _mean_t1(), {"t0": HashConfig(ratio=4), "t1": HashConfig(num_hash_rows=50, hash="mix")}, device=device
         ),
-        HashEmbeddingBagCollectionSharder, hash_reference,
+        HashEmbeddingBagCollectionSharder,
+        hash_reference,
         ("table_wise", "row_wise", "column_wise", "data_parallel"),
     ),
     MethodCase(
-        "qr", _mean_t1,
+        "qr",
+        _mean_t1,
         lambda device, _: QREmbeddingBagCollection(
             _mean_t1(), {"t0": QRConfig(num_collisions=8), "t1": QRConfig(ratio=5, operation="add")}, device=device
         ),
-        QREmbeddingBagCollectionSharder, qr_reference,
+        QREmbeddingBagCollectionSharder,
+        qr_reference,
         ("table_wise", "row_wise", "column_wise"),
         # FBGEMM's CPU dense kernel pools per-id lookups: refused, not wrong
         refused={"data_parallel": r"\['t0@q', 't0@r'\]: on CPU they need the fused"},
     ),
     MethodCase(
-        "budgeted", lambda: small_tables(16),
+        "budgeted",
+        lambda: small_tables(16),
         lambda device, optimizer: BudgetedEmbeddingBagCollection(
-            small_tables(16), budget_ratio=1.5, frequencies=_frequencies(), allocation=ALLOCATION,
-            optimizer=OPTIMIZER_NAMES[optimizer], device=device,
+            small_tables(16),
+            budget_ratio=1.5,
+            frequencies=_frequencies(),
+            allocation=ALLOCATION,
+            optimizer=OPTIMIZER_NAMES[optimizer],
+            device=device,
         ),
-        BudgetedEmbeddingBagCollectionSharder, lambda state, tables, module, kjt: budgeted_reference(state, module, kjt),
-        tuple(PLANS), (SGD, ROWWISE, ADAGRAD), off_init=_budgeted_off_init,
+        BudgetedEmbeddingBagCollectionSharder,
+        lambda state, tables, module, kjt: budgeted_reference(state, module, kjt),
+        tuple(PLANS),
+        (SGD, ROWWISE, ADAGRAD),
+        off_init=_budgeted_off_init,
     ),
 ]
 BY_NAME = {case.name: case for case in CASES}
@@ -268,13 +289,18 @@ def _plan(case: MethodCase, module: nn.Module, sharder: ModuleSharder, kind: str
     return ShardingPlan({"ebc": plan})
 
 
-def _dmp(case: MethodCase, kind: str, optimizer: EmbOptimType, module: nn.Module, device: torch.device) -> DistributedModelParallel:
+def _dmp(
+    case: MethodCase, kind: str, optimizer: EmbOptimType, module: nn.Module, device: torch.device
+) -> DistributedModelParallel:
     """DMP over ``module`` (on meta, or holding values), sharded by ``kind``, trained with the
     fused ``optimizer``."""
     sharder = case.sharder(fused_params={"optimizer": optimizer, "learning_rate": LR, "eps": EPS})
     return DistributedModelParallel(
-        Wrapper(module), env=ShardingEnv.from_process_group(dist.group.WORLD),
-        plan=_plan(case, module, sharder, kind, device), sharders=[sharder], device=device,
+        Wrapper(module),
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        plan=_plan(case, module, sharder, kind, device),
+        sharders=[sharder],
+        device=device,
     )
 
 
@@ -317,7 +343,8 @@ def _assert_holds(dmp: DistributedModelParallel, full: Dict[str, torch.Tensor], 
         layout = weights.layouts[name]
         for start, offset, length in layout.slot_pieces(layout.local_block(rank)):
             torch.testing.assert_close(
-                local.detach().cpu()[offset : offset + length], full[f"ebc.entity_weights.{name}"][start : start + length],
+                local.detach().cpu()[offset : offset + length],
+                full[f"ebc.entity_weights.{name}"][start : start + length],
                 msg=f"{what}: storage of {name} on rank {rank}",
             )
 
@@ -333,17 +360,24 @@ def _local_bytes(value: Any) -> int:
     return value.numel() * value.element_size()
 
 
-def _check_bytes(checks: Checks, case: MethodCase, kind: str, optimizer: EmbOptimType,
-                 dmp: DistributedModelParallel, device: torch.device) -> None:
+def _check_bytes(
+    checks: Checks,
+    case: MethodCase,
+    kind: str,
+    optimizer: EmbOptimType,
+    dmp: DistributedModelParallel,
+    device: torch.device,
+) -> None:
     """Across ranks, the sharded module's state holds the bytes of the unsharded module's tensors
     (replicated ones counted once), and the fused optimizer's state the bytes TorchRec's or
     torch's optimizer keeps for them; budgeted: those are the bytes its budget counts, within it."""
     rank = dist.get_rank()
-    state = sum(0 if rank and not isinstance(v, ShardedTensor) else _local_bytes(v)
-                for v in dmp.state_dict().values())
+    state = sum(0 if rank and not isinstance(v, ShardedTensor) else _local_bytes(v) for v in dmp.state_dict().values())
     optimizer_state = sum(
-        _local_bytes(v) for per_param in dmp.fused_optimizer.state_dict()["state"].values()
-        for v in per_param.values() if isinstance(v, (ShardedTensor, torch.Tensor))
+        _local_bytes(v)
+        for per_param in dmp.fused_optimizer.state_dict()["state"].values()
+        for v in per_param.values()
+        if isinstance(v, (ShardedTensor, torch.Tensor))
     )
     totals = torch.tensor([state, optimizer_state], device=device)
     dist.all_reduce(totals)
@@ -466,9 +500,7 @@ def _assert_passed(results: Dict[str, Optional[str]], *key: Any) -> None:
     assert results[name] is None, results[name]
 
 
-STEP_PARAMS = [
-    pytest.param(c, p, o, id=f"{c}-{p}-{OPTIMIZER_NAMES[o]}") for c, p, o in _combinations()
-]
+STEP_PARAMS = [pytest.param(c, p, o, id=f"{c}-{p}-{OPTIMIZER_NAMES[o]}") for c, p, o in _combinations()]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -483,9 +515,10 @@ def test_sharded_equals_unsharded(
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case, kind, optimizer", [
-    pytest.param(c, p, o, id=f"{c}-{p}-{OPTIMIZER_NAMES[o]}") for c, p, o in _combinations() if p in BYTE_PLANS
-])
+@pytest.mark.parametrize(
+    "case, kind, optimizer",
+    [pytest.param(c, p, o, id=f"{c}-{p}-{OPTIMIZER_NAMES[o]}") for c, p, o in _combinations() if p in BYTE_PLANS],
+)
 def test_sharded_bytes_equal_the_tensors(
     case: str, kind: str, optimizer: EmbOptimType, device: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -494,13 +527,19 @@ def test_sharded_bytes_equal_the_tensors(
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [c.name for c in CASES])
-def test_bad_ids_name_the_feature_before_input_dist(case: str, device: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_bad_ids_name_the_feature_before_input_dist(
+    case: str, device: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     _assert_passed(_results(device, tmp_path_factory), "bad_id", case)
 
 
-@pytest.mark.parametrize("case, kind", [
-    *((c.name, k) for c in CASES for k in c.refused), ("budgeted", "budget_optimizer"),
-])
+@pytest.mark.parametrize(
+    "case, kind",
+    [
+        *((c.name, k) for c in CASES for k in c.refused),
+        ("budgeted", "budget_optimizer"),
+    ],
+)
 def test_refused_combinations_name_the_tables(case: str, kind: str, tmp_path_factory: pytest.TempPathFactory) -> None:
     _assert_passed(_results("cpu", tmp_path_factory), "refused", case, kind)
 
@@ -553,8 +592,12 @@ def test_optimizer_options_the_scalars_cannot_follow_are_refused() -> None:
     case = BY_NAME["memcom"]
     meta = case.module(torch.device("meta"))
     sharding = construct_module_sharding_plan(
-        meta, {t.name: table_wise(rank=0, compute_kernel=FUSED) for t in case.tables()},
-        sharder=case.sharder(), local_size=2, world_size=2, device_type="cpu",
+        meta,
+        {t.name: table_wise(rank=0, compute_kernel=FUSED) for t in case.tables()},
+        sharder=case.sharder(),
+        local_size=2,
+        world_size=2,
+        device_type="cpu",
     )["t0"]
     t0 = meta.tables[0]
     plain = {"optimizer": SGD, "learning_rate": 0.1, "weight_decay": 0.0}

@@ -25,8 +25,9 @@ def _model() -> torch.nn.Module:
         for i, n in enumerate([1000, 50])
     ]
     ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
-    return DLRM(embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[8],
-                 over_arch_layer_sizes=[8, 1])
+    return DLRM(
+        embedding_bag_collection=ebc, dense_in_features=4, dense_arch_layer_sizes=[8], over_arch_layer_sizes=[8, 1]
+    )
 
 
 def _body(rank: int, world_size: int) -> None:
@@ -58,4 +59,3 @@ def _body(rank: int, world_size: int) -> None:
 
 def test_missing_sharders_name_the_fix() -> None:
     run_multiprocess(_body, 2)
-

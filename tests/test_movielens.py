@@ -29,10 +29,20 @@ GENRES = ["Action", "Children's", "Comedy", "Drama", "Film-Noir", "Sci-Fi"]
 def movielens_rows(users: int, movies: int, ratings: int, seed: int = 0) -> Dict[str, List[Any]]:
     """Random MovieLens-1M-shaped records: (user, movie, rating), users, movies with 1-3 genres."""
     rng = np.random.default_rng(seed)
-    u = [(i + 1, "MF"[i % 2], int(rng.choice([1, 18, 25, 35, 45, 50, 56])), int(rng.integers(0, 21)),
-          f"{rng.integers(0, 99999):05d}") for i in range(users)]
-    m = [(j + 1, f"Movie Ã© {j} ({1950 + j % 50})", sorted(rng.choice(GENRES, rng.integers(1, 4), replace=False)))
-         for j in range(movies)]
+    u = [
+        (
+            i + 1,
+            "MF"[i % 2],
+            int(rng.choice([1, 18, 25, 35, 45, 50, 56])),
+            int(rng.integers(0, 21)),
+            f"{rng.integers(0, 99999):05d}",
+        )
+        for i in range(users)
+    ]
+    m = [
+        (j + 1, f"Movie Ã© {j} ({1950 + j % 50})", sorted(rng.choice(GENRES, rng.integers(1, 4), replace=False)))
+        for j in range(movies)
+    ]
     pairs = {(int(rng.integers(1, users + 1)), int(rng.integers(1, movies + 1))) for _ in range(ratings)}
     r = [(a, b, float(rng.integers(1, 6))) for a, b in sorted(pairs)]
     return {"ratings": r, "users": u, "movies": m}
@@ -51,8 +61,13 @@ def _decoded(data: Path) -> List[Tuple[Any, ...]]:
     for split in ("train", "val", "test"):
         t = _read(data, split)
         for i in range(len(t["label"])):
-            out.append((t["label"][i], *(vocab[f][t[f][i] - 1] for f in ("gender", "age", "occupation", "zip")),
-                        tuple(vocab["genres"][g - 1] for g in t["genres"][i])))
+            out.append(
+                (
+                    t["label"][i],
+                    *(vocab[f][t[f][i] - 1] for f in ("gender", "age", "occupation", "zip")),
+                    tuple(vocab["genres"][g - 1] for g in t["genres"][i]),
+                )
+            )
     return out
 
 
@@ -68,15 +83,18 @@ def test_conversion_labels_features_split_and_seed(tmp_path: Path, records: Dict
     n = len(records["ratings"])
     assert manifest["rows_written"] == n and manifest["layout"] == layout
     assert {s: manifest["splits"][s]["rows"] for s in ("train", "val", "test")} == {
-        s: b - a for s, (a, b) in kaggle_split(n).items()}
+        s: b - a for s, (a, b) in kaggle_split(n).items()
+    }
     features = features_of(manifest)
     assert features.dense == [] and features.multi_hot == ["genres"]
     assert features.sparse == ["user", "movie", "gender", "age", "occupation", "zip", "genres"]
     # every rating is there once, with its label and its user's and movie's features
     users = {u[0]: u for u in records["users"]}
     movies = {m[0]: m for m in records["movies"]}
-    expected = sorted((int(r >= 4), users[u][1], str(users[u][2]), str(users[u][3]), users[u][4],
-                       tuple(movies[m][2])) for u, m, r in records["ratings"])
+    expected = sorted(
+        (int(r >= 4), users[u][1], str(users[u][2]), str(users[u][3]), users[u][4], tuple(movies[m][2]))
+        for u, m, r in records["ratings"]
+    )
     rows = _decoded(tmp_path / "out")
     assert sorted(rows) == expected
     # the order is shuffled, by the seed: the same seed gives the same files, another seed another order
@@ -161,7 +179,7 @@ def test_loader_gives_multi_hot_bags_and_no_dense(tmp_path: Path, records: Dict[
     rows = list(zip(table["user"], [tuple(g) for g in table["genres"]]))
     half = len(rows) // 2
     used = half // 40 * 40
-    assert halves == rows[:used] + rows[half:half + used]
+    assert halves == rows[:used] + rows[half : half + used]
 
 
 def test_frequencies_count_every_id_of_a_bag(tmp_path: Path, records: Dict[str, List[Any]]) -> None:
@@ -170,8 +188,10 @@ def test_frequencies_count_every_id_of_a_bag(tmp_path: Path, records: Dict[str, 
     table = _read(data, "train")
     freq = load_frequencies(data)
     assert set(freq) == set(load_manifest(data)["features"])
-    assert freq["genres"].tolist() == np.bincount([g for bag in table["genres"] for g in bag],
-                                                  minlength=len(freq["genres"])).tolist()
+    assert (
+        freq["genres"].tolist()
+        == np.bincount([g for bag in table["genres"] for g in bag], minlength=len(freq["genres"])).tolist()
+    )
     assert int(freq["user"].sum()) == len(table["label"])
 
 
@@ -230,12 +250,23 @@ def test_export_reads_the_features_from_the_manifest(tmp_path: Path) -> None:
     data = tmp_path / "ml"
     convert_movielens(write_movielens(tmp_path / "src", "grouplens", **movielens_rows(200, 40, 3000)), data)
     one_hot = _without_genres(data, tmp_path / "one_hot")
-    report = export_checkpoint(_train_checkpoint(one_hot, tmp_path / "a"), tmp_path / "m.pt", "fp32",
-                               raw_ids=False, check_rows=None)
-    assert report["check"]["max_abs_diff"] <= 1e-5 and report["check"]["rows"] == load_manifest(one_hot)["splits"]["val"]["rows"]
+    report = export_checkpoint(
+        _train_checkpoint(one_hot, tmp_path / "a"), tmp_path / "m.pt", "fp32", raw_ids=False, check_rows=None
+    )
+    assert (
+        report["check"]["max_abs_diff"] <= 1e-5
+        and report["check"]["rows"] == load_manifest(one_hot)["splits"]["val"]["rows"]
+    )
     model = load_model(tmp_path / "m.pt")
     meta = json.loads(model.metadata)
-    assert meta["dense_features"] == [] and meta["sparse_features"] == ["user", "movie", "gender", "age", "occupation", "zip"]
+    assert meta["dense_features"] == [] and meta["sparse_features"] == [
+        "user",
+        "movie",
+        "gender",
+        "age",
+        "occupation",
+        "zip",
+    ]
     p = model(torch.zeros(3, 0), torch.ones(3, 6, dtype=torch.int64))
     assert p.shape == (3,) and bool(((p > 0) & (p < 1)).all())
     with pytest.raises(ExportError, match="feature 'genres' is multi-hot"):
@@ -248,10 +279,18 @@ def test_config_checks_tables_against_the_datas_features(tmp_path: Path, records
     data = tmp_path / "ml"
     convert_movielens(write_movielens(tmp_path / "src", "grouplens", **records), data)
     path = tmp_path / "c.yaml"
-    path.write_text(json.dumps({"data": {"path": str(data)}, "embeddings": {"compression": {
-        "tables": {"t_zip": {"method": "hash", "params": {"ratio": 2}}}}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "data": {"path": str(data)},
+                "embeddings": {"compression": {"tables": {"t_zip": {"method": "hash", "params": {"ratio": 2}}}}},
+            }
+        )
+    )
     assert load_config(path).embeddings.compression.tables["t_zip"].method == "hash"
-    path.write_text(json.dumps({"data": {"path": str(data)}, "embeddings": {"compression": {"tables": {"t_cat_3": {}}}}}))
+    path.write_text(
+        json.dumps({"data": {"path": str(data)}, "embeddings": {"compression": {"tables": {"t_cat_3": {}}}}})
+    )
     with pytest.raises(ValueError, match=r"tables.t_cat_3: no such table \(.*'s t_user .. t_genres\)"):
         load_config(path)
     path.write_text(json.dumps({"data": {"path": str(data)}, "embeddings": {"num_embeddings": [10] * 26}}))

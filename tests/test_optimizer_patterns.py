@@ -67,19 +67,30 @@ def _model(method: str, before_compress: Optional[Tuple[type, Dict[str, Any]]] =
     torch.manual_seed(0)
     sharders = get_default_sharders()
     if method == "budgeted":
-        allocation = Allocation({
-            "t0": TableAllocation((Tier(100, DIM), Tier(300, 4), Tier(600, 4, hash_rows=37))),
-            "t1": TableAllocation((Tier(60, DIM),)),
-        })
-        frequencies = {"t0": torch.randperm(1000, generator=torch.Generator().manual_seed(0)) + 1,
-                       "t1": torch.arange(60, 0, -1)}
-        ebc: nn.Module = BudgetedEmbeddingBagCollection(TABLES, budget_ratio=1.2, frequencies=frequencies,
-                                                        allocation=allocation)
+        allocation = Allocation(
+            {
+                "t0": TableAllocation((Tier(100, DIM), Tier(300, 4), Tier(600, 4, hash_rows=37))),
+                "t1": TableAllocation((Tier(60, DIM),)),
+            }
+        )
+        frequencies = {
+            "t0": torch.randperm(1000, generator=torch.Generator().manual_seed(0)) + 1,
+            "t1": torch.arange(60, 0, -1),
+        }
+        ebc: nn.Module = BudgetedEmbeddingBagCollection(
+            TABLES, budget_ratio=1.2, frequencies=frequencies, allocation=allocation
+        )
         sharders = [BudgetedEmbeddingBagCollectionSharder(), *sharders]
     else:
         ebc = EmbeddingBagCollection(TABLES)
-    model = Loss(DLRM(embedding_bag_collection=ebc, dense_in_features=3, dense_arch_layer_sizes=[DIM],
-                      over_arch_layer_sizes=[4, 1]))
+    model = Loss(
+        DLRM(
+            embedding_bag_collection=ebc,
+            dense_in_features=3,
+            dense_arch_layer_sizes=[DIM],
+            over_arch_layer_sizes=[4, 1],
+        )
+    )
     if before_compress is not None:
         apply_optimizer_in_backward(before_compress[0], model.model.sparse_arch.parameters(), before_compress[1])
     if method == "memcom":
@@ -94,8 +105,11 @@ def _model(method: str, before_compress: Optional[Tuple[type, Dict[str, Any]]] =
 def _batches() -> List[Dict[str, Any]]:
     g = torch.Generator().manual_seed(1)
     return [
-        {"dense": torch.randn(BATCH, 3, generator=g), "sparse": random_kjt(TABLES, BATCH, seed=10 + i),
-         "labels": torch.randint(0, 2, (BATCH,), generator=g).float()}
+        {
+            "dense": torch.randn(BATCH, 3, generator=g),
+            "sparse": random_kjt(TABLES, BATCH, seed=10 + i),
+            "labels": torch.randint(0, 2, (BATCH,), generator=g).float(),
+        }
         for i in range(STEPS)
     ]
 
@@ -119,23 +133,33 @@ def _train_both(rank: int, world_size: int, method: str, pattern: str, before_co
     # the reference: the same sparse rule (FBGEMM's eps) on tables and scalars; projections dense
     sparse = [p for n, p in ref.model.sparse_arch.named_parameters() if "projections" not in n]
     apply_optimizer_in_backward(sparse_class, sparse, {**sparse_kwargs, "eps": EPS})
-    ref_dense = torch.optim.Adagrad([p for _, p in in_backward_optimizer_filter(ref.named_parameters())], lr=LR, eps=EPS)
+    ref_dense = torch.optim.Adagrad(
+        [p for _, p in in_backward_optimizer_filter(ref.named_parameters())], lr=LR, eps=EPS
+    )
 
     topology = Topology(world_size=world_size, local_world_size=world_size, compute_device="cpu")
     collection = model.model.sparse_arch.embedding_bag_collection
     names = next(s for s in sharders if s.module_type is type(collection)).shardable_parameters(collection)
     constraints = {  # model-parallel, as TorchRec's golden training gets on GPUs
-        n: ParameterConstraints(sharding_types=["row_wise" if n.startswith("t0") else "table_wise"],
-                                compute_kernels=["fused"])
+        n: ParameterConstraints(
+            sharding_types=["row_wise" if n.startswith("t0") else "table_wise"], compute_kernels=["fused"]
+        )
         for n in names
     }
     planner = EmbeddingShardingPlanner(
-        topology=topology, batch_size=BATCH // world_size, constraints=constraints,
+        topology=topology,
+        batch_size=BATCH // world_size,
+        constraints=constraints,
         storage_reservation=HeuristicalStorageReservation(percentage=0.05),
     )
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-                                   device=torch.device("cpu"), plan=plan, sharders=sharders)
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        device=torch.device("cpu"),
+        plan=plan,
+        sharders=sharders,
+    )
     dense_optimizer = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: torch.optim.Adagrad(params, lr=LR, eps=EPS),

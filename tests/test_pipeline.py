@@ -65,7 +65,10 @@ def _dlrm(spec: str, device: torch.device = torch.device("cpu")) -> Tuple[DLRMTr
     torch.manual_seed(0)
     dlrm = DLRM(
         embedding_bag_collection=EmbeddingBagCollection(tables(), device=device),
-        dense_in_features=DENSE, dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1], dense_device=device,
+        dense_in_features=DENSE,
+        dense_arch_layer_sizes=[16, 8],
+        over_arch_layer_sizes=[16, 1],
+        dense_device=device,
     )
     return compress(DLRMTrain(dlrm), SPECS[spec](), FUSED_PARAMS)
 
@@ -127,10 +130,16 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _sharded(spec: str, state: Dict[str, torch.Tensor], sharders: List[Any], plan: Any) -> Tuple[DistributedModelParallel, CombinedOptimizer]:
+def _sharded(
+    spec: str, state: Dict[str, torch.Tensor], sharders: List[Any], plan: Any
+) -> Tuple[DistributedModelParallel, CombinedOptimizer]:
     model, _ = _dlrm(spec, torch.device("meta"))
     dmp = DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.group.WORLD), plan=plan, sharders=sharders, device=torch.device("cpu")
+        model,
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        plan=plan,
+        sharders=sharders,
+        device=torch.device("cpu"),
     )
     load_full_state_dict(dmp, state)
     dense = KeyedOptimizerWrapper(
@@ -187,8 +196,6 @@ def _pipelined_equals_plain(rank: int, world: int, specs: List[str]) -> None:
                 torch.testing.assert_close(a, b, msg=lambda m: f"{spec}: {key}: {m}")  # noqa: B023  (assert_close calls msg at once)
 
 
-
-
 @pytest.mark.slow
 def test_pipeline_pipelines_every_method() -> None:
     run_multiprocess(_pipelined_equals_plain, 2, ["qr", "memcom", "hash", "budgeted", "memcom+hash"])
@@ -207,8 +214,11 @@ def _names_stay_unsharded(rank: int, world: int) -> None:
         model, sharders = _build(spec, torch.device("meta"))
         sharders = [s for s in sharders if not isinstance(s, MixedEmbeddingBagCollectionSharder)]
         apart = DistributedModelParallel(
-            model, env=ShardingEnv.from_process_group(dist.group.WORLD), plan=_plan(model, sharders, PLAN_A),
-            sharders=sharders, device=torch.device("cpu"),
+            model,
+            env=ShardingEnv.from_process_group(dist.group.WORLD),
+            plan=_plan(model, sharders, PLAN_A),
+            sharders=sharders,
+            device=torch.device("cpu"),
         )
         assert sorted(mixed.state_dict()) == sorted(apart.state_dict()) == sorted(ref.state_dict())
         assert [n for n, _ in mixed.named_parameters()] == [n for n, _ in apart.named_parameters()]
@@ -216,7 +226,9 @@ def _names_stay_unsharded(rank: int, world: int) -> None:
             DistributedModelParallel._sharded_parameter_names(apart.module)
         )
         assert sorted(mixed.fused_optimizer.params) == sorted(apart.fused_optimizer.params)
-        assert sorted(mixed.fused_optimizer.state_dict()["state"]) == sorted(apart.fused_optimizer.state_dict()["state"])
+        assert sorted(mixed.fused_optimizer.state_dict()["state"]) == sorted(
+            apart.fused_optimizer.state_dict()["state"]
+        )
 
 
 def _mixed(rank: int, world: int) -> None:

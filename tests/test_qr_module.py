@@ -108,9 +108,13 @@ def test_achieved_ratio_and_parameter_counts(n: int, ratio: float) -> None:
 
 def test_impossible_specs_error() -> None:
     tables = [EmbeddingBagConfig(name="tiny", embedding_dim=8, num_embeddings=100, feature_names=["f"])]
-    with pytest.raises(ValueError, match=r"'tiny'.*ratio 6 cannot be reached with n=100: the most it gives is 5 \(c=10\)"):
+    with pytest.raises(
+        ValueError, match=r"'tiny'.*ratio 6 cannot be reached with n=100: the most it gives is 5 \(c=10\)"
+    ):
         QREmbeddingBagCollection(tables, QRConfig(ratio=6))
-    with pytest.raises(ValueError, match=r"'tiny'.*ratio 3 cannot be reached within 1% with n=100 \(nearest: .*c=29 gives 3.03"):
+    with pytest.raises(
+        ValueError, match=r"'tiny'.*ratio 3 cannot be reached within 1% with n=100 \(nearest: .*c=29 gives 3.03"
+    ):
         QREmbeddingBagCollection(tables, QRConfig(ratio=3))
     with pytest.raises(ValueError, match=">= 1"):
         QRConfig(ratio=0.5)
@@ -138,7 +142,11 @@ def test_qr_collection_splits_by_dim() -> None:
     assert [type(c) for c in module.collections] == [QREmbeddingBagCollection] * 2
     out = module(random_kjt(tables, 5, seed=0)).to_dict()
     assert {f: tuple(v.shape) for f, v in out.items()} == {
-        "f0": (5, 8), "f1": (5, 8), "f2": (5, 8), "f3": (5, 8), "g": (5, 16)
+        "f0": (5, 8),
+        "f1": (5, 8),
+        "f2": (5, 8),
+        "f3": (5, 8),
+        "g": (5, 16),
     }
     assert isinstance(qr_collection(small_tables(), QRConfig(ratio=2)), QREmbeddingBagCollection)
     with pytest.raises(ValueError, match="unknown tables"):

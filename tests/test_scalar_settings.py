@@ -25,8 +25,8 @@ from torchrec_memcom import MEmComConfig, MEmComEmbeddingBagCollection, MEmComEm
 from torchrec_memcom.compression import CompressionSpec, check_spec
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.state import load_full_state_dict
-from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
 from torchrec_memcom.methods.budgeted import budgeted_collection
+from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 
 TABLE_LR, TABLE_EPS, BATCH = 0.05, 1e-8, 4
@@ -59,7 +59,9 @@ def _loss(out: Dict[str, torch.Tensor], rows: slice = slice(None)) -> torch.Tens
     return total
 
 
-@pytest.mark.parametrize("optimizer, adagrad", [(RowWiseAdagrad, True), (torch.optim.Adagrad, True), (torch.optim.SGD, False)])
+@pytest.mark.parametrize(
+    "optimizer, adagrad", [(RowWiseAdagrad, True), (torch.optim.Adagrad, True), (torch.optim.SGD, False)]
+)
 def test_unsharded_scalars_follow_their_settings(optimizer: type, adagrad: bool) -> None:
     module = _memcom()
     assert float(module.entity_weights.flat("t0")[0]) == 0.75  # init_weight
@@ -79,13 +81,21 @@ def test_unsharded_scalars_follow_their_settings(optimizer: type, adagrad: bool)
 def _dmp(module: nn.Module, sharder: Any, world_size: int, tables: Any) -> DistributedModelParallel:
     meta_plan = construct_module_sharding_plan(
         module,
-        {n: (row_wise(compute_kernel="fused") if i == 0 else table_wise(rank=i % world_size, compute_kernel="fused"))
-         for i, n in enumerate(tables)},
-        sharder=sharder, local_size=world_size, world_size=world_size, device_type="cpu",
+        {
+            n: (row_wise(compute_kernel="fused") if i == 0 else table_wise(rank=i % world_size, compute_kernel="fused"))
+            for i, n in enumerate(tables)
+        },
+        sharder=sharder,
+        local_size=world_size,
+        world_size=world_size,
+        device_type="cpu",
     )
     return DistributedModelParallel(
-        Wrapper(module), env=ShardingEnv.from_process_group(dist.group.WORLD), plan=ShardingPlan({"ebc": meta_plan}),
-        sharders=[sharder], device=torch.device("cpu"),
+        Wrapper(module),
+        env=ShardingEnv.from_process_group(dist.group.WORLD),
+        plan=ShardingPlan({"ebc": meta_plan}),
+        sharders=[sharder],
+        device=torch.device("cpu"),
     )
 
 
@@ -105,8 +115,12 @@ def _budgeted(device: torch.device = torch.device("cpu")) -> BudgetedEmbeddingBa
     tables = [EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=1000, feature_names=["f0"])]
     allocation = Allocation({"t0": TableAllocation((Tier(100, 8), Tier(900, 4, hash_rows=37)))})
     return BudgetedEmbeddingBagCollection(
-        tables, budget_ratio=1.5, frequencies={"t0": torch.arange(1000, 0, -1)}, allocation=allocation,
-        scalars={"scalar_lr_scale": 10.0, "scalar_eps": 1e-3}, device=device,
+        tables,
+        budget_ratio=1.5,
+        frequencies={"t0": torch.arange(1000, 0, -1)},
+        allocation=allocation,
+        scalars={"scalar_lr_scale": 10.0, "scalar_eps": 1e-3},
+        device=device,
     )
 
 
@@ -115,9 +129,13 @@ def _sharded_scalars_follow_their_settings(rank: int, world_size: int) -> None:
         fused = {"optimizer": optimizer, "learning_rate": TABLE_LR, "eps": TABLE_EPS}
         cases = [
             ("memcom", _memcom, MEmComEmbeddingBagCollectionSharder(fused_params=fused), small_tables(), RULES),
-            ("budgeted", _budgeted, BudgetedEmbeddingBagCollectionSharder(fused_params=fused),
-             [EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=1000, feature_names=["f0"])],
-             {"t0@tier1": (TABLE_LR * 10.0, 1e-3)}),
+            (
+                "budgeted",
+                _budgeted,
+                BudgetedEmbeddingBagCollectionSharder(fused_params=fused),
+                [EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=1000, feature_names=["f0"])],
+                {"t0@tier1": (TABLE_LR * 10.0, 1e-3)},
+            ),
         ]
         for what, build, sharder, tables, rules in cases:
             ref = build()

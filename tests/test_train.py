@@ -83,21 +83,35 @@ def test_shipped_configs_load() -> None:
         ("optimizer: {dense: {lr: 0}}", "optimizer.dense.lr: must be a finite number > 0"),
         ("model: {dense_arch_layer_sizes: [16, 0]}", "model.dense_arch_layer_sizes: sizes must be >= 1"),
         ("embeddings: {num_embeddings: [10, 20]}", "embeddings.num_embeddings: expected 26 sizes"),
-        ("embeddings: {compression: {method: memcom, params: {ratoi: 16}}}",
-         "embeddings.compression.params.ratoi: unknown key"),
-        ("embeddings: {compression: {method: memcom, params: {ratio: 0.5}}}",
-         "embeddings.compression.params: MEmComConfig.ratio must be >= 1"),
+        (
+            "embeddings: {compression: {method: memcom, params: {ratoi: 16}}}",
+            "embeddings.compression.params.ratoi: unknown key",
+        ),
+        (
+            "embeddings: {compression: {method: memcom, params: {ratio: 0.5}}}",
+            "embeddings.compression.params: MEmComConfig.ratio must be >= 1",
+        ),
         ("embeddings: {compression: {method: qr, params: {ratio: many}}}", "embeddings.compression.params: "),
-        ("embeddings: {compression: {method: budgeted, params: {budget_ratoi: 8}}}",
-         "embeddings.compression.params.budget_ratoi: unknown key"),
-        ("embeddings: {compression: {method: none, params: {ratio: 4}}}",
-         "embeddings.compression.params: method none takes no params"),
-        ("embeddings: {compression: {tables: {t_cat_3: {method: hash, params: {rows: 5}}}}}",
-         "embeddings.compression.tables.t_cat_3.params.rows: unknown key"),
-        ("embeddings: {compression: {tables: {t_cat_99: {method: none}}}}",
-         "embeddings.compression.tables.t_cat_99: no such table"),
-        ("embeddings: {compression: {method: memcom, params: {ratio: 4}, min_rows: -1}}",
-         "embeddings.compression.min_rows: must be >= 0"),
+        (
+            "embeddings: {compression: {method: budgeted, params: {budget_ratoi: 8}}}",
+            "embeddings.compression.params.budget_ratoi: unknown key",
+        ),
+        (
+            "embeddings: {compression: {method: none, params: {ratio: 4}}}",
+            "embeddings.compression.params: method none takes no params",
+        ),
+        (
+            "embeddings: {compression: {tables: {t_cat_3: {method: hash, params: {rows: 5}}}}}",
+            "embeddings.compression.tables.t_cat_3.params.rows: unknown key",
+        ),
+        (
+            "embeddings: {compression: {tables: {t_cat_99: {method: none}}}}",
+            "embeddings.compression.tables.t_cat_99: no such table",
+        ),
+        (
+            "embeddings: {compression: {method: memcom, params: {ratio: 4}, min_rows: -1}}",
+            "embeddings.compression.min_rows: must be >= 0",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -169,6 +183,7 @@ def test_a_save_killed_at_any_point_leaves_latest_complete(
             if countdown[0] == 0:
                 raise _Killed
             return fn(*args, **kwargs)
+
         return wrapped
 
     monkeypatch.setattr(os, "replace", killable(os.replace))
@@ -213,12 +228,15 @@ def test_two_process_run_trains_and_evaluates(tmp_path: Path, tiny_data: Path) -
     )
 
 
-@pytest.mark.parametrize("method, params, arch", [
-    ("hash", {"ratio": 4}, "DLRM"),
-    ("qr", {"ratio": 4}, "DLRM"),  # QR keeps small tables stock: a mixed collection in the pipeline
-    ("budgeted", {"budget_ratio": 3, "tail": True}, "DLRM"),
-    ("memcom", {"ratio": 4}, "DLRM_DCN"),
-])
+@pytest.mark.parametrize(
+    "method, params, arch",
+    [
+        ("hash", {"ratio": 4}, "DLRM"),
+        ("qr", {"ratio": 4}, "DLRM"),  # QR keeps small tables stock: a mixed collection in the pipeline
+        ("budgeted", {"budget_ratio": 3, "tail": True}, "DLRM"),
+        ("memcom", {"ratio": 4}, "DLRM_DCN"),
+    ],
+)
 def test_every_method_trains_in_the_pipeline(
     tmp_path: Path, tiny_data: Path, method: str, params: Dict[str, Any], arch: str
 ) -> None:
@@ -300,8 +318,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path: Path, tiny_data: Path) -
 def test_resuming_a_finished_run_changes_nothing_and_another_world_size_is_refused(
     tmp_path: Path, tiny_data: Path
 ) -> None:
-    config = _config(tmp_path, tiny_data, steps=6, eval_every=3, checkpoint_every=3,
-                     checkpoint_dir=str(tmp_path / "ckpt"))
+    config = _config(
+        tmp_path, tiny_data, steps=6, eval_every=3, checkpoint_every=3, checkpoint_dir=str(tmp_path / "ckpt")
+    )
     assert launch(str(config), 2) == 0
     results = (tmp_path / "run" / "results.json").read_text()
     assert [e["step"] for e in json.loads(results)["evaluations"]] == [3, 6]
@@ -316,7 +335,8 @@ def test_resuming_a_finished_run_changes_nothing_and_another_world_size_is_refus
     with log.open("w") as f:
         code = subprocess.call(
             [sys.executable, "-m", "torchrec_memcom.cli", "train", "--config", str(config)],
-            stdout=f, stderr=subprocess.STDOUT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
         )
     assert code != 0 and "written by 2 ranks, this job has 1" in log.read_text()
 
@@ -348,9 +368,21 @@ def test_torchx_component_trains_on_two_processes(tmp_path: Path, tiny_data: Pat
     config = _config(tmp_path, tiny_data, steps=8)
     torchx = Path(sys.executable).with_name("torchx")
     out = subprocess.run(
-        [str(torchx), "run", "-s", "local_cwd", "launch/memcom_torchx.py:train",
-         "--nproc", "2", "--config", str(config)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            str(torchx),
+            "run",
+            "-s",
+            "local_cwd",
+            "launch/memcom_torchx.py:train",
+            "--nproc",
+            "2",
+            "--config",
+            str(config),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -54,8 +54,9 @@ def build_meta(block: Dict[str, Any], dim: int, sizes: Sequence[int], names: Opt
     return compress_collection(ebc, spec)[0]
 
 
-def within_tolerance(block: Dict[str, Any], dim: int, sizes: Sequence[int],
-                     names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def within_tolerance(
+    block: Dict[str, Any], dim: int, sizes: Sequence[int], names: Optional[Sequence[str]] = None
+) -> Dict[str, Any]:
     """``block``, or for a budget below the smallest feasible one by at most 1%, that smallest
     budget: the tolerance the other methods' ratio solvers give (they accept a size within 1%
     of the target), so that budgeted tables are not unreachable where the others are not."""
@@ -73,8 +74,9 @@ def within_tolerance(block: Dict[str, Any], dim: int, sizes: Sequence[int],
     return block
 
 
-def unreachable(method: str, block: Dict[str, Any], dim: int, sizes: Sequence[int],
-                names: Optional[Sequence[str]] = None) -> Optional[str]:
+def unreachable(
+    method: str, block: Dict[str, Any], dim: int, sizes: Sequence[int], names: Optional[Sequence[str]] = None
+) -> Optional[str]:
     """Why ``method`` cannot build these tables as ``block`` asks (None: it can).
 
     Builds the compressed collection on the meta device, so the method's own ratio solver
@@ -100,7 +102,7 @@ def compressed_tables_ratio(embedding_bytes: int, sizes: Sequence[int], dim: int
 def hanley_mcneil_se(auc: float, positives: int, negatives: int) -> float:
     """Standard error of an AUC on a fixed evaluation set (Hanley and McNeil, 1982)."""
     q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
-    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc))
+    var = auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc)
     return math.sqrt(var / (positives * negatives))
 
 
@@ -116,8 +118,9 @@ def summarize(runs: List[Dict[str, Any]], baseline: Dict[int, Dict[str, Any]]) -
         "auc": _mean_std([r["auc"] for r in runs]),
         "logloss": _mean_std([r["logloss"] for r in runs]),
         "seeds": [r["seed"] for r in runs],
-        "runs": [{k: r[k] for k in ("seed", "auc", "logloss", "train_loss", "compression_ratio", "seconds")}
-                 for r in runs],
+        "runs": [
+            {k: r[k] for k in ("seed", "auc", "logloss", "train_loss", "compression_ratio", "seconds")} for r in runs
+        ],
     }
     if all(r["seed"] in baseline for r in runs):
         out["delta_auc_vs_none"] = _mean_std([r["auc"] - baseline[r["seed"]]["auc"] for r in runs])
@@ -125,8 +128,14 @@ def summarize(runs: List[Dict[str, Any]], baseline: Dict[int, Dict[str, Any]]) -
     return out
 
 
-def add_cells(entry: Dict[str, Any], runs: Dict[Any, List[Dict[str, Any]]], blocks: Dict[Any, Dict[str, Any]],
-              sizes: Sequence[int], dim: int, min_rows: int) -> Dict[int, Dict[str, Any]]:
+def add_cells(
+    entry: Dict[str, Any],
+    runs: Dict[Any, List[Dict[str, Any]]],
+    blocks: Dict[Any, Dict[str, Any]],
+    sizes: Sequence[int],
+    dim: int,
+    min_rows: int,
+) -> Dict[int, Dict[str, Any]]:
     """Summarize each arm's seeds into ``entry["methods"][method][ratio]``, paired with the
     uncompressed arm of the same seed; returns that baseline by seed (empty if it failed)."""
     baseline = {r["seed"]: r for r in runs.get(("none", 1.0), []) if "error" not in r}
@@ -134,11 +143,17 @@ def add_cells(entry: Dict[str, Any], runs: Dict[Any, List[Dict[str, Any]]], bloc
         ok = [r for r in rs if "error" not in r]
         key = "1" if method == "none" else f"{ratio:g}"
         params = {k: v for k, v in blocks[(method, ratio)].get("params", {}).items() if k != "frequencies"}
-        cell: Dict[str, Any] = {"target_ratio": ratio, "reachable": True, "params": params,
-                                "errors": [r for r in rs if "error" in r]}
+        cell: Dict[str, Any] = {
+            "target_ratio": ratio,
+            "reachable": True,
+            "params": params,
+            "errors": [r for r in rs if "error" in r],
+        }
         if ok:
             cell.update(summarize(ok, baseline))
-            cell["achieved_ratio_compressed_tables"] = compressed_tables_ratio(cell["embedding_bytes"], sizes, dim, min_rows)
+            cell["achieved_ratio_compressed_tables"] = compressed_tables_ratio(
+                cell["embedding_bytes"], sizes, dim, min_rows
+            )
         entry["methods"][method][key] = cell
     return baseline
 
@@ -158,8 +173,12 @@ def table(result: Dict[str, Any]) -> str:
         lines += [f"\n{dataset}: {entry['description']}"]
         if entry.get("best_auc") is not None:
             lines += [f"best possible AUC (val) {entry['best_auc']:.4f}, log loss {entry['best_logloss']:.4f}"]
-        lines += ["", "| method | target | achieved (compressed tables / all) | AUC | dAUC vs none | log loss | "
-                  "dlogloss vs none |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| method | target | achieved (compressed tables / all) | AUC | dAUC vs none | log loss | "
+            "dlogloss vs none |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for method, cells in entry["methods"].items():
             for key, c in sorted(cells.items(), key=lambda kv: float(kv[0])):
                 if not c["reachable"]:
@@ -177,8 +196,13 @@ def table(result: Dict[str, Any]) -> str:
                     f"{c['logloss']['mean']:.4f} ± {c['logloss']['std']:.4f} | {dl['mean']:+.4f} ± {dl['std']:.4f} |"
                 )
         keys = [f"{r:g}" for r in result["target_ratios"]]
-        lines += ["", "paired AUC change vs stock (same seed), mean ± std over seeds:", "",
-                  "| method | " + " | ".join(f"{k}x" for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [
+            "",
+            "paired AUC change vs stock (same seed), mean ± std over seeds:",
+            "",
+            "| method | " + " | ".join(f"{k}x" for k in keys) + " |",
+            "|---" * (len(keys) + 1) + "|",
+        ]
         for method, cells in entry["methods"].items():
             if method == "none":
                 continue
@@ -194,8 +218,13 @@ def table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-STYLE = {"none": ("black", "s"), "hash": ("tab:orange", "o"), "qr": ("tab:green", "^"),
-         "memcom": ("tab:blue", "D"), "budgeted": ("tab:purple", "v")}
+STYLE = {
+    "none": ("black", "s"),
+    "hash": ("tab:orange", "o"),
+    "qr": ("tab:green", "^"),
+    "memcom": ("tab:blue", "D"),
+    "budgeted": ("tab:purple", "v"),
+}
 
 
 def plot(result: Dict[str, Any], path: Path) -> None:
@@ -210,22 +239,36 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     datasets = list(result["datasets"])
     if not datasets:
         return
-    rows = (("auc", "validation AUC"), ("delta_auc_vs_none", "AUC change vs stock (same seed)"),
-            ("logloss", "validation log loss"))
+    rows = (
+        ("auc", "validation AUC"),
+        ("delta_auc_vs_none", "AUC change vs stock (same seed)"),
+        ("logloss", "validation log loss"),
+    )
     fig, axes = plt.subplots(len(rows), len(datasets), figsize=(6.2 * len(datasets), 3.6 * len(rows)), squeeze=False)
     for col, dataset in enumerate(datasets):
         entry = result["datasets"][dataset]
         for row, (metric, label) in enumerate(rows):
             ax = axes[row][col]
             for method, cells in entry["methods"].items():
-                pts = sorted((on_compressed(result, entry, c), c[metric]["mean"], c[metric]["std"])
-                             for c in cells.values() if c.get("reachable") and metric in c)
+                pts = sorted(
+                    (on_compressed(result, entry, c), c[metric]["mean"], c[metric]["std"])
+                    for c in cells.values()
+                    if c.get("reachable") and metric in c
+                )
                 if not pts:
                     continue
                 color, marker = STYLE.get(method, ("gray", "x"))
                 xs, ys, es = zip(*pts)
-                ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=3, lw=1.2,
-                            label="none (stock EBC)" if method == "none" else method)
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=es,
+                    color=color,
+                    marker=marker,
+                    capsize=3,
+                    lw=1.2,
+                    label="none (stock EBC)" if method == "none" else method,
+                )
                 if method == "none":
                     ax.axhline(ys[0], color="black", lw=0.6, ls=":")
             best = {"auc": entry.get("best_auc"), "logloss": entry.get("best_logloss")}.get(metric)
@@ -240,13 +283,18 @@ def plot(result: Dict[str, Any], path: Path) -> None:
             ax.set_xlabel("achieved compression ratio of the compressed tables' parameters")
             ax.set_ylabel(label)
             kept = len(entry["table_rows"]) - len(entry["uncompressed_tables"])
-            ax.set_title(f"{dataset}: {entry['train_rows']} train / {entry['eval_rows']} eval rows; "
-                         f"{kept} of {len(entry['table_rows'])} tables compressed", fontsize=10)
+            ax.set_title(
+                f"{dataset}: {entry['train_rows']} train / {entry['eval_rows']} eval rows; "
+                f"{kept} of {len(entry['table_rows'])} tables compressed",
+                fontsize=10,
+            )
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=7)
     seeds = len(result["seeds"])
-    fig.suptitle(f"DLRM, dim {result['setup']['dim']}: mean ± std over {seeds} seed{'s' if seeds > 1 else ''}"
-                 + (" (SMOKE RUN: not a result)" if result["smoke"] else ""))
+    fig.suptitle(
+        f"DLRM, dim {result['setup']['dim']}: mean ± std over {seeds} seed{'s' if seeds > 1 else ''}"
+        + (" (SMOKE RUN: not a result)" if result["smoke"] else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -262,20 +310,37 @@ def _data_facts(config: Any, path: str) -> Dict[str, Any]:
         if config.embeddings.num_embeddings == "from_data":
             raise ValueError(f"{path}: TorchRec npy data needs embeddings.num_embeddings in the config")
         splits = describe(path)["splits"]
-        return {"sizes": list(config.embeddings.num_embeddings), "train_rows": splits["train"]["rows"],
-                "eval_rows": splits[config.data.eval_split]["rows"], "manifest": {}}
+        return {
+            "sizes": list(config.embeddings.num_embeddings),
+            "train_rows": splits["train"]["rows"],
+            "eval_rows": splits[config.data.eval_split]["rows"],
+            "manifest": {},
+        }
     from torchrec_memcom.data import load_manifest
 
     manifest = load_manifest(path)
     sizes = config.embeddings.num_embeddings
     if sizes == "from_data":
         sizes = [manifest["features"][f]["num_embeddings"] for f in CAT_NAMES]
-    return {"sizes": list(sizes), "train_rows": manifest["splits"][config.data.train_split]["rows"],
-            "eval_rows": manifest["splits"][config.data.eval_split]["rows"], "manifest": manifest}
+    return {
+        "sizes": list(sizes),
+        "train_rows": manifest["splits"][config.data.train_split]["rows"],
+        "eval_rows": manifest["splits"][config.data.eval_split]["rows"],
+        "manifest": manifest,
+    }
 
 
-def sweep(config_path: str, data: str, methods: Sequence[str], ratios: Sequence[float], seeds: Sequence[int],
-          nproc: int, out: Path, min_rows: int, name: str = "bench") -> Dict[str, Any]:
+def sweep(
+    config_path: str,
+    data: str,
+    methods: Sequence[str],
+    ratios: Sequence[float],
+    seeds: Sequence[int],
+    nproc: int,
+    out: Path,
+    min_rows: int,
+    name: str = "bench",
+) -> Dict[str, Any]:
     """Train every arm (resuming or keeping finished ones); write `out/name.{json,png}`; the result."""
     import yaml
 
@@ -290,10 +355,14 @@ def sweep(config_path: str, data: str, methods: Sequence[str], ratios: Sequence[
     names = ["none", *[m for m in methods if m != "none"]]
     entry: Dict[str, Any] = {
         "description": f"{data} ({config.data.format}), config {config_path}",
-        "train_rows": facts["train_rows"], "eval_rows": facts["eval_rows"], "batch_size": config.train.batch_size,
-        "table_rows": sizes, "uncompressed_tables": [f"t_cat_{i}" for i, n in enumerate(sizes) if n < min_rows],
+        "train_rows": facts["train_rows"],
+        "eval_rows": facts["eval_rows"],
+        "batch_size": config.train.batch_size,
+        "table_rows": sizes,
+        "uncompressed_tables": [f"t_cat_{i}" for i, n in enumerate(sizes) if n < min_rows],
         "best_auc": facts["manifest"].get("best_auc", {}).get("val"),
-        "best_logloss": facts["manifest"].get("best_logloss", {}).get("val"), "methods": {},
+        "best_logloss": facts["manifest"].get("best_logloss", {}).get("val"),
+        "methods": {},
     }
     blocks = {}
     for method, ratio in [("none", 1.0)] + [(m, float(r)) for r in ratios for m in names if m != "none"]:
@@ -332,16 +401,27 @@ def sweep(config_path: str, data: str, methods: Sequence[str], ratios: Sequence[
                 results.write_text(json.dumps(r, indent=1))
             r = {**r, "seed": seed}
             runs[(method, ratio)].append(r)
-            print(f"{arm.name}: auc {r['auc']:.4f} logloss {r['logloss']:.4f} achieved "
-                  f"{r['compression_ratio']:.2f}x", flush=True)
+            print(
+                f"{arm.name}: auc {r['auc']:.4f} logloss {r['logloss']:.4f} achieved {r['compression_ratio']:.2f}x",
+                flush=True,
+            )
     add_cells(entry, runs, blocks, sizes, dim, min_rows)
     result: Dict[str, Any] = {
         "command": " ".join(["memcom", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else "memcom bench",
-        "smoke": False, "methods": names, "target_ratios": list(ratios), "seeds": list(seeds),
-        "setup": {"model": f"{config.model.arch}, dense arch {config.model.dense_arch_layer_sizes}, over arch "
-                           f"{config.model.over_arch_layer_sizes}", "dim": dim, "min_rows": min_rows,
-                  "nproc": nproc, "config": base},
-        "datasets": {Path(data).name: entry}, "seconds": time.time() - started,
+        "smoke": False,
+        "methods": names,
+        "target_ratios": list(ratios),
+        "seeds": list(seeds),
+        "setup": {
+            "model": f"{config.model.arch}, dense arch {config.model.dense_arch_layer_sizes}, over arch "
+            f"{config.model.over_arch_layer_sizes}",
+            "dim": dim,
+            "min_rows": min_rows,
+            "nproc": nproc,
+            "config": base,
+        },
+        "datasets": {Path(data).name: entry},
+        "seconds": time.time() - started,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
@@ -352,23 +432,41 @@ def sweep(config_path: str, data: str, methods: Sequence[str], ratios: Sequence[
 
 def _bench(args: argparse.Namespace) -> int:
     try:
-        result = sweep(args.config, args.data, args.methods, args.ratios, args.seeds, args.nproc, Path(args.out),
-                       args.min_rows, args.name)
+        result = sweep(
+            args.config,
+            args.data,
+            args.methods,
+            args.ratios,
+            args.seeds,
+            args.nproc,
+            Path(args.out),
+            args.min_rows,
+            args.name,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"memcom bench: error: {e}", file=sys.stderr)
         return 1
-    failed = [c for cells in result["datasets"][Path(args.data).name]["methods"].values()
-              for c in cells.values() if c.get("errors")]
+    failed = [
+        c
+        for cells in result["datasets"][Path(args.data).name]["methods"].values()
+        for c in cells.values()
+        if c.get("errors")
+    ]
     return 1 if failed else 0
 
 
 def add_parser(subparsers: Any) -> None:
     """Register `memcom bench`."""
     bench = subparsers.add_parser(
-        "bench", help="the method comparison (quality vs compression ratio) on your data, through memcom train",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "bench",
+        help="the method comparison (quality vs compression ratio) on your data, through memcom train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     bench.add_argument("--config", required=True, help="a memcom train config: model, optimizer, train settings")
-    bench.add_argument("--data", required=True, help="the data folder (or TorchRec npy folder, as the config's data.format)")
+    bench.add_argument(
+        "--data", required=True, help="the data folder (or TorchRec npy folder, as the config's data.format)"
+    )
     bench.add_argument("--methods", nargs="+", default=["hash", "qr", "memcom"], help="besides none (always run)")
     bench.add_argument("--ratios", nargs="+", type=float, default=[2, 4, 8, 16, 32, 64])
     bench.add_argument("--seeds", nargs="+", type=int, default=[0])

@@ -103,8 +103,7 @@ class CompressionSpec:
         ]:
             if method not in method_names(with_none=True):
                 raise ValueError(
-                    f"compression {where}: unknown method {method!r}; known: "
-                    f"{[NONE, *sorted(method_names())]}"
+                    f"compression {where}: unknown method {method!r}; known: {[NONE, *sorted(method_names())]}"
                 )
         check_spec(self)
 
@@ -177,7 +176,9 @@ def compress_collection(
     return module, list(dict.fromkeys(PLAIN_HOST if m == NONE else m for m in groups))
 
 
-def _build(method: str, tables: List[EmbeddingBagConfig], params: Dict[str, Dict[str, Any]], device: torch.device) -> nn.Module:
+def _build(
+    method: str, tables: List[EmbeddingBagConfig], params: Dict[str, Dict[str, Any]], device: torch.device
+) -> nn.Module:
     """``method``'s collection of ``tables``, each table's params made its config object."""
     m = get_method(method)
     return m.build(tables, {name: m.config(**p) for name, p in params.items()}, device)
@@ -283,7 +284,6 @@ def compress(
         children = [s for m, s in zip(used, sharders) if m in mixed]
         sharders.append(MixedEmbeddingBagCollectionSharder(children, fused_params=fused_params))
     return model, sharders + stock_sharders(fused_params)
-
 
 
 def check_spec(spec: CompressionSpec, key: str = "compression") -> None:

@@ -16,35 +16,44 @@ DEFAULT_DIM = 16
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     budget = subparsers.add_parser(
-        "budget", help="allocations for budgeted tables (BET): search or heuristic",
+        "budget",
+        help="allocations for budgeted tables (BET): search or heuristic",
         description=__doc__,
     )
     commands = budget.add_subparsers(dest="budget_command", required=True)
     search = commands.add_parser(
-        "search", help="BET's search: sample allocations in the budget, rank them with a DeepSets "
+        "search",
+        help="BET's search: sample allocations in the budget, rank them with a DeepSets "
         "predictor, label the best by short DLRM training, refit, repeat",
     )
-    heuristic = commands.add_parser(
-        "heuristic", help="the quick popularity heuristic (size ~ count^0.25), no training"
-    )
+    heuristic = commands.add_parser("heuristic", help="the quick popularity heuristic (size ~ count^0.25), no training")
     for p in (search, heuristic):
-        p.add_argument("--config", help="training config (YAML, see configs/): data, dim, model, "
-                       "which tables are budgeted and the budget in their params")
+        p.add_argument(
+            "--config",
+            help="training config (YAML, see configs/): data, dim, model, "
+            "which tables are budgeted and the budget in their params",
+        )
         p.add_argument("--data", help="data folder of `memcom data convert|synth` (overrides the config's)")
         p.add_argument("--dim", type=int, help=f"embedding dim (default: the config's, else {DEFAULT_DIM})")
         size = p.add_mutually_exclusive_group()
         size.add_argument("--budget-bytes", type=int, help="the budget in bytes")
         size.add_argument("--budget-ratio", type=float, help="the budget as uncompressed bytes / budget")
-        p.add_argument("--optimizer", choices=sorted(OPTIMIZER_STATE),
-                       help="count this sparse optimizer's state in the budget too")
-        p.add_argument("--tail", action="store_true", default=None,
-                       help="the rarest ids may share rows of a MEmCom tier")
-        p.add_argument("--sizes", help="tier dims, comma-separated multiples of 4 up to the dim (BET's candidate "
-                       "set; default: 4, 8, 16, ... doubling, and the dim: every size is a tier)")
+        p.add_argument(
+            "--optimizer", choices=sorted(OPTIMIZER_STATE), help="count this sparse optimizer's state in the budget too"
+        )
+        p.add_argument(
+            "--tail", action="store_true", default=None, help="the rarest ids may share rows of a MEmCom tier"
+        )
+        p.add_argument(
+            "--sizes",
+            help="tier dims, comma-separated multiples of 4 up to the dim (BET's candidate "
+            "set; default: 4, 8, 16, ... doubling, and the dim: every size is a tier)",
+        )
         p.add_argument("--out", required=True, help="allocation file to write (JSON)")
     search.add_argument("--rounds", type=int, default=3, help="predictor rounds (default 3)")
-    search.add_argument("--initial", type=int, default=3,
-                        help="labels before the first fit: the heuristic and random ones (default 3)")
+    search.add_argument(
+        "--initial", type=int, default=3, help="labels before the first fit: the heuristic and random ones (default 3)"
+    )
     search.add_argument("--per-round", type=int, default=2, help="labels per round (default 2)")
     search.add_argument("--pool", type=int, default=500, help="samples scored per round (default 500)")
     search.add_argument("--steps", type=int, default=300, help="training steps per label (default 300)")
@@ -52,8 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--val-batches", type=int, default=8, help="validation batches per label (default 8)")
     search.add_argument("--lr", type=float, help="Adagrad lr (default: the config's sparse lr, else 0.05)")
     search.add_argument("--seed", type=int, default=0)
-    search.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: fastest for these small models)")
+    search.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: fastest for these small models)"
+    )
     search.set_defaults(func=_search)
     heuristic.set_defaults(func=_heuristic)
 
@@ -101,8 +111,12 @@ class Problem:
         from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
 
         budgeted = BudgetedEmbeddingBagCollection(
-            self.budgeted, budget_bytes=self.budget.bytes, frequencies=self.counts,
-            allocation=allocation, budget_ratio=self.budget.ratio, optimizer=self.budget.optimizer,
+            self.budgeted,
+            budget_bytes=self.budget.bytes,
+            frequencies=self.counts,
+            allocation=allocation,
+            budget_ratio=self.budget.ratio,
+            optimizer=self.budget.optimizer,
         )
         if not self.plain:
             return budgeted
@@ -150,7 +164,9 @@ def problem_from_args(args: argparse.Namespace) -> Problem:
         params["optimizer"] = args.optimizer
     if params.get("budget_bytes") is None and params.get("budget_ratio") is None:
         raise SystemExit("memcom budget: give --budget-bytes or --budget-ratio (or budgeted params in the config)")
-    budget = Budget(bytes=params.get("budget_bytes"), ratio=params.get("budget_ratio"), optimizer=params.get("optimizer"))
+    budget = Budget(
+        bytes=params.get("budget_bytes"), ratio=params.get("budget_ratio"), optimizer=params.get("optimizer")
+    )
     if config:
         try:
             check_training_optimizer(budget.optimizer, config.optimizer.sparse.type)
@@ -185,8 +201,7 @@ def _write(problem: Problem, allocation: Any, out: str, **extra: Any) -> None:
     print(f"wrote {out}: {meta['bytes']} of {meta['budget_bytes']} budget bytes")
     for name, table in allocation.tables.items():
         tiers = ", ".join(
-            f"{t.rows}x{t.dim}" + (f" (MEmCom, {t.hash_rows} rows)" if t.hash_rows else "")
-            for t in table.tiers
+            f"{t.rows}x{t.dim}" + (f" (MEmCom, {t.hash_rows} rows)" if t.hash_rows else "") for t in table.tiers
         )
         print(f"  {name}: {tiers}")
     print(f"train with it: compression: {{method: budgeted, params: {{allocation: {out}}}}}")
@@ -211,7 +226,10 @@ def _search(args: argparse.Namespace) -> int:
     train = load_batches(problem.data, "train", problem.batch_size, args.steps, seed=args.seed)
     val = load_batches(problem.data, "val", problem.batch_size, args.val_batches)
     settings = TrainSettings(
-        steps=args.steps, lr=problem.lr, seed=args.seed, threads=args.threads,
+        steps=args.steps,
+        lr=problem.lr,
+        seed=args.seed,
+        threads=args.threads,
         dense_arch_layer_sizes=problem.dense_arch_layer_sizes,
         over_arch_layer_sizes=problem.over_arch_layer_sizes,
     )
@@ -224,8 +242,9 @@ def _search(args: argparse.Namespace) -> int:
     allocation, _ = search(
         space,
         lambda a: train_and_evaluate(lambda: problem.collection(a), train, val, settings),
-        SearchSettings(rounds=args.rounds, initial=args.initial, per_round=args.per_round,
-                       pool=args.pool, seed=args.seed),
+        SearchSettings(
+            rounds=args.rounds, initial=args.initial, per_round=args.per_round, pool=args.pool, seed=args.seed
+        ),
         log=lambda line: print(line, flush=True),
     )
     _write(problem, allocation, args.out, train_settings=json.loads(json.dumps(dataclasses.asdict(settings))))

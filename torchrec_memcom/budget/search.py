@@ -61,8 +61,11 @@ def search(
             done.append(candidates.take([i]))
             labelled.append(
                 Labelled(
-                    round, candidates.shapes[i], int(candidates.bytes[i]),
-                    None if predicted is None else float(predicted[i]), metrics,
+                    round,
+                    candidates.shapes[i],
+                    int(candidates.bytes[i]),
+                    None if predicted is None else float(predicted[i]),
+                    metrics,
                 )
             )
             guess = "" if predicted is None else f" (predicted {float(predicted[i]):+.2f})"

@@ -26,10 +26,10 @@ from torchrec_memcom.modules.budget_bytes import (
     FP32_BYTES,
     INDEX_BYTES,
     Budget,
+    cheapest_table,
     raise_over_budget,
     shapes_of,
     smallest_feasible_bytes,
-    cheapest_table,
 )
 from torchrec_memcom.modules.frequency import clean_cuts, frequency_ranks
 
@@ -85,7 +85,10 @@ class Candidates:
     def take(self, index: Sequence[int]) -> "Candidates":
         index = list(index)
         return Candidates(
-            self.sizes[index], self.tail_dim[index], self.tail_sharing[index], self.bytes[index],
+            self.sizes[index],
+            self.tail_dim[index],
+            self.tail_sharing[index],
+            self.bytes[index],
             [self.shapes[i] for i in index],
         )
 

@@ -173,8 +173,10 @@ def _read_lines(path: str, start_line: int, block_size: int, index: Any = None) 
 def _dropped_reason(found: int, text: str, block_size: int) -> Tuple[str, str]:
     """(skip reason, message) of a line the reader dropped (`found == -1`: longer than its block)."""
     if found < 0:
-        return TOO_LONG, (f"line is longer than the reader's block of {block_size:,} bytes "
-                          f"(starts {text[:40]!r}); raise --block-size to read it")
+        return TOO_LONG, (
+            f"line is longer than the reader's block of {block_size:,} bytes "
+            f"(starts {text[:40]!r}); raise --block-size to read it"
+        )
     return FIELD_COUNT, f"expected {len(COLUMN_NAMES)} tab-separated fields, found {found}: {text[:60]!r}"
 
 
@@ -260,9 +262,16 @@ class _ShardWriter:
         if rows_read != self.file.rows + rows_skipped:
             raise AssertionError(f"{path}: {rows_read} lines != {self.file.rows} + {rows_skipped}")
         return {
-            "split": self.split, "index": self.index, "path": path, "source": self.source,
-            "first": self.first, "last": last, "rows_read": rows_read,
-            "rows_written": self.file.rows, "skipped": dict(self.skipped), "examples": self.examples,
+            "split": self.split,
+            "index": self.index,
+            "path": path,
+            "source": self.source,
+            "first": self.first,
+            "last": last,
+            "rows_read": rows_read,
+            "rows_written": self.file.rows,
+            "skipped": dict(self.skipped),
+            "examples": self.examples,
         }
 
 
@@ -339,8 +348,15 @@ def _first_bad(chunk: _Lines, in_scope: np.ndarray, block_size: int) -> Optional
     return first
 
 
-def _count_raw_ids(path: str, spans: List[Tuple[int, int]], on_bad_line: str, block_size: int,
-                   counters: List["_IdCounter"], update: Any, index: Any = None) -> None:
+def _count_raw_ids(
+    path: str,
+    spans: List[Tuple[int, int]],
+    on_bad_line: str,
+    block_size: int,
+    counters: List["_IdCounter"],
+    update: Any,
+    index: Any = None,
+) -> None:
     """Add the raw ids of lines in `spans` ([lo, hi] pairs, ascending) of `path` to `counters`."""
     start, stop = spans[0][0], spans[-1][1]
     for chunk in _read_lines(path, start, block_size, index):
@@ -376,14 +392,27 @@ def _route_rows(shard: _ShardWriter, path: str, chunk: _Lines, table: pa.Table, 
         piece = piece.filter(pa.array(ok))
         for row in np.flatnonzero(~ok) + a:
             column = int(chunk.parsed.bad_column[row])
-            shard.skip(reason_of_column(column), f"{path}:{chunk.lines[row]}",
-                       describe_bad_field(chunk.batch, int(row), column))
+            shard.skip(
+                reason_of_column(column),
+                f"{path}:{chunk.lines[row]}",
+                describe_bad_field(chunk.batch, int(row), column),
+            )
     if piece.num_rows:
         shard.file.write(piece)
 
 
-def _convert_lines(path: str, start: int, stop: Optional[int], shard_at: Any, finished: Any, map_ids: Any,
-                   on_bad_line: str, block_size: int, update: Any, index: Any = None) -> int:
+def _convert_lines(
+    path: str,
+    start: int,
+    stop: Optional[int],
+    shard_at: Any,
+    finished: Any,
+    map_ids: Any,
+    on_bad_line: str,
+    block_size: int,
+    update: Any,
+    index: Any = None,
+) -> int:
     """Convert lines `start`..`stop` (None: to the end) of `path` into the shards `shard_at(line)`
     opens (the one starting at `line`); `finished(record)` gets each closed one. The last line read.
 
@@ -461,13 +490,28 @@ def _check_listed(out_dir: Path, record: Dict[str, Any]) -> Optional[str]:
 class _Conversion:
     """One conversion into `out_dir`; its progress lives in `.convert_state.json`."""
 
-    def __init__(self, out_dir: Path, sources: List[Source], config: Dict[str, Any], on_bad_line: str,
-                 block_size: int, progress: bool) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        sources: List[Source],
+        config: Dict[str, Any],
+        on_bad_line: str,
+        block_size: int,
+        progress: bool,
+    ) -> None:
         self.out_dir, self.sources, self.config = out_dir, sources, config
         self.on_bad_line, self.block_size, self.progress = on_bad_line, block_size, progress
         state_path = out_dir / mf.STATE
-        self.state: Dict[str, Any] = {"config": config, "line_counts": {}, "line_index": {}, "vocab": False,
-                                      "shards": [], "sources_done": [], "counted": [], "planned": False}
+        self.state: Dict[str, Any] = {
+            "config": config,
+            "line_counts": {},
+            "line_index": {},
+            "vocab": False,
+            "shards": [],
+            "sources_done": [],
+            "counted": [],
+            "planned": False,
+        }
         if state_path.is_file():
             previous = json.loads(state_path.read_text())
             if previous.get("config") != config:
@@ -483,8 +527,10 @@ class _Conversion:
         for k, record in enumerate(self.state["shards"]):
             problem = _check_listed(out_dir, record)
             if problem is not None:
-                print(f"{out_dir / record['path']}: listed as finished but unreadable ({problem}); "
-                      "converting it again", file=sys.stderr)
+                print(
+                    f"{out_dir / record['path']}: listed as finished but unreadable ({problem}); converting it again",
+                    file=sys.stderr,
+                )
                 del self.state["shards"][k:]
                 self.state["sources_done"] = [s for s in self.state["sources_done"] if s < record["source"]]
                 break
@@ -529,8 +575,9 @@ class _Conversion:
         train = [s for s in segments if s.split == "train"]
         bar = _progress(None, 0, "count ids", self.progress)
         for source in sorted({s.source for s in train}):
-            spans = [(s.first, s.last if s.last is not None else np.iinfo(np.int64).max)
-                     for s in train if s.source == source]
+            spans = [
+                (s.first, s.last if s.last is not None else np.iinfo(np.int64).max) for s in train if s.source == source
+            ]
             _count_raw_ids(self.sources[source].path, spans, self.on_bad_line, self.block_size, counters, bar.update)
         bar.close()
         return self.save_vocabs(counters, min_count)
@@ -549,8 +596,9 @@ class _Conversion:
             self._convert_source(source, segs, finished + 1, next_index, map_ids, bar)
         bar.close()
 
-    def _convert_source(self, source: int, segs: List[Segment], start: int, next_index: Counter,
-                        map_ids: Any, bar: Any) -> None:
+    def _convert_source(
+        self, source: int, segs: List[Segment], start: int, next_index: Counter, map_ids: Any, bar: Any
+    ) -> None:
         path = self.sources[source].path
         firsts = [s.first for s in segs]
 
@@ -567,8 +615,9 @@ class _Conversion:
             self.state["shards"].append(record)
             self.save()
 
-        last = _convert_lines(path, start, None, open_shard, finished, map_ids, self.on_bad_line,
-                              self.block_size, bar.update)
+        last = _convert_lines(
+            path, start, None, open_shard, finished, map_ids, self.on_bad_line, self.block_size, bar.update
+        )
         counted = self.state["line_counts"].get(path)
         if counted is not None and counted != last:
             raise ValueError(f"{path}: read {last} lines but counted {counted}; did the file change?")
@@ -618,8 +667,12 @@ class _Conversion:
         runs = self._runs([s for s in plan if s.split == "train"], workers)
         names = [f"{run[0].source}-{run[0].first}.npz" for run in runs]
         todo = [(run, name) for run, name in zip(runs, names) if name not in self.state["counted"]]
-        futures = [pool.submit(_count_run, self._task(run[0].source, ("raw", [])),
-                               [(run[0].first, run[-1].last)], str(folder / name)) for run, name in todo]
+        futures = [
+            pool.submit(
+                _count_run, self._task(run[0].source, ("raw", [])), [(run[0].first, run[-1].last)], str(folder / name)
+            )
+            for run, name in todo
+        ]
         errors = []
         for (_run, name), future in zip(todo, futures):
             error = future.result()
@@ -630,6 +683,7 @@ class _Conversion:
                 errors.append(error)
         if errors:
             raise min(errors, key=self._position)
+
         def merged(j: int) -> _IdCounter:  # one feature's counts in memory at a time
             counter = _IdCounter()
             for part in names:
@@ -646,11 +700,16 @@ class _Conversion:
         order = {s.path: i for i, s in enumerate(self.sources)}
         return (order.get(getattr(error, "path", None), math.inf), getattr(error, "line", math.inf))
 
-    def convert_parallel(self, pool: Any, queue: Any, plan: List["_Planned"], workers: int,
-                         id_map: Tuple[str, List[int]]) -> None:
+    def convert_parallel(
+        self, pool: Any, queue: Any, plan: List["_Planned"], workers: int, id_map: Tuple[str, List[int]]
+    ) -> None:
         done = {(r["split"], r["index"]): r for r in self.state["shards"]}
-        bar = _progress(sum(s.last - s.first + 1 for s in plan), sum(r["rows_read"] for r in done.values()),
-                        "convert", self.progress)
+        bar = _progress(
+            sum(s.last - s.first + 1 for s in plan),
+            sum(r["rows_read"] for r in done.values()),
+            "convert",
+            self.progress,
+        )
         todo = []
         for run in self._runs(plan, workers):
             first = next((k for k, s in enumerate(run) if (s.split, s.index) not in done), None)
@@ -760,8 +819,18 @@ def _convert_run(task: _Task, shards: List[_Planned]) -> Tuple[List[Dict[str, An
             _QUEUE.put(record)
 
     try:
-        last = _convert_lines(task.path, shards[0].first, shards[-1].last, shard_at, finished, map_ids,
-                              task.on_bad_line, task.block_size, lambda n: None, task.index)
+        last = _convert_lines(
+            task.path,
+            shards[0].first,
+            shards[-1].last,
+            shard_at,
+            finished,
+            map_ids,
+            task.on_bad_line,
+            task.block_size,
+            lambda n: None,
+            task.index,
+        )
         if last != shards[-1].last:
             raise ValueError(f"{task.path}: read {last} lines but counted more; did the file change?")
     except (ValueError, OSError, EOFError) as error:
@@ -865,8 +934,10 @@ def convert(
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
     if block_size < MIN_BLOCK_SIZE:
-        raise ValueError(f"block_size {block_size} is below {MIN_BLOCK_SIZE} bytes (a Criteo line is "
-                         "about 250); the default is 4 MiB")
+        raise ValueError(
+            f"block_size {block_size} is below {MIN_BLOCK_SIZE} bytes (a Criteo line is "
+            "about 250); the default is 4 MiB"
+        )
     if mode == "frequency" and num_embeddings is not None:
         raise ValueError("num_embeddings is for mod mode; frequency mode derives it from the counts")
     sizes: List[int] = []
@@ -881,21 +952,41 @@ def convert(
     inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     sources = discover(inputs)
     out = Path(out_dir)
-    config = _plain({
-        "version": 1, "sources": _fingerprint(sources), "mode": mode, "rows_per_shard": rows_per_shard,
-        "split": split, "train_days": train_days and list(train_days), "val_days": val_days and list(val_days),
-        "test_days": test_days and list(test_days),
-        **({"num_embeddings": sizes} if mode == "mod" else {"min_count": min_count}),
-    })
+    config = _plain(
+        {
+            "version": 1,
+            "sources": _fingerprint(sources),
+            "mode": mode,
+            "rows_per_shard": rows_per_shard,
+            "split": split,
+            "train_days": train_days and list(train_days),
+            "val_days": val_days and list(val_days),
+            "test_days": test_days and list(test_days),
+            **({"num_embeddings": sizes} if mode == "mod" else {"min_count": min_count}),
+        }
+    )
     if part is not None or merge_parts:
         if mode == "frequency":
-            raise ValueError("--part/--merge-parts convert in mod mode only: frequency mode needs one id map "
-                             "over all days first (use --workers on one host)")
+            raise ValueError(
+                "--part/--merge-parts convert in mod mode only: frequency mode needs one id map "
+                "over all days first (use --workers on one host)"
+            )
         if part is not None and not 0 <= part[0] < part[1]:
             raise ValueError(f"--part {part[0]}/{part[1]}: expected K/N with 0 <= K < N")
     if merge_parts:
-        return _merge_parts(out, sources, config, merge_parts, split, (train_days, val_days, test_days),
-                            on_bad_line, block_size, progress, workers, wait_s)
+        return _merge_parts(
+            out,
+            sources,
+            config,
+            merge_parts,
+            split,
+            (train_days, val_days, test_days),
+            on_bad_line,
+            block_size,
+            progress,
+            workers,
+            wait_s,
+        )
     work = out if part is None else out / mf.PARTS / str(part[0])
     owned = set(range(len(sources))) if part is None else {i for i in range(len(sources)) if i % part[1] == part[0]}
     with mf.locked(work):
@@ -915,8 +1006,13 @@ def convert(
         def finish(segments: List[Segment], rule: Dict[str, Any], sizes: Dict[str, int], map_fn: Any) -> Dict[str, Any]:
             if part is None:
                 return _write_manifest(job, segments, rule, sizes, min_count, map_fn)
-            record = {"config": config, "part": list(part), "rule": rule, "shards": job.state["shards"],
-                      "line_counts": job.state["line_counts"]}
+            record = {
+                "config": config,
+                "part": list(part),
+                "rule": rule,
+                "shards": job.state["shards"],
+                "line_counts": job.state["line_counts"],
+            }
             mf.write_json_atomic(done_file, record)
             (work / mf.STATE).unlink()
             return record
@@ -950,9 +1046,19 @@ def convert(
             return finish(segments, rule, sizes_by_name, pool.map)
 
 
-def _merge_parts(out: Path, sources: List[Source], config: Dict[str, Any], parts: int, split: str,
-                 days: Tuple[Any, Any, Any], on_bad_line: str, block_size: int, progress: bool, workers: int,
-                 wait_s: float) -> Dict[str, Any]:
+def _merge_parts(
+    out: Path,
+    sources: List[Source],
+    config: Dict[str, Any],
+    parts: int,
+    split: str,
+    days: Tuple[Any, Any, Any],
+    on_bad_line: str,
+    block_size: int,
+    progress: bool,
+    workers: int,
+    wait_s: float,
+) -> Dict[str, Any]:
     """The last step of a conversion in parts (one per host): wait for every part, move their
     shards into place under the names one process would give them, count ids, write the manifest."""
     with mf.locked(out):
@@ -1007,36 +1113,56 @@ def _check_id_spaces(sizes: List[int]) -> None:
     for name, size in zip(CAT_NAMES, sizes):
         need = 8 * len(SPLITS) * size
         if size >= 1 << 63 or need > memory:
-            raise ValueError(f"num_embeddings {size:,} ({name}) is too large: counting its ids needs "
-                             f"{need / 2**30:,.0f} GiB, this machine has {memory / 2**30:,.0f} GiB")
+            raise ValueError(
+                f"num_embeddings {size:,} ({name}) is too large: counting its ids needs "
+                f"{need / 2**30:,.0f} GiB, this machine has {memory / 2**30:,.0f} GiB"
+            )
 
 
-def _write_manifest(job: _Conversion, segments: List[Segment], rule: Dict[str, Any], sizes_by_name: Dict[str, int],
-                    min_count: int, map_fn: Any) -> Dict[str, Any]:
+def _write_manifest(
+    job: _Conversion,
+    segments: List[Segment],
+    rule: Dict[str, Any],
+    sizes_by_name: Dict[str, int],
+    min_count: int,
+    map_fn: Any,
+) -> Dict[str, Any]:
     """Count ids (`map_fn` over features), write frequencies and the manifest, drop the state."""
     records = job.state["shards"]
     mode = job.config["mode"]
     skipped: Counter = Counter()
     for r in records:
         skipped.update(r["skipped"])
-    shards = {s: [{"path": r["path"], "rows": r["rows_written"]} for r in records if r["split"] == s and r["path"]]
-              for s in SPLITS if any(seg.split == s for seg in segments)}
-    manifest = mf.finish(job.out_dir, shards, sizes_by_name, {
-        "kind": "convert",
-        "config": job.config,
-        "mode": mode,
-        **({"min_count": min_count, "vocab": f"{mf.VOCAB}/<feature>.npy: raw id of id i+1 at index i; id 0 = rare"}
-           if mode == "frequency" else {}),
-        "missing_categorical": "read as raw value 0, as TorchRec does: id 0 in mod mode; "
-                               "in frequency mode the id of raw 0 (0 if rare)",
-        "sources": [{"path": s.path, "day": s.day} for s in job.sources],
-        "split_rule": rule,
-        "rows_read": sum(r["rows_read"] for r in records),
-        "rows_written": sum(r["rows_written"] for r in records),
-        "rows_skipped": sum(skipped.values()),
-        "skipped_by_reason": {reason: skipped.get(reason, 0) for reason in REASONS},
-        "skipped_examples": [e for r in records for e in r["examples"]][:_MAX_EXAMPLES],
-        "on_bad_line": job.on_bad_line,
-    }, map_fn)
+    shards = {
+        s: [{"path": r["path"], "rows": r["rows_written"]} for r in records if r["split"] == s and r["path"]]
+        for s in SPLITS
+        if any(seg.split == s for seg in segments)
+    }
+    manifest = mf.finish(
+        job.out_dir,
+        shards,
+        sizes_by_name,
+        {
+            "kind": "convert",
+            "config": job.config,
+            "mode": mode,
+            **(
+                {"min_count": min_count, "vocab": f"{mf.VOCAB}/<feature>.npy: raw id of id i+1 at index i; id 0 = rare"}
+                if mode == "frequency"
+                else {}
+            ),
+            "missing_categorical": "read as raw value 0, as TorchRec does: id 0 in mod mode; "
+            "in frequency mode the id of raw 0 (0 if rare)",
+            "sources": [{"path": s.path, "day": s.day} for s in job.sources],
+            "split_rule": rule,
+            "rows_read": sum(r["rows_read"] for r in records),
+            "rows_written": sum(r["rows_written"] for r in records),
+            "rows_skipped": sum(skipped.values()),
+            "skipped_by_reason": {reason: skipped.get(reason, 0) for reason in REASONS},
+            "skipped_examples": [e for r in records for e in r["examples"]][:_MAX_EXAMPLES],
+            "on_bad_line": job.on_bad_line,
+        },
+        map_fn,
+    )
     (job.out_dir / mf.STATE).unlink()
     return manifest

@@ -81,9 +81,7 @@ class CriteoParquetLoader:
         self.keys: List[str] = list(self.features.sparse)
         self._one_hot = [k for k in self.keys if k not in self.features.multi_hot]
         self._lengths_offsets: Dict[int, Tuple["torch.Tensor", "torch.Tensor"]] = {}
-        self.num_embeddings: Dict[str, int] = {
-            name: manifest["features"][name]["num_embeddings"] for name in self.keys
-        }
+        self.num_embeddings: Dict[str, int] = {name: manifest["features"][name]["num_embeddings"] for name in self.keys}
         # Row groups of all shards, in file order: (path, row group, rows).
         self._blocks: List[Tuple[Path, int, int]] = []
         for shard in manifest["splits"][split]["shards"]:
@@ -203,8 +201,10 @@ class CriteoParquetLoader:
         features = len(self.keys)
         if not window.bags:
             if n not in self._lengths_offsets:  # one id per feature and example: shared, read-only
-                self._lengths_offsets[n] = (torch.from_numpy(np.ones(features * n, dtype=np.int32)),
-                                            torch.from_numpy(np.arange(features * n + 1, dtype=np.int32)))
+                self._lengths_offsets[n] = (
+                    torch.from_numpy(np.ones(features * n, dtype=np.int32)),
+                    torch.from_numpy(np.arange(features * n + 1, dtype=np.int32)),
+                )
             lengths, offsets = self._lengths_offsets[n]
             kjt = KeyedJaggedTensor(
                 keys=self.keys,
@@ -240,8 +240,9 @@ class _Rows:
     """Rows of a window: labels [n], dense [n, D], one-id features [F, n] and, per multi-hot
     feature, (offsets [n + 1], ids) of its bags."""
 
-    def __init__(self, labels: np.ndarray, dense: np.ndarray, ids: np.ndarray,
-                 bags: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> None:
+    def __init__(
+        self, labels: np.ndarray, dense: np.ndarray, ids: np.ndarray, bags: Dict[str, Tuple[np.ndarray, np.ndarray]]
+    ) -> None:
         self.labels, self.dense, self.ids, self.bags = labels, dense, ids, bags
 
     def take(self, rows: np.ndarray) -> "_Rows":
@@ -259,10 +260,13 @@ class _Rows:
         bags = {}
         for name, (offsets, ids) in self.bags.items():
             other_offsets, other_ids = other.bags[name]
-            bags[name] = (np.concatenate([offsets, other_offsets[1:] + offsets[-1]]),
-                          np.concatenate([ids, other_ids]))
-        return _Rows(np.concatenate([self.labels, other.labels]), np.concatenate([self.dense, other.dense]),
-                     np.concatenate([self.ids, other.ids], axis=1), bags)
+            bags[name] = (np.concatenate([offsets, other_offsets[1:] + offsets[-1]]), np.concatenate([ids, other_ids]))
+        return _Rows(
+            np.concatenate([self.labels, other.labels]),
+            np.concatenate([self.dense, other.dense]),
+            np.concatenate([self.ids, other.ids], axis=1),
+            bags,
+        )
 
 
 def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:

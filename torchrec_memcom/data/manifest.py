@@ -57,8 +57,9 @@ def locked(data_dir: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise ValueError(f"{data_dir} is in use by process {holder}: wait for it to finish, "
-                             "or write to another folder") from None
+            raise ValueError(
+                f"{data_dir} is in use by process {holder}: wait for it to finish, or write to another folder"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
@@ -173,16 +174,18 @@ def finish(
     paths = {s: [d["path"] for d in lst] for s, lst in shards.items()}
     names = list(features.sparse)
     n = len(names)
-    cardinality = dict(zip(names, map_fn(count_feature, [data_dir] * n, [paths] * n, names,
-                                         [int(num_embeddings[c]) for c in names])))
+    cardinality = dict(
+        zip(names, map_fn(count_feature, [data_dir] * n, [paths] * n, names, [int(num_embeddings[c]) for c in names]))
+    )
     manifest: Dict[str, Any] = {"format": FORMAT, **fields}
-    manifest["splits"] = {
-        split: {"rows": sum(d["rows"] for d in lst), "shards": lst} for split, lst in shards.items()
-    }
+    manifest["splits"] = {split: {"rows": sum(d["rows"] for d in lst), "shards": lst} for split, lst in shards.items()}
     manifest["dense_features"] = list(features.dense)
     manifest["features"] = {
-        name: {"num_embeddings": int(num_embeddings[name]), "cardinality": cardinality[name],
-               **({"multi_hot": True} if name in features.multi_hot else {})}
+        name: {
+            "num_embeddings": int(num_embeddings[name]),
+            "cardinality": cardinality[name],
+            **({"multi_hot": True} if name in features.multi_hot else {}),
+        }
         for name in features.sparse
     }
     manifest.setdefault("label", "int8 0/1")

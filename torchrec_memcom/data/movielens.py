@@ -81,8 +81,9 @@ def find_layout(src: PathLike) -> Tuple[str, List[Path]]:
 class _Lines:
     """The records of one file as {column: text}, with the error-or-skip policy for bad lines."""
 
-    def __init__(self, path: Path, layout: str, kind: str, on_bad_line: str, skipped: Counter,
-                 examples: List[str]) -> None:
+    def __init__(
+        self, path: Path, layout: str, kind: str, on_bad_line: str, skipped: Counter, examples: List[str]
+    ) -> None:
         self.path, self.layout, self.kind, self.on_bad_line = path, layout, kind, on_bad_line
         self.skipped, self.examples = skipped, examples
 
@@ -93,8 +94,9 @@ class _Lines:
         if len(self.examples) < _MAX_EXAMPLES:
             self.examples.append(f"{self.path}:{line}: {detail}")
 
-    def records(self, check: Optional[Callable[[Dict[str, str]], Optional[Tuple[str, str]]]] = None
-                ) -> List[Tuple[int, Dict[str, str]]]:
+    def records(
+        self, check: Optional[Callable[[Dict[str, str]], Optional[Tuple[str, str]]]] = None
+    ) -> List[Tuple[int, Dict[str, str]]]:
         """The well-formed records, in file order; ``check`` returns (reason, detail) of a bad one."""
         spec = GROUPLENS if self.layout == "grouplens" else RECBOLE
         columns = {
@@ -176,7 +178,10 @@ def convert_movielens(
         raise ValueError("rows_per_shard must be positive")
     layout, files = find_layout(src)
     config = {
-        "version": 1, "layout": layout, "seed": seed, "rows_per_shard": rows_per_shard,
+        "version": 1,
+        "layout": layout,
+        "seed": seed,
+        "rows_per_shard": rows_per_shard,
         "sources": [{"path": str(p), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files],
     }
     out = Path(out_dir)
@@ -254,28 +259,39 @@ def convert_movielens(
     for name, vocab in vocabs.items():
         mf.write_json_atomic(out / mf.VOCAB / f"{name}.json", sorted(vocab, key=vocab.get))
     sizes = {name: len(vocabs[name]) + 1 for name in FEATURES.sparse}
-    return mf.finish(out, {s: shards[s] for s in SPLITS}, sizes, {
-        "kind": "movielens",
-        "config": config,
-        "mode": "movielens",
-        "layout": layout,
-        "sources": [str(p) for p in files],
-        "split_rule": {"rule": "kaggle", "shuffled": True, "seed": seed, **{s: list(r) for s, r in ranges.items()}},
-        "label": "int8: rating >= 4",
-        "dense": "none",
-        "vocab": f"{mf.VOCAB}/<feature>.json: raw value of id i+1 at index i; id 0 = absent",
-        "rows_read": read,
-        "rows_written": n,
-        "rows_skipped": read - n,
-        "skipped_by_reason": dict(skipped),
-        "skipped_examples": examples,
-        "on_bad_line": on_bad_line,
-    }, features=FEATURES)
+    return mf.finish(
+        out,
+        {s: shards[s] for s in SPLITS},
+        sizes,
+        {
+            "kind": "movielens",
+            "config": config,
+            "mode": "movielens",
+            "layout": layout,
+            "sources": [str(p) for p in files],
+            "split_rule": {"rule": "kaggle", "shuffled": True, "seed": seed, **{s: list(r) for s, r in ranges.items()}},
+            "label": "int8: rating >= 4",
+            "dense": "none",
+            "vocab": f"{mf.VOCAB}/<feature>.json: raw value of id i+1 at index i; id 0 = absent",
+            "rows_read": read,
+            "rows_written": n,
+            "rows_skipped": read - n,
+            "skipped_by_reason": dict(skipped),
+            "skipped_examples": examples,
+            "on_bad_line": on_bad_line,
+        },
+        features=FEATURES,
+    )
 
 
-def write_movielens(folder: PathLike, layout: str, ratings: List[Tuple[int, int, float]],
-                    users: List[Tuple[int, str, int, int, str]], movies: List[Tuple[int, str, List[str]]],
-                    extra_lines: Optional[Dict[str, List[str]]] = None) -> Path:
+def write_movielens(
+    folder: PathLike,
+    layout: str,
+    ratings: List[Tuple[int, int, float]],
+    users: List[Tuple[int, str, int, int, str]],
+    movies: List[Tuple[int, str, List[str]]],
+    extra_lines: Optional[Dict[str, List[str]]] = None,
+) -> Path:
     """Write MovieLens-1M-style files of either layout (for tests and examples): ratings
     (user, movie, rating), users (user, gender, age, occupation, zip), movies (movie, title,
     genres). RecBole's keys users as ``1m_<id>`` and movies by title, as its ml-1m files do.

@@ -19,8 +19,32 @@ SPLITS: Tuple[str, ...] = ("train", "val", "test")
 # Distinct values per categorical feature of Criteo Kaggle train.txt (the figures TorchRec's DLRM
 # example passes as --num_embeddings_per_feature); the synthesizer shapes its features like these.
 KAGGLE_CARDINALITIES: List[int] = [
-    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
-    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+    1460,
+    583,
+    10131227,
+    2202608,
+    305,
+    24,
+    12517,
+    633,
+    3,
+    93145,
+    5683,
+    8351593,
+    3194,
+    27,
+    14992,
+    5461306,
+    10,
+    5652,
+    2173,
+    4,
+    7046547,
+    18,
+    15,
+    286181,
+    105,
+    142572,
 ]
 
 # On disk: label int8 (0/1), dense float32 already log(max(x, 0) + 1), ids int64 in [0, num_embeddings).

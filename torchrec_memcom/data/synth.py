@@ -33,11 +33,37 @@ CHUNK_ROWS = 65_536
 
 # Measured on the real Kaggle sample (../shared/data/criteo_kaggle_sample_8k.tsv): share of
 # missing values, and mean / std of log(x + 1) of the present integer features.
-CAT_MISSING = [0, 0, .033, .033, 0, .131, 0, 0, 0, 0, 0, .033, 0, 0, 0, .033, 0, 0, .453, .453, .033,
-               .817, 0, .033, .453, .453]
-INT_MISSING = [.452, 0, .203, .203, .049, .252, .05, .001, .05, .452, .05, .777, .203]
-INT_LOG_MEAN = [.79, 2.11, 2.24, 1.73, 7.28, 3.6, 1.53, 2.05, 3.62, .37, .85, .29, 1.89]
-INT_LOG_STD = [.97, 2.13, 1.28, .96, 2.87, 1.8, 1.35, 1.18, 1.69, .39, .74, .6, 1.06]
+CAT_MISSING = [
+    0,
+    0,
+    0.033,
+    0.033,
+    0,
+    0.131,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0.033,
+    0,
+    0,
+    0,
+    0.033,
+    0,
+    0,
+    0.453,
+    0.453,
+    0.033,
+    0.817,
+    0,
+    0.033,
+    0.453,
+    0.453,
+]
+INT_MISSING = [0.452, 0, 0.203, 0.203, 0.049, 0.252, 0.05, 0.001, 0.05, 0.452, 0.05, 0.777, 0.203]
+INT_LOG_MEAN = [0.79, 2.11, 2.24, 1.73, 7.28, 3.6, 1.53, 2.05, 3.62, 0.37, 0.85, 0.29, 1.89]
+INT_LOG_STD = [0.97, 2.13, 1.28, 0.96, 2.87, 1.8, 1.35, 1.18, 1.69, 0.39, 0.74, 0.6, 1.06]
 INT_1_NEGATIVE = 0.1  # int_1 is -1 in about 10% of rows
 
 # Logit variance budget: per-id effects, pair interactions, dense effects.
@@ -48,8 +74,9 @@ _NUM_PAIRS, _LATENT_DIM = 12, 8
 class ClickModel:
     """The hidden generator: feature distributions and the true click probability."""
 
-    def __init__(self, seed: int, max_cardinality: int = 100_000, zipf_exponent: float = 1.1,
-                 base_ctr: float = 0.25) -> None:
+    def __init__(
+        self, seed: int, max_cardinality: int = 100_000, zipf_exponent: float = 1.1, base_ctr: float = 0.25
+    ) -> None:
         if max_cardinality < 2:
             raise ValueError("max_cardinality must be at least 2")
         if not 0 < base_ctr < 1:
@@ -81,12 +108,18 @@ class ClickModel:
         self.bias = self._calibrate_bias()
 
     def params(self) -> Dict[str, Any]:
-        return {"seed": self.seed, "max_cardinality": self.max_cardinality,
-                "zipf_exponent": self.zipf_exponent, "base_ctr": self.base_ctr,
-                "cardinalities": self.cardinalities, "interaction_pairs": self.pairs,
-                "latent_dim": _LATENT_DIM, "bias": self.bias, "chunk_rows": CHUNK_ROWS,
-                "logit_variance": {"per_id": _MAIN_VARIANCE, "pairs": _PAIR_VARIANCE,
-                                   "dense": _DENSE_VARIANCE}}
+        return {
+            "seed": self.seed,
+            "max_cardinality": self.max_cardinality,
+            "zipf_exponent": self.zipf_exponent,
+            "base_ctr": self.base_ctr,
+            "cardinalities": self.cardinalities,
+            "interaction_pairs": self.pairs,
+            "latent_dim": _LATENT_DIM,
+            "bias": self.bias,
+            "chunk_rows": CHUNK_ROWS,
+            "logit_variance": {"per_id": _MAIN_VARIANCE, "pairs": _PAIR_VARIANCE, "dense": _DENSE_VARIANCE},
+        }
 
     def _logit_without_bias(self, cats: np.ndarray, dense: np.ndarray) -> np.ndarray:
         logit = np.zeros(cats.shape[1])
@@ -133,8 +166,14 @@ class ClickModel:
         dense = dense_transform(ints)
         probability = _sigmoid(self.bias + self._logit_without_bias(cats, dense))
         label = (rng.random(n) < probability).astype(np.int8)
-        return {"cats": cats, "ints": ints, "missing_int": missing_int, "dense": dense,
-                "label": label, "probability": probability}
+        return {
+            "cats": cats,
+            "ints": ints,
+            "missing_int": missing_int,
+            "dense": dense,
+            "label": label,
+            "probability": probability,
+        }
 
     def rows(self, total: int) -> Iterator[Tuple[int, Dict[str, np.ndarray]]]:
         """(first row, chunk) over rows [0, total)."""
@@ -221,8 +260,10 @@ def synthesize(
             return existing
         raise ValueError(f"{out} already holds data from other inputs or options; use --overwrite")
     if (out / mf.STATE).is_file() and not overwrite:
-        raise ValueError(f"{out} holds an unfinished conversion ({mf.STATE}): finish it by re-running the "
-                         "same `memcom data convert`, write elsewhere, or use --overwrite to discard it")
+        raise ValueError(
+            f"{out} holds an unfinished conversion ({mf.STATE}): finish it by re-running the "
+            "same `memcom data convert`, write elsewhere, or use --overwrite to discard it"
+        )
     mf.clear(out)
     splits = _split_of_rows(rows)
     shards: Dict[str, list] = {s: [] for s in splits}
@@ -252,18 +293,23 @@ def synthesize(
                 lo = stop
         bar.update(table.num_rows)
     bar.close()
-    return mf.finish(out, shards, dict(zip(CAT_NAMES, model.cardinalities)), {
-        "kind": "synth",
-        "config": config,
-        "mode": "synthetic",
-        "generator": model.params(),
-        "rows_read": rows,
-        "rows_written": rows,
-        "rows_skipped": 0,
-        "best_auc": {s: roc_auc(probability[s], labels[s]) for s in splits},
-        "best_logloss": {s: _log_loss(probability[s], labels[s]) for s in splits},
-        "missing_categorical": "id 0 (for the features Criteo has missing values in)",
-    })
+    return mf.finish(
+        out,
+        shards,
+        dict(zip(CAT_NAMES, model.cardinalities)),
+        {
+            "kind": "synth",
+            "config": config,
+            "mode": "synthetic",
+            "generator": model.params(),
+            "rows_read": rows,
+            "rows_written": rows,
+            "rows_skipped": 0,
+            "best_auc": {s: roc_auc(probability[s], labels[s]) for s in splits},
+            "best_logloss": {s: _log_loss(probability[s], labels[s]) for s in splits},
+            "missing_categorical": "id 0 (for the features Criteo has missing values in)",
+        },
+    )
 
 
 def write_synthetic_tsv(
@@ -291,7 +337,8 @@ def write_synthetic_tsv(
             columns = [pa.array(chunk["label"])]
             columns += [pa.array(v, mask=m) for v, m in zip(chunk["ints"], chunk["missing_int"])]
             columns += [model.hex_strings(f, ids) for f, ids in enumerate(chunk["cats"])]
-            pacsv.write_csv(pa.Table.from_arrays(columns, names=[f"c{i}" for i in range(len(columns))]),
-                            stream, options)
+            pacsv.write_csv(
+                pa.Table.from_arrays(columns, names=[f"c{i}" for i in range(len(columns))]), stream, options
+            )
             bar.update(len(chunk["label"]))
     bar.close()

@@ -32,8 +32,10 @@ def npy_days(folder: PathLike) -> List[int]:
     dtypes, equal rows) from their headers only; errors name the file."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder (data.format torchrec_npy wants a folder of "
-                                "day_N_dense.npy, day_N_sparse.npy, day_N_labels.npy)")
+        raise FileNotFoundError(
+            f"{folder}: no such folder (data.format torchrec_npy wants a folder of "
+            "day_N_dense.npy, day_N_sparse.npy, day_N_labels.npy)"
+        )
     found: Dict[int, set] = {}
     for p in folder.iterdir():
         m = _FILE_RE.match(p.name)
@@ -44,8 +46,9 @@ def npy_days(folder: PathLike) -> List[int]:
     for day, kinds in sorted(found.items()):
         missing = [k for k in KINDS if k not in kinds]
         if missing:
-            raise FileNotFoundError(f"{folder / f'day_{day}_{missing[0]}.npy'}: missing (day {day} has "
-                                    f"{', '.join(sorted(kinds))})")
+            raise FileNotFoundError(
+                f"{folder / f'day_{day}_{missing[0]}.npy'}: missing (day {day} has {', '.join(sorted(kinds))})"
+            )
         rows = {k: _shape(folder, day, k)[0] for k in KINDS}
         if len(set(rows.values())) != 1:
             raise ValueError(f"{folder}: day {day}'s files have different row counts {rows}")
@@ -74,8 +77,9 @@ def _shape(folder: Path, day: int, kind: str) -> tuple:
 def split_days(days: List[int]) -> Dict[str, Any]:
     """Terabyte's split: train = every day but the last; val, test = halves of the last day."""
     if len(days) < 2:
-        raise ValueError(f"the torchrec_npy split needs at least 2 days (train days, then the val/test day), "
-                         f"found days {days}")
+        raise ValueError(
+            f"the torchrec_npy split needs at least 2 days (train days, then the val/test day), found days {days}"
+        )
     return {"train": days[:-1], "val": days[-1:], "test": days[-1:]}
 
 
@@ -93,8 +97,11 @@ def describe(folder: PathLike) -> Dict[str, Any]:
         "ids": "raw hex values; hashed modulo num_embeddings at load time (embeddings.num_embeddings)",
     }
     if len(days) > 1:
-        info["splits"] = {"train": {"days": days[:-1], "rows": sum(rows[d] for d in days[:-1])},
-                          "val": {"days": days[-1:], "rows": val}, "test": {"days": days[-1:], "rows": last - val}}
+        info["splits"] = {
+            "train": {"days": days[:-1], "rows": sum(rows[d] for d in days[:-1])},
+            "val": {"days": days[-1:], "rows": val},
+            "test": {"days": days[-1:], "rows": last - val},
+        }
     return info
 
 
@@ -131,14 +138,24 @@ class TorchRecNpyLoader:
         if split not in ("train", "val", "test"):
             raise ValueError(f"{folder}: torchrec_npy has splits train, val and test, not {split!r}")
         if len(num_embeddings) != len(CAT_NAMES) or min(num_embeddings) < 1:
-            raise ValueError(f"{folder}: torchrec_npy needs {len(CAT_NAMES)} positive num_embeddings "
-                             "(embeddings.num_embeddings): ids are hashed modulo them")
+            raise ValueError(
+                f"{folder}: torchrec_npy needs {len(CAT_NAMES)} positive num_embeddings "
+                "(embeddings.num_embeddings): ids are hashed modulo them"
+            )
         days = split_days(npy_days(folder))[split]
         self.seed, self.num_embeddings = seed, dict(zip(CAT_NAMES, (int(n) for n in num_embeddings)))
         self._pipe = InMemoryBinaryCriteoIterDataPipe(
-            split, npy_paths(folder, days, "dense"), npy_paths(folder, days, "sparse"),
-            npy_paths(folder, days, "labels"), batch_size, rank, world_size, drop_last=drop_last,
-            shuffle_batches=shuffle, mmap_mode=True, hashes=list(num_embeddings),
+            split,
+            npy_paths(folder, days, "dense"),
+            npy_paths(folder, days, "sparse"),
+            npy_paths(folder, days, "labels"),
+            batch_size,
+            rank,
+            world_size,
+            drop_last=drop_last,
+            shuffle_batches=shuffle,
+            mmap_mode=True,
+            hashes=list(num_embeddings),
         )
         self.set_epoch(0)
 

@@ -113,16 +113,12 @@ class ShardedBudgetedEmbeddingBagCollection(ShardedMEmComEmbeddingBagCollection)
     def _combine(self, kt: KeyedTensor) -> KeyedTensor:
         return combine_tiers(self._budgeted, self.projections, kt.to_dict())
 
-    def output_dist(
-        self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]
-    ) -> LazyAwaitable[KeyedTensor]:
+    def output_dist(self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
         awaitable = super().output_dist(ctx, output)
         awaitable.callbacks.append(self._combine)
         return awaitable
 
-    def compute_and_output_dist(
-        self, ctx: EmbeddingBagCollectionContext, input: KJTList
-    ) -> LazyAwaitable[KeyedTensor]:
+    def compute_and_output_dist(self, ctx: EmbeddingBagCollectionContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
         awaitable = super().compute_and_output_dist(ctx, input)
         awaitable.callbacks.append(self._combine)
         return awaitable
@@ -156,4 +152,6 @@ class BudgetedEmbeddingBagCollectionSharder(MEmComEmbeddingBagCollectionSharder)
         id ranks (remap buffers) and the projections, dense parameters counted
         ``parameter_multiplier`` times (with their gradients and optimizer state)."""
         ranks = sum(get_tensor_size_bytes(b) for b in module.remap.buffers())
-        return round(ranks + parameter_multiplier * sum(get_tensor_size_bytes(p) for p in module.projections.parameters()))
+        return round(
+            ranks + parameter_multiplier * sum(get_tensor_size_bytes(p) for p in module.projections.parameters())
+        )

@@ -87,9 +87,7 @@ def table_bytes(table: Any, optimizer: Optional[EmbOptimType]) -> int:
     None: TorchRec's default fused optimizer, SGD."""
     optimizer = optimizer or EmbOptimType.EXACT_SGD
     if optimizer not in ROW_STATE:
-        raise ValueError(
-            f"table {table.name!r}: MEmCom tables train with SGD or (row-wise) Adagrad; got {optimizer}"
-        )
+        raise ValueError(f"table {table.name!r}: MEmCom tables train with SGD or (row-wise) Adagrad; got {optimizer}")
     d = table.embedding_dim
     scalars = table.num_slot_blocks * (1 if optimizer == EmbOptimType.EXACT_SGD else 2)
     return table.hash_rows * (d + ROW_STATE[optimizer](d) + scalars) * 4

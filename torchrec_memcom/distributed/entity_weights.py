@@ -237,7 +237,9 @@ class ShardedEntityWeights(nn.Module):
         # per local fused table: its param group (lr) in the fused optimizer, and its eps
         self._groups = [fused.index(n) for n in self._local_fused]
         self._eps = torch.tensor(
-            [layouts[n].rule.eps for n in self._local_fused], dtype=self.fused.dtype, device=device  # type: ignore[union-attr]
+            [layouts[n].rule.eps for n in self._local_fused],
+            dtype=self.fused.dtype,
+            device=device,  # type: ignore[union-attr]
         )
         eps = {layouts[n].rule.eps for n in self._local_fused}  # type: ignore[union-attr]
         self._uniform_eps = len(eps) <= 1

@@ -102,15 +102,17 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         table_fused_params = self._table_fused_params()
         layouts = {
             t.name: table_layout(
-                t, table_name_to_parameter_sharding[t.name], env.world_size, device,
-                table_fused_params.get(t.name), module.scalar_configs[t.name],
+                t,
+                table_name_to_parameter_sharding[t.name],
+                env.world_size,
+                device,
+                table_fused_params.get(t.name),
+                module.scalar_configs[t.name],
             )
             for t in module.tables
             if t.compressed
         }
-        self.entity_weights = ShardedEntityWeights(
-            layouts, env.rank, env.world_size, device, env.process_group
-        )
+        self.entity_weights = ShardedEntityWeights(layouts, env.rank, env.world_size, device, env.process_group)
         # Per lookup: (start, rows) of each feature's scalars ((0, 0): none), whether a feature
         # has scalars, and whether any is data-parallel (see _scalars).
         self._lookup_addresses: List[Tuple[List[Tuple[int, int]], List[bool], bool]] = []
@@ -130,9 +132,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         self._remaps = LayoutCache()
         self._scalar_layouts = LayoutCache()
         self._skip_plain_gradients()
-        self._optim = CombinedOptimizer(
-            [("", self._optim), ("", self.entity_weights.fused_optimizer)]
-        )
+        self._optim = CombinedOptimizer([("", self._optim), ("", self.entity_weights.fused_optimizer)])
         if module.device.type == "meta":
             self._reset_scalars()
         else:
@@ -284,18 +284,14 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         ctx.memcom_anchor = anchor
         return super().compute(ctx, weighted)
 
-    def output_dist(
-        self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]
-    ) -> LazyAwaitable[KeyedTensor]:
+    def output_dist(self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
         awaitable = super().output_dist(ctx, output)
         anchor = getattr(ctx, "memcom_anchor", None)
         if anchor is not None:
             awaitable.callbacks.append(partial(_add_anchor, anchor=anchor))
         return awaitable
 
-    def compute_and_output_dist(
-        self, ctx: EmbeddingBagCollectionContext, input: KJTList
-    ) -> LazyAwaitable[KeyedTensor]:
+    def compute_and_output_dist(self, ctx: EmbeddingBagCollectionContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
         weighted, anchor = self._scalars(input)
         awaitable = super().compute_and_output_dist(ctx, weighted)
         if anchor is not None:

@@ -137,7 +137,10 @@ class ShardedMixedEmbeddingBagCollection(
             missing = sorted({f for feats in self._features for f in feats} - set(position))
             if missing:
                 raise ValueError(f"{self._module_fqn or 'mixed collection'}: the KJT lacks features {missing}")
-            self._orders[key] = ([position[f] for feats in self._features for f in feats], [len(f) for f in self._features])
+            self._orders[key] = (
+                [position[f] for feats in self._features for f in feats],
+                [len(f) for f in self._features],
+            )
         return self._orders[key]
 
     def input_dist(
@@ -171,7 +174,10 @@ class ShardedMixedEmbeddingBagCollection(
 
     def output_dist(self, ctx: MixedEmbeddingBagCollectionContext, output: List[Any]) -> LazyAwaitable[KeyedTensor]:
         return _JoinedByKey(
-            [child.output_dist(child_ctx, out) for child, child_ctx, out in zip(self.collections, ctx.children, output)],
+            [
+                child.output_dist(child_ctx, out)
+                for child, child_ctx, out in zip(self.collections, ctx.children, output)
+            ],
             self._keys,
             self._dims,
         )
@@ -202,7 +208,9 @@ class ShardedMixedEmbeddingBagCollection(
         return MixedEmbeddingBagCollection
 
 
-def child_sharder(sharders: Dict[Type[nn.Module], ModuleSharder[nn.Module]], child: nn.Module) -> ModuleSharder[nn.Module]:
+def child_sharder(
+    sharders: Dict[Type[nn.Module], ModuleSharder[nn.Module]], child: nn.Module
+) -> ModuleSharder[nn.Module]:
     """The sharder of ``child``'s exact type (as DMP picks them), or an error naming it."""
     if type(child) not in sharders:
         raise ValueError(

@@ -53,9 +53,7 @@ def _check_kernels(
     if device is not None and device.type != "cpu":
         return
     dense = sorted(
-        name
-        for name in module.embeddings
-        if params[name].compute_kernel == EmbeddingComputeKernel.DENSE.value
+        name for name in module.embeddings if params[name].compute_kernel == EmbeddingComputeKernel.DENSE.value
     )
     if dense:
         raise ValueError(
@@ -93,9 +91,7 @@ class ShardedQREmbeddingBagCollection(ShardedEmbeddingCollection):
         )
         self._layout: QRLayout = module.layout
 
-    def input_dist(
-        self, ctx: EmbeddingCollectionContext, features: KeyedJaggedTensor
-    ) -> Awaitable[Awaitable[KJTList]]:
+    def input_dist(self, ctx: EmbeddingCollectionContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         """Each compressed feature ``f`` -> ``f@q``, ``f@r``, then the stock input distribution."""
         check_unweighted(features, "QR")
         if features.variable_stride_per_key():
@@ -105,16 +101,12 @@ class ShardedQREmbeddingBagCollection(ShardedEmbeddingCollection):
             split = self._layout.split(features)
         return super().input_dist(ctx, split)
 
-    def output_dist(
-        self, ctx: EmbeddingCollectionContext, output: List[torch.Tensor]
-    ) -> LazyAwaitable[KeyedTensor]:
+    def output_dist(self, ctx: EmbeddingCollectionContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
         awaitable = super().output_dist(ctx, output)
         awaitable.callbacks.append(self._layout.combine)
         return awaitable
 
-    def compute_and_output_dist(
-        self, ctx: EmbeddingCollectionContext, input: KJTList
-    ) -> LazyAwaitable[KeyedTensor]:
+    def compute_and_output_dist(self, ctx: EmbeddingCollectionContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
         awaitable = super().compute_and_output_dist(ctx, input)
         awaitable.callbacks.append(self._layout.combine)
         return awaitable

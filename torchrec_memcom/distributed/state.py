@@ -11,10 +11,7 @@ def copy_full_tensor(dst: Any, src: torch.Tensor) -> None:
     """Fill ``dst`` (a ShardedTensor's local shards, or a plain tensor) from the full ``src``."""
     if isinstance(dst, ShardedTensor):
         for shard in dst.local_shards():
-            index = tuple(
-                slice(o, o + s)
-                for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes)
-            )
+            index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
             shard.tensor.copy_(src[index])
     else:
         dst.copy_(src)

@@ -52,7 +52,8 @@ def correct_mean_divisor(sharded: ShardedEmbeddingBagCollection, ctx: EmbeddingB
         row_sharded = {f for features in sharded._pooling_type_to_rs_features.values() for f in features}
         keep = [name in row_sharded for name in sharded._embedding_names]
         sharded._mean_divisor_columns = torch.repeat_interleave(
-            torch.tensor(keep, device=ctx.divisor.device), torch.tensor(sharded._embedding_dims, device=ctx.divisor.device)
+            torch.tensor(keep, device=ctx.divisor.device),
+            torch.tensor(sharded._embedding_dims, device=ctx.divisor.device),
         )
     ctx.divisor = torch.where(sharded._mean_divisor_columns, ctx.divisor, torch.ones_like(ctx.divisor))
 

@@ -23,15 +23,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument("checkpoint", help="a step_N checkpoint folder, or a train.checkpoint_dir (its latest)")
     export.add_argument("--out", required=True, help="the file to write")
-    export.add_argument("--precision", choices=PRECISIONS, default="int8",
-                        help="embedding table storage: int8 row-wise (default), fp16 or fp32")
+    export.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="int8",
+        help="embedding table storage: int8 row-wise (default), fp16 or fp32",
+    )
     export.add_argument("--data", help="the data folder the model was trained on (default: its config's data.path)")
     export.add_argument("--check-data", help="held data to check on (default: the training data folder)")
     export.add_argument("--check-split", help="split of the check data (default: the config's eval split)")
     export.add_argument("--check-rows", type=int, default=100_000, help="rows to check on (0: all; default 100000)")
     export.add_argument("--no-check", action="store_true", help="skip the check (not recommended)")
-    export.add_argument("--no-raw-ids", action="store_true",
-                        help="leave out the raw-value -> id map (score_raw then refuses; forward on ids works)")
+    export.add_argument(
+        "--no-raw-ids",
+        action="store_true",
+        help="leave out the raw-value -> id map (score_raw then refuses; forward on ids works)",
+    )
     export.add_argument("--tolerance", type=float, help="largest allowed |P_exported - P_trained|")
     export.add_argument("--auc-tolerance", type=float, help="largest allowed |AUC change|")
     export.add_argument("--report", help="also write the report as JSON here")
@@ -133,6 +140,7 @@ def _score(args: argparse.Namespace) -> int:
         eps = 1e-7
         logloss = float(-(y * p.clamp(eps).log() + (1 - y) * (1 - p).clamp(eps).log()).mean())
         auc = roc_auc(p.numpy(), y.numpy())  # NaN when the lines hold one class only
-        print(json.dumps({"rows": len(y), "auc": None if math.isnan(auc) else auc, "logloss": logloss}),
-              file=sys.stderr)
+        print(
+            json.dumps({"rows": len(y), "auc": None if math.isnan(auc) else auc, "logloss": logloss}), file=sys.stderr
+        )
     return 0

@@ -120,9 +120,7 @@ class TrainedModel:
                 load_checkpoint(self.path, state)
             self.progress: Dict[str, Any] = read_record(self.path, PROGRESS)
         except CheckpointError as e:
-            raise ExportError(
-                f"{e} (the model its {CONFIG} describes, data folder {self.data_dir})"
-            ) from None
+            raise ExportError(f"{e} (the model its {CONFIG} describes, data folder {self.data_dir})") from None
         train.load_state_dict(state["model"])
         self.dlrm: nn.Module = train.model.eval()
         # The sharded model's own logits on the first eval rows, if the checkpoint records them.
@@ -184,10 +182,17 @@ def raw_id_map(data_dir: Path, manifest: Dict[str, Any], num_embeddings: List[in
 
 def _table_info(t: AnyTable) -> Dict[str, Any]:
     if not isinstance(t, TableExport):
-        tiers = [{"rows": x.rows, "dim": x.dim, "stored_rows": x.weight.shape[0], "memcom": x.scalars is not None}
-                 for x in t.tiers]
-        return {"method": t.method, "n": t.num_embeddings, "rows": sum(x["stored_rows"] for x in tiers),
-                "tiers": tiers, "remap": t.ranks is not None}
+        tiers = [
+            {"rows": x.rows, "dim": x.dim, "stored_rows": x.weight.shape[0], "memcom": x.scalars is not None}
+            for x in t.tiers
+        ]
+        return {
+            "method": t.method,
+            "n": t.num_embeddings,
+            "rows": sum(x["stored_rows"] for x in tiers),
+            "tiers": tiers,
+            "remap": t.ranks is not None,
+        }
     info: Dict[str, Any] = {"method": t.method, "n": t.num_embeddings, "rows": t.weight.shape[0]}
     if t.hash is not None:
         info["hash"] = t.hash
@@ -219,7 +224,10 @@ def build_inference_model(
         id_map, mode = raw_id_map(trained.data_dir, trained.manifest, trained.num_embeddings)
     else:
         empty = torch.zeros(0, dtype=torch.int64)
-        id_map, mode = RawIdMap("none", torch.ones(len(names), dtype=torch.int64), empty, empty), trained.manifest.get("mode")
+        id_map, mode = (
+            RawIdMap("none", torch.ones(len(names), dtype=torch.int64), empty, empty),
+            trained.manifest.get("mode"),
+        )
     dense_names = trained.features.dense
     metadata = {
         "format": FORMAT,
@@ -273,8 +281,9 @@ def _tensor_bytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def size_report(file: Path, module: torch.jit.ScriptModule, tables: List[AnyTable],
-                num_embeddings: List[int]) -> Dict[str, Any]:
+def size_report(
+    file: Path, module: torch.jit.ScriptModule, tables: List[AnyTable], num_embeddings: List[int]
+) -> Dict[str, Any]:
     """The file's real size, what its tensors take, and the fp32 models it replaces."""
     state = module.state_dict()
     grouped = store_bytes({k: v for k, v in state.items() if k.startswith("embeddings.")})
@@ -300,8 +309,14 @@ def size_report(file: Path, module: torch.jit.ScriptModule, tables: List[AnyTabl
 
 
 @torch.no_grad()
-def compare(exported: torch.jit.ScriptModule, trained: TrainedModel, data_dir: Path, split: str,
-            max_rows: Optional[int], batch_size: int = 4096) -> Dict[str, Any]:
+def compare(
+    exported: torch.jit.ScriptModule,
+    trained: TrainedModel,
+    data_dir: Path,
+    split: str,
+    max_rows: Optional[int],
+    batch_size: int = 4096,
+) -> Dict[str, Any]:
     """Predictions of the exported file and of the trained model on ``max_rows`` rows of a split."""
     loader = CriteoParquetLoader(data_dir, split, batch_size, shuffle=False, drop_last=False)
     ours, theirs, labels = [], [], []
@@ -343,7 +358,9 @@ PROBE_TOLERANCE = 1e-4
 
 
 @torch.no_grad()
-def compare_probe(exported: torch.jit.ScriptModule, trained: TrainedModel, tolerance: float) -> Optional[Dict[str, Any]]:
+def compare_probe(
+    exported: torch.jit.ScriptModule, trained: TrainedModel, tolerance: float
+) -> Optional[Dict[str, Any]]:
     """Predictions of the rebuilt and of the exported model against the sharded model's own, on
     the rows training recorded them for (each rank's first eval batch); None if the checkpoint
     records none for its step (a checkpoint saved between evaluations)."""
@@ -354,8 +371,14 @@ def compare_probe(exported: torch.jit.ScriptModule, trained: TrainedModel, toler
     sharded, rebuilt, ours = [], [], []
     for rank, logits in enumerate(probe["logits"]):
         loader = CriteoParquetLoader(
-            trained.data_dir, trained.config.data.eval_split, probe["batch_size"], rank=rank,
-            world_size=world, seed=trained.config.train.seed, shuffle=False, drop_last=False,
+            trained.data_dir,
+            trained.config.data.eval_split,
+            probe["batch_size"],
+            rank=rank,
+            world_size=world,
+            seed=trained.config.train.seed,
+            shuffle=False,
+            drop_last=False,
         )
         loader.set_epoch(0)
         batch = next(iter(loader))
@@ -452,7 +475,9 @@ def export_checkpoint(
                 "max_abs_diff": TOLERANCES[precision]["max_abs_diff"] if max_abs_diff is None else max_abs_diff,
                 "auc_change": TOLERANCES[precision]["auc_change"] if auc_change is None else auc_change,
             }
-            result = compare(load_model(tmp), trained, check_dir, check_split or trained.config.data.eval_split, check_rows)
+            result = compare(
+                load_model(tmp), trained, check_dir, check_split or trained.config.data.eval_split, check_rows
+            )
             result["tolerance"] = tolerance
             result["passed"] = result["max_abs_diff"] <= tolerance["max_abs_diff"] and not (
                 abs(result["auc_change"]) > tolerance["auc_change"]  # NaN AUC (one class): not judged

@@ -83,8 +83,9 @@ def parse_lines(
             line.encode("utf-8")  # read with surrogateescape: a non-UTF-8 byte is a lone surrogate
         except UnicodeEncodeError as e:
             byte = ord(line[e.start]) - 0xDC00
-            raise RawLineError(f"{source}:{number}: not UTF-8 text (byte 0x{byte:02x} at character "
-                               f"{e.start + 1})") from None
+            raise RawLineError(
+                f"{source}:{number}: not UTF-8 text (byte 0x{byte:02x} at character {e.start + 1})"
+            ) from None
         try:
             label, i, c = parse_line(line)
         except ValueError as e:

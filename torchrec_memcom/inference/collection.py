@@ -110,17 +110,13 @@ class InferenceEmbeddingBagCollection(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
         if not isinstance(module, COLLECTIONS):
-            raise ExportError(
-                f"{type(module).__name__} is not an embedding bag collection inference_model converts"
-            )
+            raise ExportError(f"{type(module).__name__} is not an embedding bag collection inference_model converts")
         configs = module.embedding_bag_configs()
         keys = [f for cfg in configs for f in cfg.feature_names]
         mean = []
         for cfg in configs:
             if cfg.pooling not in (PoolingType.SUM, PoolingType.MEAN):
-                raise ExportError(
-                    f"table {cfg.name!r}: pooling {cfg.pooling.name}; inference pools with SUM or MEAN"
-                )
+                raise ExportError(f"table {cfg.name!r}: pooling {cfg.pooling.name}; inference pools with SUM or MEAN")
             mean += [cfg.pooling == PoolingType.MEAN] * len(cfg.feature_names)
         dims = [cfg.embedding_dim for cfg in configs for _ in cfg.feature_names]
         stores = build_stores(collect_tables(module), keys, precision)

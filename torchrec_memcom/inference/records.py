@@ -83,10 +83,15 @@ def hashed_tables(c: nn.Module, method: str, scalars: bool) -> List[TableExport]
     if ``scalars``; its uncompressed tables as they are."""
     out = []
     for cfg, t in zip(c.embedding_bag_configs(), c.tables):
-        out.append(TableExport(
-            t.name, list(cfg.feature_names), method if t.compressed else "none", t.num_embeddings,
-            c.embedding_bags[t.name].weight, hash=t.hash if t.compressed else None,
-            scalars=c.entity_weights.flat(t.name) if t.compressed and scalars else None,
-        ))
+        out.append(
+            TableExport(
+                t.name,
+                list(cfg.feature_names),
+                method if t.compressed else "none",
+                t.num_embeddings,
+                c.embedding_bags[t.name].weight,
+                hash=t.hash if t.compressed else None,
+                scalars=c.entity_weights.flat(t.name) if t.compressed and scalars else None,
+            )
+        )
     return out
-

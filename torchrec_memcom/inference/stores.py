@@ -20,13 +20,29 @@ _MUL2 = 0x7FB5D329728EA185
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INDEX_FIELDS = (
-    "num_embeddings", "div", "mod", "offset", "scalar_stride", "scalar_offset", "qr_mod", "qr_offset",
-    "is_mix", "mix_mask", "mix_shift", "mix_mul1", "mix_mul2",
+    "num_embeddings",
+    "div",
+    "mod",
+    "offset",
+    "scalar_stride",
+    "scalar_offset",
+    "qr_mod",
+    "qr_offset",
+    "is_mix",
+    "mix_mask",
+    "mix_shift",
+    "mix_mul1",
+    "mix_mul2",
 )
 TIERED_FEATURE_FIELDS = ("num_embeddings", "remap_stride", "remap_offset", "tier_base", "starts")
 # A store's tensors by the last part of their name; the others are its per-feature index.
-STORE_GROUPS = {"rows": "tables", "scale_bias": "tables", "scalars": "entity_scalars",
-                "projections": "projections", "remap": "remap"}
+STORE_GROUPS = {
+    "rows": "tables",
+    "scale_bias": "tables",
+    "scalars": "entity_scalars",
+    "projections": "projections",
+    "remap": "remap",
+}
 TIER_FIELDS = ("tier_start", "tier_mod", "tier_slot", "tier_row", "scalar_stride", "scalar_offset")
 
 
@@ -466,5 +482,3 @@ class JoinedEmbeddings(nn.Module):
         plain = self.plain(ids.index_select(1, self.plain_columns))
         tiered = self.tiered(ids.index_select(1, self.tiered_columns))
         return torch.cat((plain, tiered), 1).index_select(1, self.order)
-
-

@@ -63,7 +63,9 @@ def collect_tables(collection: nn.Module) -> List[AnyTable]:
         method = method_of_collection(c)
         if type(c) is EmbeddingBagCollection:
             out.extend(
-                TableExport(cfg.name, list(cfg.feature_names), "none", cfg.num_embeddings, c.embedding_bags[cfg.name].weight)
+                TableExport(
+                    cfg.name, list(cfg.feature_names), "none", cfg.num_embeddings, c.embedding_bags[cfg.name].weight
+                )
                 for cfg in configs
             )
         elif method is not None and method.export is not None:
@@ -142,7 +144,8 @@ def join_stores(stores: List[nn.Module], feature_names: List[str]) -> nn.Module:
     if len(dims) != 1:
         raise ExportError(f"all tables must share one embedding dim (DLRM's rule), got {dims}")
     stores = [
-        s if s.feature_names == [f for f in feature_names if f in s.feature_names]
+        s
+        if s.feature_names == [f for f in feature_names if f in s.feature_names]
         else s.reordered([f for f in feature_names if f in s.feature_names])
         for s in stores
     ]
@@ -258,7 +261,7 @@ def tiered_store(
             _check_values(f"{what} (per-entity scalars)", tier.scalars, precision)
         if tier.projection is not None:
             _check_values(f"{what} (projection)", tier.projection, "fp32")
-            projections[t.name][columns[key]:columns[key] + tier.dim] = tier.projection.t()
+            projections[t.name][columns[key] : columns[key] + tier.dim] = tier.projection.t()
         codes, scale_bias = pack_rows(tier.weight, precision)
         fields = {
             "tier_start": sum(x.rows for x in t.tiers[:j]),
@@ -316,7 +319,11 @@ def tiered_store(
         remap.to(_index_dtype(max(t.num_embeddings for t in tables) - 1)),
         torch.stack([projections[by_feature[f].name] for f in feature_names]),
         list(feature_names),
-        {name: torch.tensor(v, dtype=torch.int64).view(len(feature_names), starts_width) if name == "starts"
-         else torch.tensor(v, dtype=torch.int64) for name, v in features.items()},
+        {
+            name: torch.tensor(v, dtype=torch.int64).view(len(feature_names), starts_width)
+            if name == "starts"
+            else torch.tensor(v, dtype=torch.int64)
+            for name, v in features.items()
+        },
         {name: torch.tensor(v, dtype=torch.int64) for name, v in tiers.items()},
     )

@@ -41,9 +41,11 @@ def export_tables(c: nn.Module) -> List[BudgetedTableExport]:
             for j, tier in enumerate(t.tiers)
             for key in [tier_key(t.name, j)]
         ]
-        out.append(BudgetedTableExport(
-            t.name, list(t.feature_names), t.num_embeddings, t.embedding_dim, tiers, ranks.get(t.name)
-        ))
+        out.append(
+            BudgetedTableExport(
+                t.name, list(t.feature_names), t.num_embeddings, t.embedding_dim, tiers, ranks.get(t.name)
+            )
+        )
     return out
 
 
@@ -77,8 +79,15 @@ def budgeted_collection(
         frequencies = table_counts(tables, frequencies)
         allocation = AllocationSpace(tables, frequencies, budget, tail=tail, sizes=sizes).heuristic()
     return BudgetedEmbeddingBagCollection(
-        tables, frequencies, allocation, budget_bytes, budget_ratio=budget_ratio, optimizer=optimizer,
-        tail=tail, scalars=scalars, device=device,
+        tables,
+        frequencies,
+        allocation,
+        budget_bytes,
+        budget_ratio=budget_ratio,
+        optimizer=optimizer,
+        tail=tail,
+        scalars=scalars,
+        device=device,
     )
 
 

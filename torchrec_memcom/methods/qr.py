@@ -15,12 +15,21 @@ def export_tables(c: nn.Module) -> List[TableExport]:
     out = []
     for cfg, t in zip(c.embedding_bag_configs(), c.tables):
         if not t.compressed:
-            out.append(TableExport(t.name, list(cfg.feature_names), "none", t.num_embeddings, c.embeddings[t.name].weight))
+            out.append(
+                TableExport(t.name, list(cfg.feature_names), "none", t.num_embeddings, c.embeddings[t.name].weight)
+            )
             continue
-        out.append(TableExport(
-            t.name, list(cfg.feature_names), "qr", t.num_embeddings, c.embeddings[f"{t.name}@q"].weight,
-            remainder=c.embeddings[f"{t.name}@r"].weight, operation=t.operation,
-        ))
+        out.append(
+            TableExport(
+                t.name,
+                list(cfg.feature_names),
+                "qr",
+                t.num_embeddings,
+                c.embeddings[f"{t.name}@q"].weight,
+                remainder=c.embeddings[f"{t.name}@r"].weight,
+                operation=t.operation,
+            )
+        )
     return out
 
 

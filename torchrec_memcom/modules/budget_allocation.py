@@ -55,8 +55,7 @@ class TableAllocation:
             raise ValueError(f"{where}: no tiers")
         if sum(t.rows for t in self.tiers) != num_embeddings:
             raise ValueError(
-                f"{where}: tiers cover {sum(t.rows for t in self.tiers)} ids, the table has "
-                f"{num_embeddings}"
+                f"{where}: tiers cover {sum(t.rows for t in self.tiers)} ids, the table has {num_embeddings}"
             )
         allowed = candidate_dims(model_dim)
         for j, t in enumerate(self.tiers):
@@ -88,12 +87,7 @@ class Allocation:
             "format": FORMAT,
             **self.meta,
             "tables": {
-                name: {
-                    "tiers": [
-                        {k: v for k, v in dataclasses.asdict(t).items() if v is not None}
-                        for t in a.tiers
-                    ]
-                }
+                name: {"tiers": [{k: v for k, v in dataclasses.asdict(t).items() if v is not None} for t in a.tiers]}
                 for name, a in self.tables.items()
             },
         }
@@ -102,10 +96,7 @@ class Allocation:
     def from_json(cls, obj: Mapping[str, Any]) -> "Allocation":
         if obj.get("format") != FORMAT:
             raise ValueError(f"not an allocation: format {obj.get('format')!r}, expected {FORMAT!r}")
-        tables = {
-            name: TableAllocation(tuple(Tier(**t) for t in a["tiers"]))
-            for name, a in obj["tables"].items()
-        }
+        tables = {name: TableAllocation(tuple(Tier(**t) for t in a["tiers"])) for name, a in obj["tables"].items()}
         return cls(tables, {k: v for k, v in obj.items() if k not in ("format", "tables")})
 
     def save(self, path: Union[str, Path]) -> None:
@@ -117,4 +108,3 @@ class Allocation:
             return cls.from_json(json.loads(Path(path).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: cannot read allocation: {e}") from None
-

@@ -36,8 +36,7 @@ def optimizer_name(optimizer: Any) -> Optional[str]:
     name = _short_name(optimizer)
     if name not in OPTIMIZER_STATE:
         raise ValueError(
-            f"budget optimizer must be one of {sorted(OPTIMIZER_STATE)} (or None: parameters "
-            f"only), got {optimizer!r}"
+            f"budget optimizer must be one of {sorted(OPTIMIZER_STATE)} (or None: parameters only), got {optimizer!r}"
         )
     return name
 
@@ -111,9 +110,7 @@ class TableBytes:
         return self.parameters + self.optimizer
 
 
-def table_bytes(
-    allocation: TableAllocation, model_dim: int, remap: bool, optimizer: Optional[str]
-) -> TableBytes:
+def table_bytes(allocation: TableAllocation, model_dim: int, remap: bool, optimizer: Optional[str]) -> TableBytes:
     """Bytes of one table under ``allocation`` (``remap``: it keeps the rank of every id)."""
     per_row, per_param = OPTIMIZER_STATE[optimizer] if optimizer else (0, 0)
     tables = scalars = projections = state = 0
@@ -227,8 +224,7 @@ def raise_over_budget(
         if tail_floor is not None and tail_floor < floor:
             lower = (
                 f"; a MEmCom tail for the rarest ids (`tail=True`, `--tail`, params `tail: true`) "
-                f"goes down to {tail_floor} bytes"
-                + (", which this budget meets" if limit >= tail_floor else "")
+                f"goes down to {tail_floor} bytes" + (", which this budget meets" if limit >= tail_floor else "")
             )
         raise ValueError(
             f"budget of {limit} bytes ({what}) is too small: the smallest feasible budget for "

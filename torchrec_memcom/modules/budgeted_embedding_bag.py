@@ -27,9 +27,9 @@ from torchrec_memcom.modules.budget_bytes import (
     shapes_of,
     uncompressed_bytes,
 )
-from torchrec_memcom.modules.frequency import clean_cuts, frequency_ranks, needs_remap, table_counts
 from torchrec_memcom.modules.collection_checks import check_input, cost_report, feature_sizes
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
+from torchrec_memcom.modules.frequency import clean_cuts, frequency_ranks, needs_remap, table_counts
 from torchrec_memcom.modules.memcom_config import MEmComConfig
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
 from torchrec_memcom.modules.sorting import stable_argsort

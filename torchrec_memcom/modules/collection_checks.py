@@ -17,17 +17,12 @@ def check_ids(features: KeyedJaggedTensor, num_embeddings: Dict[str, int]) -> No
     if values.numel() == 0:
         return
     lengths = torch.tensor(features.length_per_key(), device=values.device)
-    limits = torch.tensor(
-        [num_embeddings[k] for k in features.keys()], device=values.device, dtype=values.dtype
-    )
+    limits = torch.tensor([num_embeddings[k] for k in features.keys()], device=values.device, dtype=values.dtype)
     bad = (values < 0) | (values >= torch.repeat_interleave(limits, lengths))
     if bool(bad.any()):
         first = int(torch.nonzero(bad)[0])
         key = features.keys()[int(torch.searchsorted(lengths.cumsum(0), first, right=True))]
-        raise ValueError(
-            f"feature {key!r}: id {int(values[first])} is outside [0, {num_embeddings[key]}) "
-            f"of its table"
-        )
+        raise ValueError(f"feature {key!r}: id {int(values[first])} is outside [0, {num_embeddings[key]}) of its table")
 
 
 def table_specs(

@@ -12,9 +12,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 
 from torchrec_memcom.modules.collection_checks import cost_report
 
-SHARDERS_FIX = (
-    "give the sharders compress() returns to the planner and to DistributedModelParallel(sharders=...)"
-)
+SHARDERS_FIX = "give the sharders compress() returns to the planner and to DistributedModelParallel(sharders=...)"
 
 
 class ShardedByPlugin(abc.ABCMeta):

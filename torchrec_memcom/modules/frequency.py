@@ -44,9 +44,7 @@ def needs_remap(allocation: TableAllocation, clean: torch.Tensor) -> bool:
     return any(not bool(clean[s]) for s in allocation.starts[1:])
 
 
-def table_counts(
-    tables: Sequence[EmbeddingBagConfig], frequencies: Mapping[str, Any]
-) -> Dict[str, torch.Tensor]:
+def table_counts(tables: Sequence[EmbeddingBagConfig], frequencies: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     """Per table, the count of each id: ``frequencies[table]``, else the sum over its features."""
     out = {}
     for t in tables:
@@ -61,8 +59,7 @@ def table_counts(
             )
         if tuple(counts.shape) != (t.num_embeddings,):
             raise ValueError(
-                f"frequencies of table {t.name!r}: expected shape ({t.num_embeddings},), got "
-                f"{tuple(counts.shape)}"
+                f"frequencies of table {t.name!r}: expected shape ({t.num_embeddings},), got {tuple(counts.shape)}"
             )
         out[t.name] = counts.to(torch.int64)
     return out

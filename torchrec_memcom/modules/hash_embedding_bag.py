@@ -47,7 +47,9 @@ class HashConfig:
     min_rows: int = 0
 
     def __post_init__(self) -> None:
-        check_config(self, ("ratio", "num_hash_rows"), {"ratio": 1, "num_hash_rows": 1, "min_rows": 0}, {"hash": HashKind})
+        check_config(
+            self, ("ratio", "num_hash_rows"), {"ratio": 1, "num_hash_rows": 1, "min_rows": 0}, {"hash": HashKind}
+        )
 
     def compresses(self, num_embeddings: int) -> bool:
         """Whether a table of this many rows is compressed (``min_rows`` leaves small ones)."""
@@ -58,9 +60,7 @@ class HashConfig:
         n = num_embeddings
         if self.num_hash_rows is not None:
             if self.num_hash_rows > n:
-                raise ValueError(
-                    f"table {table!r}: num_hash_rows={self.num_hash_rows} exceeds its {n} rows"
-                )
+                raise ValueError(f"table {table!r}: num_hash_rows={self.num_hash_rows} exceeds its {n} rows")
             return self.num_hash_rows
         assert self.ratio is not None
         m = max(1, round(n / self.ratio))
@@ -157,9 +157,7 @@ class HashEmbeddingBagCollection(CompressedCollection):
                         t.rows(f.values()), bag.weight, f.offsets(), mode=bag.mode, include_last_offset=True
                     ).float()
                 )
-        return KeyedTensor(
-            keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(pooled, dim=1)
-        )
+        return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(pooled, dim=1))
 
     def reset_parameters(self) -> None:
         """Every table by its config's ``init_fn`` (hashed ones: TorchRec's default recomputed for ``m`` rows unless the user gave one)."""

@@ -63,7 +63,9 @@ class MEmComConfig:
     scalar_eps: Optional[float] = None
 
     def __post_init__(self) -> None:
-        check_config(self, ("ratio", "num_hash_rows"), {"ratio": 1, "num_hash_rows": 1, "min_rows": 0}, {"hash": HashKind})
+        check_config(
+            self, ("ratio", "num_hash_rows"), {"ratio": 1, "num_hash_rows": 1, "min_rows": 0}, {"hash": HashKind}
+        )
         if self.scalar_lr is not None and self.scalar_lr_scale is not None:
             raise ValueError("MEmComConfig takes at most one of `scalar_lr` or `scalar_lr_scale`")
         for key in ("scalar_lr", "scalar_lr_scale", "scalar_eps"):
@@ -73,7 +75,11 @@ class MEmComConfig:
 
     def scalar_rule(self, adagrad: bool, table_lr: float, table_eps: float) -> ScalarRule:
         """The scalars' update given the table's optimizer kind, lr and eps."""
-        lr = self.scalar_lr if self.scalar_lr is not None else table_lr * (self.scalar_lr_scale or DEFAULT_SCALAR_LR_SCALE)
+        lr = (
+            self.scalar_lr
+            if self.scalar_lr is not None
+            else table_lr * (self.scalar_lr_scale or DEFAULT_SCALAR_LR_SCALE)
+        )
         eps = self.scalar_eps if self.scalar_eps is not None else table_eps
         return ScalarRule(adagrad, lr, eps)
 
@@ -86,9 +92,7 @@ class MEmComConfig:
         n, d = num_embeddings, embedding_dim
         if self.num_hash_rows is not None:
             if self.num_hash_rows > n:
-                raise ValueError(
-                    f"table {table!r}: num_hash_rows={self.num_hash_rows} exceeds its {n} rows"
-                )
+                raise ValueError(f"table {table!r}: num_hash_rows={self.num_hash_rows} exceeds its {n} rows")
             return self.num_hash_rows
         assert self.ratio is not None
         if self.ratio >= d:

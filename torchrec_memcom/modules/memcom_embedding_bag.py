@@ -59,14 +59,22 @@ class MEmComTable:
 # Optimizer classes whose rule the per-entity scalars take (one scalar per row: row-wise Adagrad
 # is Adagrad), and whether that rule is Adagrad.
 SCALAR_OPTIMIZERS = {
-    torch.optim.SGD: False, TorchRecSGD: False,
-    torch.optim.Adagrad: True, TorchRecAdagrad: True, RowWiseAdagrad: True,
+    torch.optim.SGD: False,
+    TorchRecSGD: False,
+    torch.optim.Adagrad: True,
+    TorchRecAdagrad: True,
+    RowWiseAdagrad: True,
 }
 # Options the scalars' update does not implement, with the value that makes them no-ops: a table
 # configured otherwise is refused rather than its scalars trained differently from its rows.
 NEUTRAL_OPTIONS = {
-    "weight_decay": 0.0, "momentum": 0.0, "lr_decay": 0.0, "initial_accumulator_value": 0.0,
-    "nesterov": False, "maximize": False, "dampening": 0.0,
+    "weight_decay": 0.0,
+    "momentum": 0.0,
+    "lr_decay": 0.0,
+    "initial_accumulator_value": 0.0,
+    "nesterov": False,
+    "maximize": False,
+    "dampening": 0.0,
 }
 
 
@@ -93,7 +101,7 @@ def _flatten_scalars(module: nn.Module, state: Dict[str, Any], prefix: str, _met
 
 def _column_scalars(state: Dict[str, Any], prefix: str, *_args: Any) -> None:
     for key, value in list(state.items()):
-        if key.startswith(prefix) and "." not in key[len(prefix):] and value.dim() == 1:
+        if key.startswith(prefix) and "." not in key[len(prefix) :] and value.dim() == 1:
             state[key] = value.reshape(-1, 1)
 
 
@@ -117,7 +125,9 @@ def scalar_rule(table: str, optimizer: torch.optim.Optimizer, spec: MEmComConfig
     return spec.scalar_rule(adagrad, float(group["lr"]), float(group.get("eps", 1e-10)))
 
 
-def scalar_optimizer(table: str, optimizer: torch.optim.Optimizer, spec: MEmComConfig, scalars: nn.Parameter) -> torch.optim.Optimizer:
+def scalar_optimizer(
+    table: str, optimizer: torch.optim.Optimizer, spec: MEmComConfig, scalars: nn.Parameter
+) -> torch.optim.Optimizer:
     """The in-backward optimizer of a table's scalars that follows ``optimizer``, the table's."""
     rule = scalar_rule(table, optimizer, spec)
     if rule.adagrad:
@@ -206,9 +216,7 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
     def hashed_configs(self) -> List[EmbeddingBagConfig]:
         """The configs of the shared tables (``m`` rows) as a stock EBC would take them."""
         return [
-            with_rows(cfg, t.hash_rows)
-            if t.compressed
-            else cfg
+            with_rows(cfg, t.hash_rows) if t.compressed else cfg
             for cfg, t in zip(self._embedding_bag_configs, self.tables)
         ]
 

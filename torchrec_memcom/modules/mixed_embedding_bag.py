@@ -38,10 +38,7 @@ class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface, metaclass=Sha
     def __init__(self, collections: List[EmbeddingBagCollectionInterface]) -> None:
         super().__init__()
         self.collections = nn.ModuleList(collections)
-        self._features = [
-            [f for cfg in c.embedding_bag_configs() for f in cfg.feature_names]
-            for c in collections
-        ]
+        self._features = [[f for cfg in c.embedding_bag_configs() for f in cfg.feature_names] for c in collections]
         self._keys = [f for feats in self._features for f in feats]
         self._dims = [
             cfg.embedding_dim for c in collections for cfg in c.embedding_bag_configs() for _ in cfg.feature_names

@@ -75,7 +75,10 @@ class QRConfig:
 
     def __post_init__(self) -> None:
         check_config(
-            self, ("num_collisions", "ratio"), {"ratio": 1, "num_collisions": 1, "min_rows": 0}, {"operation": QROperation}
+            self,
+            ("num_collisions", "ratio"),
+            {"ratio": 1, "num_collisions": 1, "min_rows": 0},
+            {"operation": QROperation},
         )
 
     def compresses(self, num_embeddings: int) -> bool:
@@ -109,8 +112,7 @@ class QRConfig:
             tried += [k for k in near if k not in tried]
         nearest = ", ".join(f"c={k} gives {compression_ratio(n, k):.4g}" for k in tried)
         raise ValueError(
-            f"table {table!r}: QR ratio {self.ratio} cannot be reached within 1% with n={n} "
-            f"(nearest: {nearest})"
+            f"table {table!r}: QR ratio {self.ratio} cannot be reached within 1% with n={n} (nearest: {nearest})"
         )
 
 
@@ -148,9 +150,7 @@ class QRLayout:
     lookups; ``combine`` joins each id's two rows after them and pools the bags.
     """
 
-    def __init__(
-        self, tables: List[EmbeddingBagConfig], compression: Union[QRConfig, Dict[str, QRConfig]]
-    ) -> None:
+    def __init__(self, tables: List[EmbeddingBagConfig], compression: Union[QRConfig, Dict[str, QRConfig]]) -> None:
         dims = {t.name: t.embedding_dim for t in tables}
         if len(set(dims.values())) > 1:
             raise ValueError(
@@ -241,12 +241,8 @@ class QRLayout:
                     lengths = q.lengths()
                 else:
                     per_id, lengths = embeddings[f].values(), embeddings[f].lengths()
-                pooled.append(
-                    torch.segment_reduce(per_id, POOLING[cfg.pooling], lengths=lengths, initial=0.0)
-                )
-        return KeyedTensor(
-            keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(pooled, dim=1)
-        )
+                pooled.append(torch.segment_reduce(per_id, POOLING[cfg.pooling], lengths=lengths, initial=0.0))
+        return KeyedTensor(keys=self._embedding_names, length_per_key=self._dims, values=torch.cat(pooled, dim=1))
 
     def cost(self) -> Dict[str, Dict[str, float]]:
         """Per table ``n, d, c``, quotient rows, parameter count and achieved ratio, plus total."""
@@ -286,9 +282,7 @@ class QREmbeddingBagCollection(CompressedCollection):
         super().__init__()
         self.layout = QRLayout(tables, compression)
         self._embedding_bag_configs = self.layout.configs
-        self.embeddings: nn.ModuleDict = EmbeddingCollection(
-            self.layout.lookup_configs(), device=device
-        ).embeddings
+        self.embeddings: nn.ModuleDict = EmbeddingCollection(self.layout.lookup_configs(), device=device).embeddings
         self._device = torch.device(device or next(iter(self.embeddings.parameters())).device)
         self._lookup_features = [(cfg.name, f) for cfg in self.layout.lookup_configs() for f in cfg.feature_names]
 
@@ -317,7 +311,6 @@ class QREmbeddingBagCollection(CompressedCollection):
     @property
     def tables(self) -> List[QRTable]:
         return self.layout.tables
-
 
 
 def qr_collection(

@@ -52,7 +52,10 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
 
 
 def save_checkpoint(
-    folder: Path, step: int, state: Dict[str, Any], config: Dict[str, Any],
+    folder: Path,
+    step: int,
+    state: Dict[str, Any],
+    config: Dict[str, Any],
     records: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Write ``state`` (sharded), ``config`` as ``config.json`` and each of ``records`` as JSON
@@ -125,8 +128,10 @@ def verify_checkpoint(path: Path, share: int = 0, shares: int = 1) -> None:
     try:
         sums = json.loads(listing.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{listing}: cannot read the checksums ({e}); the checkpoint is incomplete "
-                              "or was not written by memcom train") from None
+        raise CheckpointError(
+            f"{listing}: cannot read the checksums ({e}); the checkpoint is incomplete "
+            "or was not written by memcom train"
+        ) from None
     present = {p.name for p in path.iterdir()} - {CHECKSUMS}
     extra, missing = sorted(present - set(sums)), sorted(set(sums) - present)
     if missing or extra:
@@ -154,8 +159,14 @@ def read_record(path: Path, name: str) -> Any:
 # attribute), none of which runs code when built
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING",
+        "Metadata",
+        "MetadataIndex",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},  # a layout from its name

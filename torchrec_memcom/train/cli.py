@@ -15,19 +15,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train DLRM on Criteo data with compressed tables")
     train.add_argument("--config", required=True, help="YAML run config (see configs/)")
     train.add_argument("--nproc", type=int, default=1, help="processes (GPUs) on this machine")
-    train.add_argument("--allow-changes", action="store_true",
-                       help="resume a checkpoint trained with another config or data (refused by default)")
+    train.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="resume a checkpoint trained with another config or data (refused by default)",
+    )
     train.set_defaults(func=_train)
     demo = subparsers.add_parser(
         "demo", help="train DLRM uncompressed and with MEmCom on the synthetic default, side by side"
     )
     demo.add_argument("--nproc", type=int, default=2)
-    demo.add_argument("--configs", nargs="+", default=[
-        str(REPO_CONFIGS / "synthetic_uncompressed.yaml"), str(REPO_CONFIGS / "synthetic_memcom.yaml"),
-    ])
+    demo.add_argument(
+        "--configs",
+        nargs="+",
+        default=[
+            str(REPO_CONFIGS / "synthetic_uncompressed.yaml"),
+            str(REPO_CONFIGS / "synthetic_memcom.yaml"),
+        ],
+    )
     demo.add_argument("--steps", type=int, help="train this many steps (default: the configs' epochs)")
-    demo.add_argument("--rows", type=int, help="synthesize this many rows (default: the configs'), into "
-                      "a data folder of their own")
+    demo.add_argument(
+        "--rows", type=int, help="synthesize this many rows (default: the configs'), into a data folder of their own"
+    )
     demo.add_argument("--out", help="folder for the runs and the --rows data (default: the configs' folders)")
     demo.set_defaults(func=_demo)
 
@@ -55,8 +64,9 @@ def launch(config: str, nproc: int, allow_changes: bool = False, debug: bool = F
         raise ValueError(f"--nproc: must be >= 1, got {nproc}")
     load_config(config)  # fail here, once, with a clear message rather than in every rank
     flags = [*(["--allow-changes"] if allow_changes else []), *(["--debug"] if debug else [])]
-    args = parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "torchrec_memcom.train.main",
-                       "--config", config, *flags])
+    args = parse_args(
+        ["--standalone", f"--nproc_per_node={nproc}", "-m", "torchrec_memcom.train.main", "--config", config, *flags]
+    )
     if not debug:  # torchrun's own records of a failure repeat what the ranks said
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,6 +141,8 @@ def _demo(args: argparse.Namespace) -> int:
     header = f"{'run':<28}{'AUC':>8}{'logloss':>9}{'emb. MiB':>10}{'ratio':>8}{'examples/s':>12}"
     print("\n" + header + "\n" + "-" * len(header))
     for name, r in rows:
-        print(f"{name:<28}{r['auc']:>8.4f}{r['logloss']:>9.4f}{r['embedding_bytes'] / 2**20:>10.2f}"
-              f"{r['compression_ratio']:>7.1f}x{r['examples_per_s']:>12.0f}")
+        print(
+            f"{name:<28}{r['auc']:>8.4f}{r['logloss']:>9.4f}{r['embedding_bytes'] / 2**20:>10.2f}"
+            f"{r['compression_ratio']:>7.1f}x{r['examples_per_s']:>12.0f}"
+        )
     return 0

@@ -73,9 +73,7 @@ class EmbeddingsConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.num_embeddings, str) and self.num_embeddings != "from_data":
-            raise ValueError(
-                f"embeddings.num_embeddings: expected 'from_data' or a list, got {self.num_embeddings!r}"
-            )
+            raise ValueError(f"embeddings.num_embeddings: expected 'from_data' or a list, got {self.num_embeddings!r}")
         if isinstance(self.num_embeddings, list) and min(self.num_embeddings, default=1) < 1:
             raise ValueError(f"embeddings.num_embeddings: sizes must be >= 1, got {self.num_embeddings}")
         if self.dim < 1 or self.dim % 4:
@@ -97,9 +95,7 @@ class SparseOptimizerConfig:
 
     def __post_init__(self) -> None:
         if self.type not in ("sgd", "adagrad", "rowwise_adagrad"):
-            raise ValueError(
-                f"optimizer.sparse.type: expected sgd, adagrad or rowwise_adagrad, got {self.type!r}"
-            )
+            raise ValueError(f"optimizer.sparse.type: expected sgd, adagrad or rowwise_adagrad, got {self.type!r}")
         for key in ("lr", "eps"):
             _check_positive(f"optimizer.sparse.{key}", getattr(self, key))
 
@@ -214,7 +210,7 @@ def _build(tp: Any, value: Any, key: str) -> Any:
             leaf = key.rsplit(".", 1)[-1] if key else ""
             if leaf and not msg.startswith(key) and msg.startswith(f"{leaf}."):
                 # a dataclass naming its own fields (CompressionSpec: "compression.params.x")
-                msg = key + msg[len(leaf):]
+                msg = key + msg[len(leaf) :]
             raise ValueError(msg if key in ("", None) or msg.startswith(key) else f"{key}: {msg}") from None
     if origin in (list, List):
         if not isinstance(value, list):
@@ -251,4 +247,3 @@ def load_config(path: Union[str, Path]) -> RunConfig:
 
 def as_dict(config: RunConfig) -> Dict[str, Any]:
     return dataclasses.asdict(config)
-

@@ -59,8 +59,9 @@ def _report(message: str) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--allow-changes", action="store_true",
-                        help="resume a checkpoint trained with another config or data")
+    parser.add_argument(
+        "--allow-changes", action="store_true", help="resume a checkpoint trained with another config or data"
+    )
     parser.add_argument("--debug", action="store_true", help="print tracebacks of expected failures")
     args = parser.parse_args(argv)
     run_rank(args.config, args.allow_changes, args.debug)

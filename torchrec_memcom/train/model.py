@@ -30,9 +30,7 @@ def table_configs(
     which sums a multi-hot feature's bag."""
     features = list(features if features is not None else Features().sparse)
     if len(num_embeddings) != len(features):
-        raise ValueError(
-            f"embeddings.num_embeddings: expected {len(features)} sizes, got {len(num_embeddings)}"
-        )
+        raise ValueError(f"embeddings.num_embeddings: expected {len(features)} sizes, got {len(num_embeddings)}")
     return [
         EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=n, feature_names=[f])
         for f, n in zip(features, num_embeddings)

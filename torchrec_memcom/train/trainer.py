@@ -145,8 +145,11 @@ class Evaluator:
                 totals[1] += keep
         pipeline._model.train()
         dist.all_reduce(totals)
-        return {"auc": _finite(float(self.auroc.compute())), "logloss": _finite(float(totals[0] / totals[1])),
-                "eval_rows": int(totals[1])}
+        return {
+            "auc": _finite(float(self.auroc.compute())),
+            "logloss": _finite(float(totals[0] / totals[1])),
+            "eval_rows": int(totals[1]),
+        }
 
 
 def _finite(x: float) -> Optional[float]:
@@ -172,8 +175,11 @@ def _checked(batches: Iterable[Any], bounds: Dict[str, int], where: str) -> Iter
 def _diff(old: Any, new: Any, key: str = "") -> List[str]:
     """Where two JSON values differ, as ``key: old -> new`` lines."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in _diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{key}.{k}" if key else str(k))]
+        return [
+            d
+            for k in sorted(set(old) | set(new), key=str)
+            for d in _diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{key}.{k}" if key else str(k))
+        ]
     return [] if old == new else [f"{key}: {json.dumps(old)[:60]} -> {json.dumps(new)[:60]}"]
 
 
@@ -195,11 +201,20 @@ def plan_table(plan: ShardingPlan, table_bytes: Dict[str, int]) -> str:
     for module, params in plan.plan.items():
         for name, ps in params.items():
             table = next((t for t in table_bytes if name == t or name.startswith(f"{t}.")), None)
-            rows.append((module or "(root)", name, ps.sharding_type, ps.compute_kernel,
-                         ",".join(map(str, ps.ranks or [])) or "all", f"{table_bytes[table]:,}" if table else "-"))
+            rows.append(
+                (
+                    module or "(root)",
+                    name,
+                    ps.sharding_type,
+                    ps.compute_kernel,
+                    ",".join(map(str, ps.ranks or [])) or "all",
+                    f"{table_bytes[table]:,}" if table else "-",
+                )
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+    )
 
 
 def train(config: RunConfig, allow_changes: bool = False) -> Dict[str, Any]:
@@ -211,8 +226,10 @@ def train(config: RunConfig, allow_changes: bool = False) -> Dict[str, Any]:
     ``train.checkpoint_dir`` is set), ``DivergedError``, ``DataError``, ``CheckpointError`` or
     ``ValueError`` (bad data or resume)."""
     own_group = not dist.is_initialized()
-    device = _init_distributed() if own_group else (
-        torch.device(f"cuda:{get_local_rank()}") if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        _init_distributed()
+        if own_group
+        else (torch.device(f"cuda:{get_local_rank()}") if torch.cuda.is_available() else torch.device("cpu"))
     )
     received: List[int] = []
 
@@ -245,8 +262,10 @@ def _prepare_data(config: RunConfig) -> Dict[str, Any]:
     path = Path(config.data.path)
     if config.data.format == "torchrec_npy":
         if config.embeddings.num_embeddings == "from_data":
-            raise ValueError(f"{path}: data.format torchrec_npy holds raw ids: set embeddings.num_embeddings "
-                             "(26 sizes; ids are hashed modulo them, as TorchRec's DLRM example does)")
+            raise ValueError(
+                f"{path}: data.format torchrec_npy holds raw ids: set embeddings.num_embeddings "
+                "(26 sizes; ids are hashed modulo them, as TorchRec's DLRM example does)"
+            )
         return describe_npy(path)
     if config.data.synthetic is not None and dist.get_rank() == 0 and not (path / "manifest.json").exists():
         s = config.data.synthetic
@@ -268,8 +287,9 @@ def _check_sizes(config: RunConfig, manifest: Dict[str, Any], sizes: List[int], 
             )
 
 
-def _check_resume(path: Path, config: RunConfig, manifest: Dict[str, Any], world: int,
-                  allow_changes: bool) -> Dict[str, Any]:
+def _check_resume(
+    path: Path, config: RunConfig, manifest: Dict[str, Any], world: int, allow_changes: bool
+) -> Dict[str, Any]:
     """The progress of checkpoint ``path``, after refusing another world size, and another
     config (but for its paths) or data unless ``allow_changes``."""
     progress = read_record(path, PROGRESS)
@@ -321,8 +341,11 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
     planner = memcom_planner(_topology(device), batch_size=cfg.batch_size)
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=device,
-        plan=plan, sharders=sharders,
+        model,
+        env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        device=device,
+        plan=plan,
+        sharders=sharders,
     )
     dense = config.optimizer.dense
     dense_optimizer = KeyedOptimizerWrapper(
@@ -334,14 +357,30 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
 
     def loader(split: str, shuffle: bool) -> Any:
         if config.data.format == "torchrec_npy":
-            return TorchRecNpyLoader(config.data.path, split, cfg.batch_size, rank=rank, world_size=world,
-                                     num_embeddings=list(sizes), seed=cfg.seed, shuffle=shuffle, drop_last=True)
+            return TorchRecNpyLoader(
+                config.data.path,
+                split,
+                cfg.batch_size,
+                rank=rank,
+                world_size=world,
+                num_embeddings=list(sizes),
+                seed=cfg.seed,
+                shuffle=shuffle,
+                drop_last=True,
+            )
         return CriteoParquetLoader(
-            config.data.path, split, cfg.batch_size, rank=rank, world_size=world,
-            seed=cfg.seed, shuffle=shuffle, drop_last=shuffle,  # evaluation reads every row
+            config.data.path,
+            split,
+            cfg.batch_size,
+            rank=rank,
+            world_size=world,
+            seed=cfg.seed,
+            shuffle=shuffle,
+            drop_last=shuffle,  # evaluation reads every row
             # a GPU step leaves the CPU (and the GIL) to the prefetch thread; a CPU step competes
             # with it for both, and measured slower with it (docs/data.md)
-            prefetch=2 if device.type != "cpu" else 0, pin_memory=device.type != "cpu",
+            prefetch=2 if device.type != "cpu" else 0,
+            pin_memory=device.type != "cpu",
         )
 
     try:
@@ -352,14 +391,22 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
     run_dir = Path(cfg.run_dir)
     if rank == 0:
         print(plan_table(plan, bytes_per_table), flush=True)
-        where = f"checkpoints: {checkpoints}" + (f" (every {cfg.checkpoint_every} steps and at the end)"
-                                                 if cfg.checkpoint_every else " (at the end)")
+        where = f"checkpoints: {checkpoints}" + (
+            f" (every {cfg.checkpoint_every} steps and at the end)" if cfg.checkpoint_every else " (at the end)"
+        )
         print(f"results: {run_dir / 'results.json'}; " + (where if checkpoints else "no checkpoints"), flush=True)
     # The position, every rank's training loss sum since the last evaluation and the
     # evaluations so far (the same on every rank): all a resumed run needs to continue the
     # uninterrupted run's metrics exactly. Saved as a JSON record beside the shards.
-    progress: Dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "world_size": world, "loss_sums": [],
-                                "history": [], "probe": {}}
+    progress: Dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "world_size": world,
+        "loss_sums": [],
+        "history": [],
+        "probe": {},
+    }
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # this rank's, since the last evaluation
     history: List[Dict[str, Any]] = []
 
@@ -418,8 +465,11 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
             return
         window.zero_()
         first = progress["step"] - steps + 1
-        too_high(f"mean training loss over steps {first}-{progress['step']}", float(sums[0] / (steps * world)),
-                 float(sums[1] / sums[2]))
+        too_high(
+            f"mean training loss over steps {first}-{progress['step']}",
+            float(sums[0] / (steps * world)),
+            float(sums[1] / sums[2]),
+        )
 
     def evaluate() -> None:
         sums = loss_sum.clone()
@@ -435,12 +485,16 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
             mine = sys.maxsize
         else:
             mine = max(0, min(eval_data.rows_per_rank, eval_data.num_rows - rank * eval_data.rows_per_rank))
-        batches = _checked(islice(iter(eval_data), limit), id_limits, f"{config.data.path} split {config.data.eval_split!r}")
+        batches = _checked(
+            islice(iter(eval_data), limit), id_limits, f"{config.data.path} split {config.data.eval_split!r}"
+        )
         metrics = evaluator.run(pipeline, batches, mine)
         probes = [torch.zeros_like(evaluator.probe) for _ in range(world)]
         dist.all_gather(probes, evaluator.probe)  # every rank's eval batches are of one size
         progress["probe"] = {
-            "step": progress["step"], "batch_size": cfg.batch_size, "logits": [p.tolist() for p in probes]
+            "step": progress["step"],
+            "batch_size": cfg.batch_size,
+            "logits": [p.tolist() for p in probes],
         }
         record = {
             "step": progress["step"],
@@ -455,8 +509,10 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
         }
         history.append(record)
         if rank == 0:
-            print(json.dumps(_json_safe({k: v for k, v in record.items() if k != "embedding_bytes_per_table"})),
-                  flush=True)
+            print(
+                json.dumps(_json_safe({k: v for k, v in record.items() if k != "embedding_bytes_per_table"})),
+                flush=True,
+            )
             _write_results(run_dir, config, history, world)
 
     def save() -> None:
@@ -466,8 +522,7 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
             dist.all_gather(sums, loss_sum)
             progress.update(loss_sums=[s.tolist() for s in sums], history=history)
             state = {"model": dmp.state_dict(), "optimizer": optimizer.state_dict()}
-            save_checkpoint(checkpoints, progress["step"], state, as_dict(config),
-                            {PROGRESS: progress, DATA: manifest})
+            save_checkpoint(checkpoints, progress["step"], state, as_dict(config), {PROGRESS: progress, DATA: manifest})
             saved_step = progress["step"]
 
     def stop_requested() -> bool:
@@ -502,8 +557,9 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
                 loss = loss.detach().double()
                 loss_sum[0] += loss
                 loss_sum[1] += 1
-                window += torch.stack([loss, labels.double().sum(), labels.new_tensor(labels.numel()).double(),
-                                       loss.new_ones(())])
+                window += torch.stack(
+                    [loss, labels.double().sum(), labels.new_tensor(labels.numel()).double(), loss.new_ones(())]
+                )
                 step = progress["step"] + done + 1
                 torch.where(torch.isfinite(loss) | (first_bad >= 0), first_bad, loss.new_tensor(step), out=first_bad)
                 done += 1
@@ -535,8 +591,11 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
     if stopped:
         save()
         name = signal.Signals(received[0] if received else signal.SIGTERM).name
-        what = (f"saved {checkpoints / ('step_%d' % progress['step'])}: run the same command to resume"
-                if checkpoints else "no train.checkpoint_dir, nothing saved")
+        what = (
+            f"saved {checkpoints / ('step_%d' % progress['step'])}: run the same command to resume"
+            if checkpoints
+            else "no train.checkpoint_dir, nothing saved"
+        )
         code = 128 + (received[0] if received else signal.SIGTERM)
         raise Stopped(f"stopped by {name} at step {progress['step']} of {total_steps}; {what}", code)
     evaluate()  # before the last save, so that the last checkpoint holds the final evaluation
