@@ -9,7 +9,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 
 from torchrec_memcom import MEmComConfig, MEmComEmbeddingBagCollection
 from torchrec_memcom.modules.hashing import slots
-from torchrec_memcom.modules.sorting import stable_argsort, unique_inverse
+from torchrec_memcom.modules.sorting import stable_argsort
 
 
 def reference_forward(state, tables, module, kjt):
@@ -138,10 +138,7 @@ def test_mix_hash_is_a_bijection_that_spreads_structured_ids(n: int) -> None:
 
 
 @pytest.mark.parametrize("n", [0, 1, 5000])
-def test_sorting_helpers_equal_torch(n: int) -> None:
-    """The CPU fast paths (numpy) give exactly what torch's own sort and unique give."""
+def test_stable_argsort_equals_torch(n: int) -> None:
+    """The CPU fast path (numpy) gives exactly what torch's own stable sort gives."""
     x = torch.randint(0, max(n // 10, 1), (n,))
-    values, inverse = unique_inverse(x)
-    expected_values, expected_inverse = torch.unique(x, return_inverse=True)
-    assert torch.equal(values, expected_values) and torch.equal(inverse, expected_inverse)
     assert torch.equal(stable_argsort(x), torch.sort(x, stable=True).indices)

@@ -1,10 +1,8 @@
-"""Sorts on the per-step hot path of our collections, exact on every device.
+"""A sort on the per-step hot path of our collections, exact on every device.
 
 torch 2.13's CPU sort of ~10^4 int64 ids takes about 15x numpy's (0.52 vs 0.035 ms measured
 on 26 x 512 ids), so CPU tensors are sorted by numpy; other devices use torch's own kernels.
 """
-
-from typing import Tuple
 
 import numpy as np
 import torch
@@ -15,11 +13,3 @@ def stable_argsort(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu":
         return torch.from_numpy(np.argsort(x.numpy(), kind="stable"))
     return torch.sort(x, stable=True).indices
-
-
-def unique_inverse(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The sorted distinct values of the 1-D ``x`` and, per element, the index of its value."""
-    if x.device.type == "cpu":
-        values, inverse = np.unique(x.numpy(), return_inverse=True)
-        return torch.from_numpy(values), torch.from_numpy(inverse).reshape(-1)
-    return torch.unique(x, return_inverse=True)
