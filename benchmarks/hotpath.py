@@ -32,35 +32,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-# Criteo Kaggle's 26 categorical cardinalities.
-CRITEO_SIZES = [
-    1460,
-    583,
-    10131227,
-    2202608,
-    305,
-    24,
-    12517,
-    633,
-    3,
-    93145,
-    5683,
-    8351593,
-    3194,
-    27,
-    14992,
-    5461306,
-    10,
-    5652,
-    2173,
-    4,
-    7046547,
-    18,
-    15,
-    286181,
-    105,
-    142572,
-]
+# read before any checkout's modules are loaded (and purged) below
+from torchrec_memcom.data.schema import KAGGLE_CARDINALITIES
+
 PACKAGE = "torchrec_memcom"
 
 
@@ -218,7 +192,7 @@ def _worker(rank: int, world_size: int, port: int, a: argparse.Namespace, queue:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world_size)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    sizes = [min(n, a.max_rows) for n in CRITEO_SIZES]
+    sizes = [min(n, a.max_rows) for n in KAGGLE_CARDINALITIES]
     arms = _arms(a, sizes, world_size, device)
     batches = _batches(a, sizes, rank, device)
     grad = torch.randn(a.batch_size, len(sizes) * a.dim, device=device)
