@@ -87,33 +87,6 @@ def prepare_movielens(work: Path, cache: Path, src: Optional[Path]) -> Dict[str,
     }
 
 
-def prepare_criteo(work: Path, sample: Path, train_lines: int) -> Dict[str, Any]:
-    """The real sample in mod mode: lines 1..train_lines train, the rest halved into val and test."""
-    from torchrec_memcom.data import convert
-
-    days = work / "criteo_tsv"
-    days.mkdir(parents=True, exist_ok=True)
-    lines = sample.read_bytes().splitlines(keepends=True)
-    (days / "day_0.tsv").write_bytes(b"".join(lines[:train_lines]))
-    (days / "day_1.tsv").write_bytes(b"".join(lines[train_lines:]))
-    path = work / "criteo"
-    manifest = convert(
-        [days / "day_0.tsv", days / "day_1.tsv"],
-        path,
-        mode="mod",
-        split="days",
-        train_days=[0],
-        val_days=[1],
-        test_days=[1],
-        progress=False,
-    )
-    return {
-        "path": path,
-        "manifest": manifest,
-        "description": f"{sample.name}: lines 1-{train_lines} train, the rest halved into val and test",
-    }
-
-
 def mean_se(xs: Sequence[float]) -> Dict[str, float]:
     """Mean and standard error of the mean (0 for one value)."""
     se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
@@ -283,7 +256,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if not Path(args.criteo_sample).exists():
                     print(f"skipping criteo: {args.criteo_sample} not found", flush=True)
                     continue
-                ds = prepare_criteo(work, Path(args.criteo_sample), 6000)
+                ds = quality.prepare_criteo(work, Path(args.criteo_sample), 6000, test=True)
             from torchrec_memcom.data import features_of
 
             manifest = ds["manifest"]

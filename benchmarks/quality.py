@@ -114,10 +114,10 @@ def prepare_synthetic(work: Path, rows: int, max_cardinality: int) -> Dict[str, 
     }
 
 
-def prepare_criteo(work: Path, sample: Path, train_lines: int) -> Dict[str, Any]:
+def prepare_criteo(work: Path, sample: Path, train_lines: int, test: bool = False) -> Dict[str, Any]:
     """The real sample, converted in mod mode (default num_embeddings): the first
     ``train_lines`` lines train, the rest evaluate (the Kaggle split would leave 572 rows to
-    evaluate on: an AUC standard error near 0.025)."""
+    evaluate on: an AUC standard error near 0.025); ``test``: the rest halved into val and test."""
     from torchrec_memcom.data import convert
 
     days = work / "criteo_tsv"
@@ -133,14 +133,15 @@ def prepare_criteo(work: Path, sample: Path, train_lines: int) -> Dict[str, Any]
         split="days",
         train_days=[0],
         val_days=[1],
-        test_days=[],
+        test_days=[1] if test else [],
         progress=False,
     )
     return {
         "path": path,
         "manifest": manifest,
         "description": f"{sample.name}: lines 1-{train_lines} train, {train_lines + 1}-{len(lines)} "
-        f"evaluate; mod mode, {manifest['features']['cat_0']['num_embeddings']} rows per table",
+        f"{'halved into val and test' if test else 'evaluate'}; mod mode, "
+        f"{manifest['features']['cat_0']['num_embeddings']} rows per table",
     }
 
 
