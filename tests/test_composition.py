@@ -231,7 +231,7 @@ def _stock_row_wise_mean(ref: nn.Module, kjt: Any, mine: slice) -> None:
     """Pins what TorchRec 1.8.0 does with a stock EBC holding a row-wise MEAN table and others
     (why compress() keeps a mixed collection's plain tables in a collection of ours): the
     table-wise feature f1 comes out divided by its bag lengths. When this fails, TorchRec fixed
-    it and ``correct_mean_divisor`` can go."""
+    it and ``row_sharded_columns`` can go."""
     dmp = _dmp("none", PLAN_A)
     load_full_state_dict(dmp, ref.state_dict())
     rank = dist.get_rank()

@@ -349,6 +349,18 @@ def _assert_holds(dmp: DistributedModelParallel, full: Dict[str, torch.Tensor], 
             )
 
 
+def _assert_unsharded_names(dmp: DistributedModelParallel, ref: nn.Module) -> None:
+    """Parameters keep the unsharded names (the scalars aside: flat per rank once sharded), and
+    DMP's DDP is left exactly the dense ones: projections and data-parallel scalars."""
+    names = [n for n, _ in dmp.named_parameters()]
+    scalars = "ebc.entity_weights."
+    assert {n for n in names if not n.startswith(scalars)} == {
+        f"ebc.{n}" for n, _ in ref.named_parameters() if not n.startswith("entity_weights.")
+    }
+    left_to_ddp = set(names) - set(DistributedModelParallel._sharded_parameter_names(get_unwrapped_module(dmp)))
+    assert left_to_ddp == {n for n in names if n.startswith("ebc.projections.") or n == f"{scalars}dense"}
+
+
 def _outputs(dmp: DistributedModelParallel, kjt: KeyedJaggedTensor, device: torch.device) -> Dict[str, torch.Tensor]:
     rank = dist.get_rank()
     return dmp(batch_slice(kjt, rank * BATCH, (rank + 1) * BATCH).to(device))
@@ -414,6 +426,7 @@ def _run_case(checks: Checks, case: MethodCase, folder: Path, device: torch.devi
             with checks.check("sharded", *key):
                 assert_state_matches(dmp, full, f"{what} sharded with values")
                 assert get_unwrapped_module(dmp).ebc.cost() == ref.cost()
+                _assert_unsharded_names(dmp, ref)
             if kind in BYTE_PLANS:
                 _check_bytes(checks, case, kind, optimizer, dmp, device)
             # ... and so does one sharded on meta, then loaded from the full state

@@ -162,7 +162,7 @@ def compress_collection(
     parts = [
         # The plain tables of a mixed collection: a hash collection that hashes none of them,
         # a stock EBC but for its sharder, which corrects TorchRec's row-wise MEAN divisor
-        # (stock_views.correct_mean_divisor). On meta: its tables are the user's, adopted below.
+        # (stock_views.row_sharded_columns). On meta: its tables are the user's, adopted below.
         HashEmbeddingBagCollection(tables, {}, device=torch.device("meta"))
         if method == NONE
         else _build(method, tables, params.get(method, {}), ebc.device)

@@ -1,9 +1,10 @@
 """Sharded budgeted collection and its sharder.
 
-The tier tables are sharded exactly as a MEmCom collection's (a ``ShardedMEmComEmbeddingBagCollection``
-over the module's tier collection: stock FBGEMM lookups, stock input and output distribution,
-MEmCom tiers' scalars sharded with their rows). Around it: ``input_dist`` first splits every
-bag of feature ``f`` into bags of ``f@tier<j>`` holding rows of tier ``j`` (the rank buffers are
+The tier tables are sharded exactly as a MEmCom collection's: the common wrapper
+(``compressed_embeddingbag.py``) holds the sharded MEmCom collection the MEmCom sharder makes of
+the module's tier collection (stock FBGEMM lookups, stock input and output distribution, MEmCom
+tiers' scalars sharded with their rows). Around it: ``input_dist`` first splits every bag of
+feature ``f`` into bags of ``f@tier<j>`` holding rows of tier ``j`` (the rank buffers are
 replicated on every rank); after ``output_dist`` a callback on the awaitable projects each tier's
 pooled vector to the model dim and sums the tiers. The projections are dense parameters that
 DMP's DDP averages, like a data-parallel table. A budget that counts optimizer state must count
@@ -11,129 +12,106 @@ the optimizer the tier tables train with (``apply_optimizer_in_backward``'s or t
 fused one): sharding checks it.
 """
 
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Dict, List, Optional, Set, Type
 
 import torch
 from torch import nn
-from torchrec.distributed.embedding_types import KJTList
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionContext
-from torchrec.distributed.types import (
-    Awaitable,
-    LazyAwaitable,
-    ParameterSharding,
-    QuantizedCommCodecs,
-    ShardingEnv,
-    get_tensor_size_bytes,
-)
-from torchrec.distributed.utils import append_prefix
+from torchrec.distributed.embedding_types import BaseEmbeddingSharder, ShardedEmbeddingModule
+from torchrec.distributed.types import ParameterSharding, ShardingEnv, get_tensor_size_bytes
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.distributed.collection_sharder import fused_optimizer
+from torchrec_memcom.distributed.compressed_embeddingbag import ShardedCompressedCollection
 from torchrec_memcom.distributed.memcom_embeddingbag import (
+    MEmComContext,
     MEmComEmbeddingBagCollectionSharder,
-    ShardedMEmComEmbeddingBagCollection,
 )
 from torchrec_memcom.modules.budget_bytes import check_training_optimizer
 from torchrec_memcom.modules.budgeted_embedding_bag import (
     BudgetedEmbeddingBagCollection,
     BudgetedTable,
     RankBuffers,
-    budgeted_cost,
     combine_tiers,
     identity_init,
     split_by_tier,
 )
 from torchrec_memcom.modules.collection_checks import check_ids, check_unweighted
+from torchrec_memcom.modules.memcom_embedding_bag import MEmComTable
 
 
-class ShardedBudgetedEmbeddingBagCollection(ShardedMEmComEmbeddingBagCollection):
-    """Sharded ``BudgetedEmbeddingBagCollection``: sharded tier tables + replicated projections."""
+class ShardedBudgetedEmbeddingBagCollection(ShardedCompressedCollection[MEmComContext]):
+    """Sharded ``BudgetedEmbeddingBagCollection``: sharded tier tables + replicated projections.
+
+    Args:
+        module: the unsharded collection.
+        table_name_to_parameter_sharding: the plan of its tier tables (``T@tier<j>``).
+        tier_sharder: the MEmCom sharder that shards the tier tables.
+        env, device, module_fqn: as for TorchRec's sharded modules.
+    """
 
     def __init__(
         self,
         module: BudgetedEmbeddingBagCollection,
         table_name_to_parameter_sharding: Dict[str, ParameterSharding],
+        tier_sharder: MEmComEmbeddingBagCollectionSharder,
         env: ShardingEnv,
-        fused_params: Optional[Dict[str, Any]] = None,
         device: Optional[torch.device] = None,
-        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
         module_fqn: Optional[str] = None,
     ) -> None:
         if module.budget.optimizer is not None:
             for bag in module.embedding_bags.values():
-                check_training_optimizer(module.budget.optimizer, fused_optimizer(bag.weight, fused_params))
-        super().__init__(
-            module.tier_collection,
-            table_name_to_parameter_sharding,
-            env,
-            fused_params=fused_params,
-            device=device,
-            qcomm_codecs_registry=qcomm_codecs_registry,
-            module_fqn=module_fqn,
-        )
+                check_training_optimizer(
+                    module.budget.optimizer, fused_optimizer(bag.weight, tier_sharder.fused_params)
+                )
+        tiers = tier_sharder.shard(module.tier_collection, table_name_to_parameter_sharding, env, device, module_fqn)
+        super().__init__(tiers, module.cost(), tier_sharder.qcomm_codecs_registry)
         device = device or torch.device("cpu")
         self._budgeted: List[BudgetedTable] = list(module.tables)
         self._user_feature_tables = {f: t for t in self._budgeted for f in t.feature_names}
         self._user_num_embeddings = {f: t.num_embeddings for f, t in self._user_feature_tables.items()}
-        self._budget_limit = module.budget_limit
-        self._budget_optimizer = module.budget.optimizer
-        self.projections = nn.ModuleDict(
-            {
-                name: nn.Linear(p.in_features, p.out_features, bias=False, device=device)
-                for name, p in module.projections.items()
-            }
-        )
-        with torch.no_grad():
-            for name, p in self.projections.items():
-                source = module.projections[name].weight
-                if source.is_meta:
-                    identity_init(p)
+        self.projections = nn.ModuleDict()
+        for name, weight in module.projections.named_parameters():
+            table = name.split(".")[0]
+            projection = self.projections[table] = nn.Linear(
+                weight.shape[1], weight.shape[0], bias=False, device=device
+            )
+            with torch.no_grad():
+                if weight.is_meta:
+                    identity_init(projection)
                 else:
-                    p.weight.copy_(source)
+                    projection.weight.copy_(weight)
         self.remap = RankBuffers(module.ranks(), device)
 
     def reset_parameters(self) -> None:
+        """Tier tables and scalars as the MEmCom collection's, projections ``[I; 0]``."""
         super().reset_parameters()
-        if "projections" in self._modules:  # the stock __init__ calls this before it exists
-            for p in self.projections.values():
+        for p in self.projections.children():
+            if isinstance(p, nn.Linear):
                 identity_init(p)
 
-    # ---- forward ------------------------------------------------------------------------------
+    def transform_input(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """User ids -> per-tier rows (then the MEmCom tier tables' input distribution)."""
+        check_unweighted(features, "budgeted")
+        check_ids(features, self._user_num_embeddings)
+        return split_by_tier(features, self._user_feature_tables, self.remap.as_dict())
 
-    def input_dist(
-        self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
-    ) -> Awaitable[Awaitable[KJTList]]:
-        """User ids -> per-tier rows, then the MEmCom tier tables' input distribution."""
-        with torch.no_grad():
-            check_unweighted(features, "budgeted")
-            check_ids(features, self._user_num_embeddings)
-            tiered = split_by_tier(features, self._user_feature_tables, self.remap.as_dict())
-        return super().input_dist(ctx, tiered)
+    def transform_output(self, ctx: MEmComContext, output: KeyedTensor) -> KeyedTensor:
+        """Each tier's pooled vector projected to the model dim, the tiers summed."""
+        return combine_tiers(self._budgeted, self.projections, output.to_dict())
 
-    def _combine(self, kt: KeyedTensor) -> KeyedTensor:
-        return combine_tiers(self._budgeted, self.projections, kt.to_dict())
+    @property
+    def dense_parameters(self) -> Set[str]:
+        """The projections, left to DMP's DDP."""
+        return {f"projections.{name}" for name, _ in self.projections.named_parameters()}
 
-    def output_dist(self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
-        awaitable = super().output_dist(ctx, output)
-        awaitable.callbacks.append(self._combine)
-        return awaitable
+    @property
+    def unsharded_module_type(self) -> Type[BudgetedEmbeddingBagCollection]:
+        return BudgetedEmbeddingBagCollection
 
-    def compute_and_output_dist(self, ctx: EmbeddingBagCollectionContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
-        awaitable = super().compute_and_output_dist(ctx, input)
-        awaitable.callbacks.append(self._combine)
-        return awaitable
-
-    # ---- what the rest of TorchRec asks of a sharded module -----------------------------------
-
-    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
-        """The tier tables' and scalars' names; the projections are left to DMP's DDP."""
-        for name in super().sharded_parameter_names():
-            if not name.startswith("projections."):
-                yield append_prefix(prefix, name)
-
-    def cost(self) -> Dict[str, Dict[str, Any]]:
-        """Same report as the unsharded module (global sizes)."""
-        return budgeted_cost(self._budgeted, self._budget_limit, self._budget_optimizer)
+    @property
+    def tables(self) -> List[MEmComTable]:
+        """The tier tables."""
+        return self._embedding_module.tables
 
     @property
     def budgeted_tables(self) -> List[BudgetedTable]:
@@ -142,10 +120,29 @@ class ShardedBudgetedEmbeddingBagCollection(ShardedMEmComEmbeddingBagCollection)
 
 class BudgetedEmbeddingBagCollectionSharder(MEmComEmbeddingBagCollectionSharder):
     """Shards ``BudgetedEmbeddingBagCollection``: its shardable tables are the tiers ``T@tier<j>``
-    (plan them by those names); pass it to DMP/the planner with the stock sharders."""
+    (plan them by those names); pass it to DMP/the planner with the stock sharders.
 
-    unsharded = BudgetedEmbeddingBagCollection
-    sharded = ShardedBudgetedEmbeddingBagCollection
+    Args:
+        fused_params, qcomm_codecs_registry, column_wise: as ``MEmComEmbeddingBagCollectionSharder``'s
+            (the MEmCom tiers' scalars follow the tier tables' fused optimizer).
+
+    Example::
+
+        sharders = [BudgetedEmbeddingBagCollectionSharder(fused_params=fused_params), *get_default_sharders()]
+        plan = memcom_planner(topology, batch_size).collective_plan(model, sharders, pg)
+        model = DistributedModelParallel(model, plan=plan, sharders=sharders)
+    """
+
+    unsharded: Type[nn.Module] = BudgetedEmbeddingBagCollection
+    sharded: Type[ShardedEmbeddingModule] = ShardedBudgetedEmbeddingBagCollection
+
+    def held_sharder(self) -> BaseEmbeddingSharder:
+        """The MEmCom sharder, for the tier collection the sharded module holds."""
+        return MEmComEmbeddingBagCollectionSharder(
+            fused_params=self.fused_params,
+            qcomm_codecs_registry=self.qcomm_codecs_registry,
+            column_wise=self._column_wise,
+        )
 
     def replicated_bytes(self, module: BudgetedEmbeddingBagCollection, parameter_multiplier: float) -> int:
         """Bytes every rank holds whatever the plan (the planner's hook, ``memcom_planner``): the

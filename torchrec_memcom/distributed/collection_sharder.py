@@ -1,23 +1,32 @@
 """The sharder shape all our EBC-like collections share: the stock EBC sharder, pointed at our
-unsharded and sharded module types (DMP picks sharders by exact module type); which FBGEMM
-optimizer their sharding fuses into a table; and the tensors the planner sizes their tables by."""
+unsharded and sharded module types (DMP picks sharders by exact module type), whose sharded
+module holds what the stock sharder makes of the tables; which FBGEMM optimizer their sharding
+fuses into a table; and the tensors the planner sizes their tables by."""
 
 from typing import Any, Dict, Optional, Type
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
+from torchrec.distributed.embedding_types import BaseEmbeddingSharder, ShardedEmbeddingModule
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.types import ParameterSharding, ShardingEnv
 from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
 
 
 class CollectionSharder(EmbeddingBagCollectionSharder):
-    """Subclasses name ``unsharded`` and ``sharded``; the sharded type takes the stock
-    ShardedEmbeddingBagCollection arguments. Shardable parameters: ``embedding_bags.T.weight``."""
+    """Subclasses name ``unsharded`` and ``sharded``; the sharded type takes ``(module, plan,
+    held_sharder, env, device, module_fqn)``, as TorchRec's FP-EBC takes its EBC sharder.
+    Shardable parameters: ``embedding_bags.T.weight``; planning as the stock EBC sharder's."""
 
     unsharded: Type[nn.Module]
-    sharded: Type[ShardedEmbeddingBagCollection]
+    sharded: Type[ShardedEmbeddingModule]
+
+    def held_sharder(self) -> BaseEmbeddingSharder:
+        """The sharder of the tables the sharded module holds: the stock EBC one."""
+        return EmbeddingBagCollectionSharder(
+            fused_params=self.fused_params, qcomm_codecs_registry=self.qcomm_codecs_registry
+        )
 
     def shard(
         self,
@@ -26,16 +35,8 @@ class CollectionSharder(EmbeddingBagCollectionSharder):
         env: ShardingEnv,
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
-    ) -> ShardedEmbeddingBagCollection:
-        return self.sharded(
-            module,
-            params,
-            env,
-            fused_params=self.fused_params,
-            device=device,
-            qcomm_codecs_registry=self.qcomm_codecs_registry,
-            module_fqn=module_fqn,
-        )
+    ) -> ShardedEmbeddingModule:
+        return self.sharded(module, params, self.held_sharder(), env, device, module_fqn)
 
     def shardable_parameters(self, module: Any) -> Dict[str, nn.Parameter]:
         """Each table's weight; for a table with per-entity scalars, a ``PlannedTable`` of its
@@ -53,7 +54,7 @@ class CollectionSharder(EmbeddingBagCollectionSharder):
         return self.unsharded
 
     @property
-    def sharded_module_type(self) -> Type[ShardedEmbeddingBagCollection]:
+    def sharded_module_type(self) -> Type[ShardedEmbeddingModule]:
         return self.sharded
 
 
@@ -98,12 +99,14 @@ class PlannedTable(torch.Tensor):
     ``num_bytes``: what the planner should count for the whole table. It carries no
     ``_optimizer_classes`` (``num_bytes`` includes the optimizer state)."""
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    # torch stubs type __torch_function__ as a method; this is torch's own way to disable it
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+    _planned_numel: int
 
     @staticmethod
     def __new__(cls, like: torch.Tensor, num_bytes: int) -> "PlannedTable":
         t = torch.Tensor._make_subclass(cls, torch.empty(like.shape, dtype=like.dtype, device="meta"))
-        t._planned_numel = -(-num_bytes // like.element_size())  # type: ignore[attr-defined]
+        t._planned_numel = -(-num_bytes // like.element_size())
         return t
 
     def numel(self) -> int:

@@ -1,52 +1,37 @@
 """Sharded MEmCom collection and its sharder.
 
 The shared tables are a stock weighted ShardedEmbeddingBagCollection on FBGEMM's table-batched
-kernels (so the state dict key stays ``embedding_bags.T.weight``). Around it:
-``input_dist`` turns entity ids into (shared row, slot block ``k``) before the stock input
-distribution, carrying ``k + 1`` as the KJT weight; ``compute`` swaps it for the trainable
-per-entity scalar (after ``input_dist``, which runs under ``no_grad``) and runs the stock lookup,
-whose SUM-pooled per-sample-weight gradient trains the scalars. The ``+ 1`` makes the weight a
-plain table travels with (``k = 0``) its pooling weight 1: the stock row-wise MEAN divisor is
-the sum of the KJT weights of a bag, which must then be its length.
+kernels, held by the common wrapper (``compressed_embeddingbag.py``; state dict key
+``embedding_bags.T.weight``). Around it: ``input_dist`` turns entity ids into (shared row, slot
+block ``k``) before the stock input distribution, carrying ``k + 1`` as the KJT weight;
+``compute`` swaps it for the trainable per-entity scalar (after ``input_dist``, which runs under
+``no_grad``) and runs the stock lookup, whose SUM-pooled per-sample-weight gradient trains the
+scalars. The ``+ 1`` makes the weight a plain table travels with (``k = 0``) its pooling weight
+1: the stock row-wise MEAN divisor is the sum of the KJT weights of a bag, which must then be its
+length.
 """
 
+import dataclasses
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple, Type
 
 import torch
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
 from torch import nn
-from torchrec.distributed.embedding_types import KJTList
-from torchrec.distributed.embeddingbag import (
-    EmbeddingBagCollectionContext,
-    ShardedEmbeddingBagCollection,
-)
-from torchrec.distributed.types import (
-    Awaitable,
-    LazyAwaitable,
-    ParameterSharding,
-    QuantizedCommCodecs,
-    ShardingEnv,
-)
-from torchrec.distributed.utils import append_prefix
-from torchrec.optim.keyed import CombinedOptimizer
+from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionContext, EmbeddingBagCollectionSharder
+from torchrec.distributed.types import ParameterSharding, ShardingEnv
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
+from torchrec_memcom.distributed.compressed_embeddingbag import ShardedCompressedCollection
 from torchrec_memcom.distributed.entity_weights import (
     COLUMN_SHARDED,
     SUPPORTED_SHARDING_TYPES,
     ShardedEntityWeights,
     table_layout,
 )
-from torchrec_memcom.distributed.state import copy_full_tensor
-from torchrec_memcom.distributed.stock_views import (
-    LayoutCache,
-    correct_mean_divisor,
-    kjt_with,
-    repeat_per_key,
-    stock_view,
-)
+from torchrec_memcom.distributed.stock_views import LayoutCache, kjt_with, repeat_per_key, shard_view
 from torchrec_memcom.modules.collection_checks import check_ids
 from torchrec_memcom.modules.hashing import mix_constants, mix_slots
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, MEmComTable
@@ -65,33 +50,36 @@ def _feature_requires_grad(
     return args, {**kwargs, "feature_requires_grad": mask}
 
 
-def _add_anchor(kt: KeyedTensor, anchor: torch.Tensor) -> KeyedTensor:
-    kt._values.add_(0.0 * anchor)
-    return kt
+@dataclasses.dataclass
+class MEmComContext(EmbeddingBagCollectionContext):
+    """The stock context plus this batch's anchor of the scalars' update (column-wise replicas)."""
+
+    anchor: Optional[torch.Tensor] = None
 
 
-class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
-    """Sharded ``MEmComEmbeddingBagCollection``: stock sharded shared tables + sharded scalars."""
+class ShardedMEmComEmbeddingBagCollection(ShardedCompressedCollection[MEmComContext]):
+    """Sharded ``MEmComEmbeddingBagCollection``: the stock sharded EBC of its shared tables
+    (weighted) plus its per-entity scalars, sharded with their rows.
+
+    Args:
+        module: the unsharded collection.
+        table_name_to_parameter_sharding: the plan of its tables.
+        ebc_sharder: the stock sharder that shards the shared tables.
+        env, device, module_fqn: as for TorchRec's sharded modules.
+    """
 
     def __init__(
         self,
         module: MEmComEmbeddingBagCollection,
         table_name_to_parameter_sharding: Dict[str, ParameterSharding],
+        ebc_sharder: EmbeddingBagCollectionSharder,
         env: ShardingEnv,
-        fused_params: Optional[Dict[str, Any]] = None,
         device: Optional[torch.device] = None,
-        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
         module_fqn: Optional[str] = None,
     ) -> None:
-        super().__init__(
-            stock_view(module.hashed_configs(), module.embedding_bags, module.device, is_weighted=True),
-            table_name_to_parameter_sharding,
-            env,
-            fused_params=fused_params,
-            device=device,
-            qcomm_codecs_registry=qcomm_codecs_registry,
-            module_fqn=module_fqn,
-        )
+        plan = table_name_to_parameter_sharding
+        embedding_module = shard_view(module, True, ebc_sharder, plan, env, device, module_fqn)
+        super().__init__(embedding_module, module.cost(), ebc_sharder.qcomm_codecs_registry)
         device = device or torch.device("cpu")
         self._tables: Dict[str, MEmComTable] = {t.name: t for t in module.tables}
         self._feature_table: Dict[str, MEmComTable] = {
@@ -99,22 +87,28 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         }
         self._num_embeddings = {f: t.num_embeddings for f, t in self._feature_table.items()}
         self._init_weight = module._init_weight
-        table_fused_params = self._table_fused_params()
+        fused_params = {
+            info.embedding_config.name: dict(info.fused_params or {})
+            for infos in embedding_module.sharding_type_to_sharding_infos.values()
+            for info in infos
+        }
         layouts = {
             t.name: table_layout(
                 t,
                 table_name_to_parameter_sharding[t.name],
                 env.world_size,
                 device,
-                table_fused_params.get(t.name),
+                fused_params.get(t.name),
                 module.scalar_configs[t.name],
             )
             for t in module.tables
             if t.compressed
         }
         self.entity_weights = ShardedEntityWeights(layouts, env.rank, env.world_size, device, env.process_group)
+        self.add_fused_optimizer(self.entity_weights.fused_optimizer)
         # Per lookup: (start, rows) of each feature's scalars ((0, 0): none), whether a feature
-        # has scalars, and whether any is data-parallel (see _scalars).
+        # has scalars, and whether any is data-parallel (see _scalars). A lookup's features in
+        # its KJT's order: its `grouped_configs` (TorchRec lists them nowhere public).
         self._lookup_addresses: List[Tuple[List[Tuple[int, int]], List[bool], bool]] = []
         for lookup in self._lookups:
             names = [
@@ -127,16 +121,18 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             self._lookup_addresses.append(
                 ([a[:2] for a in addresses], [n is not None for n in names], any(a[2] for a in addresses))
             )
+        # the factor TorchRec scales each lookup's per-sample-weight gradient by (private: its
+        # rule, world size unless data-parallel or gradient division is off, is nowhere public)
         self._scales = [float(getattr(_unwrap(lookup), "_scale_gradient_factor", 1)) for lookup in self._lookups]
         # per-value constants of input_dist's remap and of each lookup's scalars, per KJT layout
         self._remaps = LayoutCache()
         self._scalar_layouts = LayoutCache()
         self._skip_plain_gradients()
-        self._optim = CombinedOptimizer([("", self._optim), ("", self.entity_weights.fused_optimizer)])
         if module.device.type == "meta":
             self._reset_scalars()
-        else:
-            self._copy_from(module)
+        else:  # start from the unsharded module's values
+            for name in module.entity_weights:
+                self.entity_weights.load_table(name, module.entity_weights.flat(name).detach())
 
     def _skip_plain_gradients(self) -> None:
         """Have FBGEMM skip the per-sample-weight gradient of plain tables' features.
@@ -157,27 +153,13 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
                     mask = torch.tensor(needs, dtype=torch.int32, device=tbe.D_offsets.device)
                     tbe.register_forward_pre_hook(partial(_feature_requires_grad, mask=mask), with_kwargs=True)
 
-    def _table_fused_params(self) -> Dict[str, Dict[str, Any]]:
-        """The fused optimizer params the stock sharding resolved for every table."""
-        return {
-            info.embedding_config.name: dict(info.fused_params or {})
-            for infos in self.sharding_type_to_sharding_infos.values()
-            for info in infos
-        }
-
-    @torch.no_grad()
-    def _copy_from(self, module: MEmComEmbeddingBagCollection) -> None:
-        """Start from the unsharded module's values (stock sharding does so only off the CPU)."""
-        state = self.state_dict()
-        for name, bag in module.embedding_bags.items():
-            copy_full_tensor(state[f"embedding_bags.{name}.weight"], bag.weight.detach())
-        for name in module.entity_weights:
-            self.entity_weights.load_table(name, module.entity_weights.flat(name).detach())
+    def create_context(self) -> MEmComContext:
+        return MEmComContext()
 
     def reset_parameters(self) -> None:
+        """Shared rows by their configs' ``init_fn``, per-entity scalars to ``init_weight``."""
         super().reset_parameters()
-        if "entity_weights" in self._modules:  # the stock __init__ calls this before it exists
-            self._reset_scalars()
+        self._reset_scalars()
 
     @torch.no_grad()
     def _reset_scalars(self) -> None:
@@ -206,28 +188,22 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
         return self._remaps.get((tuple(keys), tuple(lengths)), build)
 
-    def input_dist(
-        self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
-    ) -> Awaitable[Awaitable[KJTList]]:
-        """Entity ids -> shared rows, with the slot block ``k`` plus 1 as weight, then stock dist."""
+    def transform_input(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Entity ids -> shared rows, with the slot block ``k`` plus 1 as weight."""
         if features.weights_or_none() is not None:
             raise ValueError("MEmCom inputs carry no weights: the per-entity scalars are its own")
-        with torch.no_grad():
-            slot = features.values()
-            last, m, mix = self._remap(features.keys(), features.length_per_key(), slot.device)
-            # one pass and one sync: an id outside [0, n) makes id or n - 1 - id negative
-            if slot.numel() and bool(torch.bitwise_or(last - slot, slot).min() < 0):
-                check_ids(features, self._num_embeddings)  # raises, naming the feature
-            if mix is not None:  # all "mix" features in one pass
-                positions, consts = mix
-                mixed = mix_slots(slot.index_select(0, positions), *consts)
-                slot = slot.index_copy(0, positions, mixed.to(slot.dtype))
-            k = torch.div(slot, m, rounding_mode="floor")
-            rows = slot - k * m  # slot mod m, without a second division
-            blocks = k.add_(1).to(torch.float32)
-        awaitable = super().input_dist(ctx, kjt_with(features, rows, blocks))
-        correct_mean_divisor(self, ctx)
-        return awaitable
+        slot = features.values()
+        last, m, mix = self._remap(features.keys(), features.length_per_key(), slot.device)
+        # one pass and one sync: an id outside [0, n) makes id or n - 1 - id negative
+        if slot.numel() and bool(torch.bitwise_or(last - slot, slot).min() < 0):
+            check_ids(features, self._num_embeddings)  # raises, naming the feature
+        if mix is not None:  # all "mix" features in one pass
+            positions, consts = mix
+            mixed = mix_slots(slot.index_select(0, positions), *consts)
+            slot = slot.index_copy(0, positions, mixed.to(slot.dtype))
+        k = torch.div(slot, m, rounding_mode="floor")
+        rows = slot - k * m  # slot mod m, without a second division
+        return kjt_with(features, rows, k.add_(1).to(torch.float32))
 
     def _scalar_layout(
         self, g: int, lengths: List[int], device: torch.device
@@ -246,8 +222,9 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
 
         return self._scalar_layouts.get((g, tuple(lengths)), build)
 
-    def _scalars(self, dist_input: KJTList) -> Tuple[KJTList, Optional[torch.Tensor]]:
-        """Replace each KJT's ``k + 1`` weights by the per-entity scalars (1 for plain tables)."""
+    def transform_dist_input(self, ctx: MEmComContext, dist_input: KJTList) -> KJTList:
+        """Replace each KJT's ``k + 1`` weights by the per-entity scalars (1 for plain tables);
+        with column-wise replicas, keep the anchor in ``ctx`` for ``transform_output``."""
         out: List[Optional[torch.Tensor]] = [None] * len(dist_input)
         fused, fused_at, scales = [], [], []
         for g, (kjt, (_, compressed, dense)) in enumerate(zip(dist_input, self._lookup_addresses)):
@@ -269,8 +246,8 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             anchor, scalars = self.entity_weights.lookup_fused([idx for idx, _ in fused], scales)
             for g, w, (_, positions) in zip(fused_at, scalars, fused):
                 out[g] = self._place(w, positions, dist_input[g])
-        weighted = KJTList([kjt_with(kjt, kjt.values(), w) for kjt, w in zip(dist_input, out)])
-        return weighted, anchor if self.entity_weights.needs_anchor else None
+        ctx.anchor = anchor if self.entity_weights.needs_anchor else None
+        return KJTList([kjt_with(kjt, kjt.values(), w) for kjt, w in zip(dist_input, out)])
 
     @staticmethod
     def _place(scalars: torch.Tensor, positions: Optional[torch.Tensor], kjt: KeyedJaggedTensor) -> torch.Tensor:
@@ -279,43 +256,29 @@ class ShardedMEmComEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             return scalars
         return torch.ones_like(kjt.weights()).index_copy(0, positions, scalars)
 
-    def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
-        weighted, anchor = self._scalars(dist_input)
-        ctx.memcom_anchor = anchor
-        return super().compute(ctx, weighted)
+    def transform_output(self, ctx: MEmComContext, output: KeyedTensor) -> KeyedTensor:
+        """``+ 0 * anchor``: backward reaches the replicas' sync on every rank (see lookup_fused)."""
+        if ctx.anchor is not None:
+            output.values().add_(0.0 * ctx.anchor)
+        return output
 
-    def output_dist(self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
-        awaitable = super().output_dist(ctx, output)
-        anchor = getattr(ctx, "memcom_anchor", None)
-        if anchor is not None:
-            awaitable.callbacks.append(partial(_add_anchor, anchor=anchor))
-        return awaitable
+    @property
+    def dense_parameters(self) -> Set[str]:
+        """Data-parallel scalars, which DMP's DDP trains like the DP tables' rows."""
+        return {"entity_weights.dense"}
 
-    def compute_and_output_dist(self, ctx: EmbeddingBagCollectionContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
-        weighted, anchor = self._scalars(input)
-        awaitable = super().compute_and_output_dist(ctx, weighted)
-        if anchor is not None:
-            awaitable.callbacks.append(partial(_add_anchor, anchor=anchor))
-        return awaitable
-
-    # ---- what the rest of TorchRec asks of a sharded module -----------------------------------
-
-    def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
-        """All but data-parallel scalars, which DMP's DDP trains like the DP tables' rows."""
-        for name, _ in self.named_parameters():
-            if name != "entity_weights.dense":
-                yield append_prefix(prefix, name)
-
-    def cost(self) -> Dict[str, Dict[str, float]]:
-        """Same report as the unsharded module (global sizes)."""
-        return MEmComEmbeddingBagCollection.cost(self)
+    @property
+    def unsharded_module_type(self) -> Type[MEmComEmbeddingBagCollection]:
+        return MEmComEmbeddingBagCollection
 
     @property
     def tables(self) -> List[MEmComTable]:
         return list(self._tables.values())
 
 
-def _unwrap(lookup: nn.Module) -> nn.Module:
+def _unwrap(lookup: nn.Module) -> Any:
+    """A lookup out of the DDP TorchRec wraps data-parallel ones in (typed Any: TorchRec types
+    its lookups as plain modules, whose attributes mypy cannot see)."""
     while isinstance(lookup, nn.parallel.DistributedDataParallel):
         lookup = lookup.module
     return lookup
@@ -324,13 +287,24 @@ def _unwrap(lookup: nn.Module) -> nn.Module:
 class MEmComEmbeddingBagCollectionSharder(CollectionSharder):
     """Shards ``MEmComEmbeddingBagCollection``; pass it to DMP/the planner with the stock ones.
 
-    ``column_wise``: offer column-wise and table-column-wise to the planner. Off by default:
-    every rank holding a column shard keeps a replica of the table's per-entity scalars, which
-    the scalars' sharding exists to avoid. A hand-written plan may use them either way.
+    Args:
+        fused_params: as for TorchRec's EBC sharder (the tables' fused optimizer; the scalars
+            follow it, see ``MEmComConfig``'s scalar settings).
+        qcomm_codecs_registry: as for TorchRec's EBC sharder.
+        column_wise: offer column-wise and table-column-wise to the planner. Off by default:
+            every rank holding a column shard keeps a replica of the table's per-entity
+            scalars, which the scalars' sharding exists to avoid. A hand-written plan may use
+            them either way.
+
+    Example::
+
+        sharders = [MEmComEmbeddingBagCollectionSharder(fused_params={"optimizer": EmbOptimType.EXACT_SGD}), *get_default_sharders()]
+        plan = EmbeddingShardingPlanner(topology).collective_plan(model, sharders, pg)
+        model = DistributedModelParallel(model, plan=plan, sharders=sharders)
     """
 
-    unsharded = MEmComEmbeddingBagCollection
-    sharded = ShardedMEmComEmbeddingBagCollection
+    unsharded: Type[nn.Module] = MEmComEmbeddingBagCollection
+    sharded: Type[ShardedEmbeddingModule] = ShardedMEmComEmbeddingBagCollection
 
     def __init__(self, *args: Any, column_wise: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

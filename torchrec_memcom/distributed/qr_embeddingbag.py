@@ -17,23 +17,13 @@ from typing import Any, Dict, List, Optional, Type
 
 import torch
 from torch import nn
-from torchrec.distributed.embedding import (
-    EmbeddingCollectionContext,
-    EmbeddingCollectionSharder,
-    ShardedEmbeddingCollection,
-)
-from torchrec.distributed.embedding_types import EmbeddingComputeKernel, KJTList
-from torchrec.distributed.types import (
-    Awaitable,
-    LazyAwaitable,
-    ParameterSharding,
-    QuantizedCommCodecs,
-    ShardingEnv,
-    ShardingType,
-)
+from torchrec.distributed.embedding import EmbeddingCollectionContext, EmbeddingCollectionSharder
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
+from torchrec_memcom.distributed.compressed_embeddingbag import ShardedCompressedCollection
 from torchrec_memcom.modules.collection_checks import check_ids, check_unweighted
 from torchrec_memcom.modules.qr_embedding_bag import QREmbeddingBagCollection, QRLayout, QRTable
 
@@ -63,57 +53,49 @@ def _check_kernels(
         )
 
 
-class ShardedQREmbeddingBagCollection(ShardedEmbeddingCollection):
-    """Sharded ``QREmbeddingBagCollection``: split ids, stock sharded EC, join and pool."""
+class ShardedQREmbeddingBagCollection(ShardedCompressedCollection[EmbeddingCollectionContext]):
+    """Sharded ``QREmbeddingBagCollection``: split ids, the stock sharded EC, join and pool.
+
+    Args:
+        module: the unsharded collection.
+        table_name_to_parameter_sharding: the plan of its lookup tables (``T@q``, ``T@r``, ``T``).
+        ec_sharder: the stock sharder that shards the lookup tables.
+        env, device, module_fqn: as for TorchRec's sharded modules.
+    """
 
     def __init__(
         self,
         module: QREmbeddingBagCollection,
         table_name_to_parameter_sharding: Dict[str, ParameterSharding],
+        ec_sharder: EmbeddingCollectionSharder,
         env: ShardingEnv,
-        fused_params: Optional[Dict[str, Any]] = None,
         device: Optional[torch.device] = None,
-        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
-        use_index_dedup: bool = False,
         module_fqn: Optional[str] = None,
     ) -> None:
         _check_kernels(module, table_name_to_parameter_sharding, device)
         # The stock EC copies the module's values in (on every device but meta).
-        super().__init__(
-            _lookup_view(module),
-            table_name_to_parameter_sharding,
-            env,
-            fused_params=fused_params,
-            device=device,
-            qcomm_codecs_registry=qcomm_codecs_registry,
-            use_index_dedup=use_index_dedup,
-            module_fqn=module_fqn,
+        embedding_module = ec_sharder.shard(
+            _lookup_view(module), table_name_to_parameter_sharding, env, device, module_fqn
         )
+        super().__init__(embedding_module, module.layout.cost(), ec_sharder.qcomm_codecs_registry)
         self._layout: QRLayout = module.layout
 
-    def input_dist(self, ctx: EmbeddingCollectionContext, features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
-        """Each compressed feature ``f`` -> ``f@q``, ``f@r``, then the stock input distribution."""
+    def transform_input(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Each compressed feature ``f`` -> ``f@q``, ``f@r``."""
         check_unweighted(features, "QR")
         if features.variable_stride_per_key():
             raise ValueError("QR collections take one batch size for all features (no VBE)")
-        with torch.no_grad():
-            check_ids(features, self._layout.num_embeddings)
-            split = self._layout.split(features)
-        return super().input_dist(ctx, split)
+        check_ids(features, self._layout.num_embeddings)
+        return self._layout.split(features)
 
-    def output_dist(self, ctx: EmbeddingCollectionContext, output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
-        awaitable = super().output_dist(ctx, output)
-        awaitable.callbacks.append(self._layout.combine)
-        return awaitable
+    def transform_output(self, ctx: EmbeddingCollectionContext, output: Any) -> KeyedTensor:
+        """The per-id embeddings of ``f@q`` and ``f@r`` (a dict of JaggedTensors) joined, pooled."""
+        embeddings: Dict[str, JaggedTensor] = output
+        return self._layout.combine(embeddings)
 
-    def compute_and_output_dist(self, ctx: EmbeddingCollectionContext, input: KJTList) -> LazyAwaitable[KeyedTensor]:
-        awaitable = super().compute_and_output_dist(ctx, input)
-        awaitable.callbacks.append(self._layout.combine)
-        return awaitable
-
-    def cost(self) -> Dict[str, Dict[str, float]]:
-        """Same report as the unsharded module (global sizes)."""
-        return self._layout.cost()
+    @property
+    def unsharded_module_type(self) -> Type[QREmbeddingBagCollection]:
+        return QREmbeddingBagCollection
 
     @property
     def tables(self) -> List[QRTable]:
@@ -126,6 +108,14 @@ class QREmbeddingBagCollectionSharder(EmbeddingCollectionSharder):
     Sharding types are the stock EC sharder's: table-, row-, column-wise, and data-parallel
     except on CPU (see the module docstring). Column-wise needs one column split for all the
     collection's column-wise tables (a stock EC rule).
+
+    Args:
+        fused_params, qcomm_codecs_registry, use_index_dedup: as for TorchRec's EC sharder.
+
+    Example::
+
+        sharders = [QREmbeddingBagCollectionSharder(fused_params=fused_params), *get_default_sharders()]
+        model = DistributedModelParallel(model, plan=plan, sharders=sharders)
     """
 
     def shard(
@@ -136,19 +126,15 @@ class QREmbeddingBagCollectionSharder(EmbeddingCollectionSharder):
         device: Optional[torch.device] = None,
         module_fqn: Optional[str] = None,
     ) -> ShardedQREmbeddingBagCollection:
-        return ShardedQREmbeddingBagCollection(
-            module,
-            params,
-            env,
+        held = EmbeddingCollectionSharder(
             fused_params=self.fused_params,
-            device=device,
             qcomm_codecs_registry=self.qcomm_codecs_registry,
             use_index_dedup=self._use_index_dedup,
-            module_fqn=module_fqn,
         )
+        return ShardedQREmbeddingBagCollection(module, params, held, env, device, module_fqn)
 
     def shardable_parameters(self, module: QREmbeddingBagCollection) -> Dict[str, nn.Parameter]:
-        return {name: emb.weight for name, emb in module.embeddings.items()}
+        return {name.split(".")[0]: weight for name, weight in module.embeddings.named_parameters()}
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
         types = super().sharding_types(compute_device_type)
