@@ -10,7 +10,7 @@ kernels look up, each fed the ids of its tier.
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from torchrec_memcom.modules.collection_checks import check_input, cost_report, 
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.frequency import clean_cuts, frequency_ranks, needs_remap, table_counts
 from torchrec_memcom.modules.memcom_config import MEmComConfig
-from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
+from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, MEmComTable
 from torchrec_memcom.modules.sorting import stable_argsort
 
 # fx-traced models keep this data-reading call as single nodes (TorchRec wraps its own alike)
@@ -128,7 +128,7 @@ def combine_tiers(
             some = pooled[tier_key(t.feature_names[0], 0)]
             weight = torch.cat(
                 [
-                    projections[tier_key(t.name, j)].weight
+                    cast(nn.Linear, projections[tier_key(t.name, j)]).weight
                     if tier.dim != d
                     else torch.eye(d, dtype=some.dtype, device=some.device)
                     for j, tier in enumerate(t.tiers)
@@ -141,7 +141,7 @@ def combine_tiers(
     return KeyedTensor(
         keys=[f for t in tables for f in t.feature_names],
         length_per_key=[t.embedding_dim for t in tables for _ in t.feature_names],
-        values=torch.cat(out, dim=1),  # type: ignore[arg-type]
+        values=torch.cat(out, dim=1),
     )
 
 
@@ -182,7 +182,7 @@ def budgeted_cost(tables: Sequence[BudgetedTable], limit: int, optimizer: Option
             "bytes": b.total,
             "uncompressed_bytes": uncompressed_bytes(t.num_embeddings, t.embedding_dim, optimizer),
         }
-    report = cost_report(rows)
+    report: Dict[str, Dict[str, Any]] = cost_report(rows)
     report["total"].update(
         bytes=sum(r["bytes"] for r in rows.values()),
         uncompressed_bytes=sum(r["uncompressed_bytes"] for r in rows.values()),
@@ -214,6 +214,9 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
     (``d x dim_j``, only where ``dim_j < d``) and ``remap.T`` (int32 rank of each id, only for
     tables whose ids are not already in frequency order at the tier cuts).
     """
+
+    # the tier tables, set in __init__ outside the module tree (see there)
+    _tiers: MEmComEmbeddingBagCollection
 
     def __init__(
         self,
@@ -299,14 +302,14 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         self._feature_tables = {f: t for t in self.tables for f in t.feature_names}
         if self._device.type != "meta":
             for p in self.projections.values():
-                identity_init(p)
+                identity_init(cast(nn.Linear, p))
 
     @property
     def tier_collection(self) -> MEmComEmbeddingBagCollection:
         """The tier tables as a MEmComEmbeddingBagCollection sharing this module's parameters."""
-        return self._tiers  # type: ignore[return-value]
+        return self._tiers
 
-    def scalar_tables(self) -> List[Any]:
+    def scalar_tables(self) -> List[MEmComTable]:
         """The tier tables with per-entity scalars (MEmCom tails)."""
         return self.tier_collection.scalar_tables()
 
@@ -331,7 +334,7 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
             for name, w in self.entity_weights.items():
                 w.fill_(self.tier_collection._init_weight[name])
         for p in self.projections.values():
-            identity_init(p)
+            identity_init(cast(nn.Linear, p))
 
     def parameter_bytes(self) -> int:
         """Bytes of the module's state: tier tables, MEmCom scalars, projections, remap."""
@@ -341,7 +344,7 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         """Bytes of the sparse optimizer's state the budget counts (0 if it counts none)."""
         return sum(t.bytes.optimizer for t in self.tables)
 
-    def cost(self) -> Dict[str, Dict[str, Any]]:  # type: ignore[override]
+    def cost(self) -> Dict[str, Dict[str, Any]]:
         """The shared report plus tiers and bytes per table; ``total`` has the budget."""
         return budgeted_cost(self.tables, self.budget_limit, self.budget.optimizer)
 

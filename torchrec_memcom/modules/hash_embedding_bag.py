@@ -126,8 +126,10 @@ class HashEmbeddingBagCollection(CompressedCollection):
                     name=t.name,
                     num_embeddings=t.num_embeddings,
                     embedding_dim=t.embedding_dim,
-                    hash_rows=spec.hash_rows(t.num_embeddings, t.name) if compressed else t.num_embeddings,
-                    hash=spec.hash if compressed else "mod",
+                    hash_rows=spec.hash_rows(t.num_embeddings, t.name)
+                    if spec is not None and compressed
+                    else t.num_embeddings,
+                    hash=spec.hash if spec is not None and compressed else "mod",
                     compressed=compressed,
                 )
             )

@@ -184,14 +184,14 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
         self._embedding_bag_configs = tables
         self._compression = compression
         self.tables: List[MEmComTable] = plan_tables(tables, compression)
-        init_weights = {
-            t.name: (compression.get(t.name) if isinstance(compression, dict) else compression)
-            for t in self.tables
-            if t.compressed
-        }
-        self._init_weight = {name: spec.init_weight for name, spec in init_weights.items()}
+        specs = table_specs(tables, compression)
         # per compressed table: its init and the settings of its scalars' optimizer
-        self.scalar_configs: Dict[str, MEmComConfig] = init_weights  # type: ignore[assignment]
+        self.scalar_configs: Dict[str, MEmComConfig] = {}
+        for t in self.tables:
+            spec = specs[t.name]
+            if t.compressed and spec is not None:
+                self.scalar_configs[t.name] = spec
+        self._init_weight = {name: spec.init_weight for name, spec in self.scalar_configs.items()}
         # The shared tables, as a stock weighted EBC would hold them: `embedding_bags.T.weight`.
         self.embedding_bags = EmbeddingBagCollection(
             self.hashed_configs(), is_weighted=True, device=device

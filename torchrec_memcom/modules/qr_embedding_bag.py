@@ -92,27 +92,28 @@ class QRConfig:
             if self.num_collisions > n:
                 raise ValueError(f"table {table!r}: num_collisions={self.num_collisions} exceeds its {n} rows")
             return self.num_collisions
-        assert self.ratio is not None
+        ratio = self.ratio
+        assert ratio is not None
         best = max((k for k in (math.isqrt(n), math.isqrt(n) + 1) if k <= n), key=lambda k: compression_ratio(n, k))
-        if self.ratio > 1.01 * compression_ratio(n, best):
+        if ratio > 1.01 * compression_ratio(n, best):
             raise ValueError(
-                f"table {table!r}: QR ratio {self.ratio} cannot be reached with n={n}: the most "
+                f"table {table!r}: QR ratio {ratio} cannot be reached with n={n}: the most "
                 f"it gives is {compression_ratio(n, best):.4g} (c={best}), about sqrt(n)/2"
             )
         # ceil(n/c) + c = n/ratio has two roots of equal size. The smaller (c <= sqrt(n), DLRM's
         # convention) gives ratios of about c, so whole numbers only; the larger reaches any.
-        rows = n / self.ratio
+        rows = n / ratio
         spread = math.sqrt(max(rows * rows - 4 * n, 0.0))
         tried: List[int] = []
         for root in ((rows - spread) / 2, (rows + spread) / 2):
             near = [k for k in range(math.floor(root) - 1, math.ceil(root) + 2) if 1 <= k <= n]
-            c = min(near, key=lambda k: abs(compression_ratio(n, k) - self.ratio))
-            if abs(compression_ratio(n, c) - self.ratio) <= 0.01 * self.ratio:
+            c = min(near, key=lambda k: abs(compression_ratio(n, k) - ratio))
+            if abs(compression_ratio(n, c) - ratio) <= 0.01 * ratio:
                 return c
             tried += [k for k in near if k not in tried]
         nearest = ", ".join(f"c={k} gives {compression_ratio(n, k):.4g}" for k in tried)
         raise ValueError(
-            f"table {table!r}: QR ratio {self.ratio} cannot be reached within 1% with n={n} (nearest: {nearest})"
+            f"table {table!r}: QR ratio {ratio} cannot be reached within 1% with n={n} (nearest: {nearest})"
         )
 
 
@@ -172,8 +173,8 @@ class QRLayout:
                     name=t.name,
                     num_embeddings=t.num_embeddings,
                     embedding_dim=t.embedding_dim,
-                    num_collisions=spec.collisions(t.num_embeddings, t.name) if compressed else 0,
-                    operation=spec.operation if compressed else "mult",
+                    num_collisions=spec.collisions(t.num_embeddings, t.name) if spec is not None and compressed else 0,
+                    operation=spec.operation if spec is not None and compressed else "mult",
                     compressed=compressed,
                 )
             )
@@ -322,8 +323,7 @@ def qr_collection(
     by_dim: Dict[int, List[EmbeddingBagConfig]] = {}
     for t in tables:
         by_dim.setdefault(t.embedding_dim, []).append(t)
-    if isinstance(compression, dict):
-        table_specs(tables, compression)  # names unknown tables before splitting by dim
+    table_specs(tables, compression)  # a dict naming unknown tables fails here, before splitting by dim
     parts = [
         QREmbeddingBagCollection(
             group,
