@@ -3,9 +3,12 @@ forms each kind of collection gives: every method's registration names its colle
 (``CompressionMethod.export``); ``tables.collect_tables`` gathers them."""
 
 import dataclasses
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union, cast
 
 from torch import Tensor, nn
+
+from torchrec_memcom.modules.hash_embedding_bag import HashEmbeddingBagCollection, HashTable
+from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, MEmComTable
 
 
 @dataclasses.dataclass
@@ -81,17 +84,19 @@ def hashed_tables(c: nn.Module, method: str, scalars: bool) -> List[TableExport]
     """The tables of a collection of hashed rows (``c.tables`` as MEmCom's and hashing's):
     ``m x d`` rows read at the hash of an id, with per-entity scalars (``c.entity_weights``)
     if ``scalars``; its uncompressed tables as they are."""
+    hashed = cast(Union[MEmComEmbeddingBagCollection, HashEmbeddingBagCollection], c)
+    tables: Sequence[Union[MEmComTable, HashTable]] = hashed.tables
     out = []
-    for cfg, t in zip(c.embedding_bag_configs(), c.tables):
+    for cfg, t in zip(hashed.embedding_bag_configs(), tables):
         out.append(
             TableExport(
                 t.name,
                 list(cfg.feature_names),
                 method if t.compressed else "none",
                 t.num_embeddings,
-                c.embedding_bags[t.name].weight,
+                hashed.embedding_bags[t.name].weight,
                 hash=t.hash if t.compressed else None,
-                scalars=c.entity_weights.flat(t.name) if t.compressed and scalars else None,
+                scalars=hashed.entity_weights.flat(t.name) if t.compressed and scalars else None,
             )
         )
     return out
