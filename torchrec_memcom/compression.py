@@ -7,7 +7,7 @@ names the sharder DMP needs for it.
 
 import dataclasses
 import re
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -188,7 +188,7 @@ def _adopt_plain_tables(part: nn.Module, ebc: EmbeddingBagCollection, names: Lis
     """Give ``part`` the user's own ``nn.EmbeddingBag`` of each uncompressed table in ``names``
     (MEmCom and hash collections hold them as ``embedding_bags[name]``)."""
     for name in names:
-        part.embedding_bags[name] = ebc.embedding_bags[name]
+        cast(nn.ModuleDict, part.embedding_bags)[name] = ebc.embedding_bags[name]
 
 
 # A parameter of a table: `embedding_bags.T.weight`, `entity_weights.T@tier0`, `embeddings.T@q.weight`
