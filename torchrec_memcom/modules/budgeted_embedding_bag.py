@@ -56,7 +56,22 @@ def check_sum_pooling(tables: Sequence[EmbeddingBagConfig]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class BudgetedTable:
-    """One user table and the tiers it became; ``remap``: it keeps the rank of every id."""
+    """One user table and the tiers it became.
+
+    Args:
+        name: the table's name.
+        num_embeddings: ``n``, its ids.
+        embedding_dim: ``d``, the model dim.
+        feature_names: the features reading it.
+        tiers: its tiers, most popular first.
+        remap: whether it keeps the rank of every id (its ids are not in rank order at the cuts).
+        bytes: its bytes by kind, as the budget counts them.
+
+    Example::
+
+        t = ebc.tables[0]  # of a BudgetedEmbeddingBagCollection
+        t.starts           # the first rank of each tier, e.g. [0, 100]
+    """
 
     name: str
     num_embeddings: int
@@ -153,7 +168,17 @@ def identity_init(projection: nn.Linear) -> None:
 
 
 class RankBuffers(nn.Module):
-    """The rank of every id (int32) of each remapped table, as buffers ``T`` (key ``remap.T``)."""
+    """The rank of every id (int32) of each remapped table, as buffers ``T`` (key ``remap.T``).
+
+    Args:
+        ranks: the rank of every id, by table name.
+        device: where the buffers are made.
+
+    Example::
+
+        remap = RankBuffers({"t0": torch.tensor([2, 0, 1])}, device=None)
+        remap.as_dict()["t0"]  # tensor([2, 0, 1], dtype=torch.int32)
+    """
 
     def __init__(self, ranks: Mapping[str, torch.Tensor], device: Optional[torch.device]) -> None:
         super().__init__()
@@ -195,24 +220,33 @@ def budgeted_cost(tables: Sequence[BudgetedTable], limit: int, optimizer: Option
 class BudgetedEmbeddingBagCollection(CompressedCollection):
     """EmbeddingBagCollection whose tables fit a hard memory budget, sizes by id popularity.
 
-    tables: the user's ``EmbeddingBagConfig``s (SUM pooling); all of them are budgeted.
-    frequencies: per table (or per feature, summed over a table's features) the count of each
-        id, e.g. ``torchrec_memcom.data.load_frequencies(dir)``; ids are ranked by it.
-    allocation: an ``Allocation`` (or a file from ``memcom budget search|heuristic``); for the
-        quick popularity heuristic use ``torchrec_memcom.methods.budgeted.budgeted_collection``.
-    budget_bytes / budget_ratio: the budget, in bytes or as uncompressed bytes / budget.
-    optimizer: also count this sparse optimizer's state ("sgd", "rowwise_adagrad", "adagrad");
-        it must be the one the tables train with (the sharder checks the fused optimizer).
-    tail: MEmCom tails are allowed: the over-budget error's smallest feasible budget counts them.
-    scalars: the per-entity scalars of MEmCom tiers: a ``MEmComConfig``'s ``init_weight``,
-        ``scalar_lr``, ``scalar_lr_scale`` and ``scalar_eps`` as a dict (default: init 1, 10x the
-        tier table's lr and its eps, as ``MEmComConfig``).
-
     Construction fails unless the allocation fits the budget. State dict:
     ``embedding_bags.T@tier<j>.weight`` (rows of tier ``j`` by rank within the tier),
     ``entity_weights.T@tier<j>`` (per-id scalars of a MEmCom tier), ``projections.T@tier<j>.weight``
     (``d x dim_j``, only where ``dim_j < d``) and ``remap.T`` (int32 rank of each id, only for
     tables whose ids are not already in frequency order at the tier cuts).
+
+    Args:
+        tables: the user's ``EmbeddingBagConfig``s (SUM pooling); all of them are budgeted.
+        frequencies: per table (or per feature, summed over a table's features) the count of each
+            id, e.g. ``torchrec_memcom.data.load_frequencies(dir)``; ids are ranked by it.
+        allocation: an ``Allocation`` (or a file from ``memcom budget search|heuristic``); for the
+            quick popularity heuristic use ``torchrec_memcom.methods.budgeted.budgeted_collection``.
+        budget_bytes / budget_ratio: the budget, in bytes or as uncompressed bytes / budget.
+        optimizer: also count this sparse optimizer's state ("sgd", "rowwise_adagrad", "adagrad");
+            it must be the one the tables train with (the sharder checks the fused optimizer).
+        tail: MEmCom tails are allowed: the over-budget error's smallest feasible budget counts them.
+        scalars: the per-entity scalars of MEmCom tiers: a ``MEmComConfig``'s ``init_weight``,
+            ``scalar_lr``, ``scalar_lr_scale`` and ``scalar_eps`` as a dict (default: init 1, 10x the
+            tier table's lr and its eps, as ``MEmComConfig``).
+        device: where the tables are made (default: the CPU; ``meta`` for DMP to place them).
+
+    Example::
+
+        tables = [EmbeddingBagConfig(name="t0", embedding_dim=16, num_embeddings=1000, feature_names=["f0"])]
+        allocation = Allocation({"t0": TableAllocation((Tier(rows=100, dim=16), Tier(rows=900, dim=4)))})
+        ebc = BudgetedEmbeddingBagCollection(tables, {"t0": counts}, allocation, budget_ratio=2)
+        ebc(kjt)["f0"]  # [B, 16]: popular ids at dim 16, the rest at 4, projected
     """
 
     # the tier tables, set in __init__ outside the module tree (see there)
@@ -367,14 +401,15 @@ class BudgetedConfig:
     """Params of ``compress()``'s "budgeted" method: one for all budgeted tables of a
     collection (the budget is the collection's); None leaves a setting to its default.
 
-    allocation: a file of ``memcom budget search`` or ``heuristic`` (None: the heuristic).
-    budget_bytes / budget_ratio / optimizer: the budget (default: the one the allocation file
-        records); a set ``optimizer`` must be the training's sparse optimizer (sharding checks).
-    frequencies: per table or per feature the count of each id (as
-        ``BudgetedEmbeddingBagCollection`` takes them), or a data folder (default: the folder
-        the allocation was made on).
-    tail / sizes: the heuristic's options (``torchrec_memcom.methods.budgeted.budgeted_collection``).
-    init_weight, scalar_lr, scalar_lr_scale, scalar_eps: the MEmCom tail's scalar settings.
+    Args:
+        allocation: a file of ``memcom budget search`` or ``heuristic`` (None: the heuristic).
+        budget_bytes / budget_ratio / optimizer: the budget (default: the one the allocation file
+            records); a set ``optimizer`` must be the training's sparse optimizer (sharding checks).
+        tail / sizes: the heuristic's options (``torchrec_memcom.methods.budgeted.budgeted_collection``).
+        frequencies: per table or per feature the count of each id (as
+            ``BudgetedEmbeddingBagCollection`` takes them), or a data folder (default: the folder
+            the allocation was made on).
+        init_weight, scalar_lr, scalar_lr_scale, scalar_eps: the MEmCom tail's scalar settings.
 
     Example::
 
