@@ -15,9 +15,20 @@ from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagColle
 class TableExport:
     """One trained table, as the export needs it.
 
-    ``weight``: the rows ids read (``n x d`` stock, ``m x d`` MEmCom/hash, QR's quotient table);
-    ``hash``: the hash of a hashed table (None: not hashed); ``scalars``: MEmCom's per-entity
-    scalars by slot; ``remainder``: QR's ``c x d`` table.
+    Args:
+        name: the table's name.
+        features: the features reading it.
+        method: its method ("none", "memcom", "hash", "qr").
+        num_embeddings: ``n``, its ids.
+        weight: the rows ids read (``n x d`` stock, ``m x d`` MEmCom/hash, QR's quotient table).
+        hash: the hash of a hashed table (None: not hashed).
+        scalars: MEmCom's per-entity scalars by slot.
+        remainder: QR's ``c x d`` table.
+        operation: how QR combines its two rows ("mult" or "add").
+
+    Example::
+
+        TableExport("t0", ["f0"], "none", 1000, ebc.embedding_bags["t0"].weight)
     """
 
     name: str
@@ -43,9 +54,18 @@ class TableExport:
 
 @dataclasses.dataclass
 class TierExport:
-    """One tier of a budgeted table: ``rows`` ranks stored in ``weight`` (``rows x dim``, or a
-    MEmCom tier's ``hash_rows x dim`` with ``scalars`` by row); ``projection``: ``d x dim``,
-    None for a tier at the model dim."""
+    """One tier of a budgeted table.
+
+    Args:
+        rows: the ranks it holds.
+        weight: their rows, ``rows x dim`` (a MEmCom tier: ``hash_rows x dim``).
+        scalars: a MEmCom tier's per-entity scalars, by row.
+        projection: ``d x dim``; None for a tier at the model dim.
+
+    Example::
+
+        TierExport(900, torch.zeros(900, 4), projection=torch.zeros(16, 4))
+    """
 
     rows: int
     weight: Tensor
@@ -59,8 +79,21 @@ class TierExport:
 
 @dataclasses.dataclass
 class BudgetedTableExport:
-    """A budgeted table: its tiers, most popular first, and the rank of every id (``ranks``;
-    None when the ids are in rank order already)."""
+    """A budgeted table, as the export needs it.
+
+    Args:
+        name: the table's name.
+        features: the features reading it.
+        num_embeddings: ``n``, its ids.
+        embedding_dim: ``d``, the model dim.
+        tiers: its tiers, most popular first.
+        ranks: the rank of every id (None when the ids are in rank order already).
+        method: "budgeted".
+
+    Example::
+
+        BudgetedTableExport("t0", ["f0"], 1000, 16, [TierExport(100, w0), TierExport(900, w1, projection=p1)])
+    """
 
     name: str
     features: List[str]
