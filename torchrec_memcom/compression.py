@@ -7,7 +7,7 @@ names the sharder DMP needs for it.
 
 import dataclasses
 import re
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, cast
 
 import torch
 from torch import nn
@@ -37,9 +37,18 @@ PLAIN_HOST = "hash"
 
 @dataclasses.dataclass
 class TableCompression:
-    """Method and parameters of one table (``method: none`` leaves it as it is); ``params`` is
-    a dict or the method's config object (``MEmComConfig``, ``HashConfig``, ``QRConfig``,
-    ``BudgetedConfig``)."""
+    """Method and parameters of one table.
+
+    Args:
+        method: the method's name (``none`` leaves the table as it is).
+        params: a dict, or the method's config object (``MEmComConfig``, ``HashConfig``,
+            ``QRConfig``, ``BudgetedConfig``), which then names the method; held as a dict.
+
+    Example::
+
+        TableCompression("hash", {"ratio": 4})
+        TableCompression(params=HashConfig(ratio=4))  # the same: method "hash"
+    """
 
     method: str = "none"
     params: Any = dataclasses.field(default_factory=dict)
@@ -80,9 +89,11 @@ class CompressionSpec:
     """Which method compresses which table; checked when built (method names, params names and
     values), so a typo fails here, not when ``compress()`` builds the tables.
 
-    method/params: the default for every table (params: a dict, or the method's config object,
-    which then names the method); min_rows: tables with fewer rows stay uncompressed; tables:
-    per-table overrides by table name (``TableCompression``, a config object, or a dict).
+    Args:
+        method / params: the default for every table (params: a dict, or the method's config
+            object, which then names the method).
+        min_rows: tables with fewer rows stay uncompressed.
+        tables: per-table overrides by table name (``TableCompression``, a config object, or a dict).
 
     Example::
 
@@ -188,7 +199,7 @@ def _adopt_plain_tables(part: nn.Module, ebc: EmbeddingBagCollection, names: Lis
     """Give ``part`` the user's own ``nn.EmbeddingBag`` of each uncompressed table in ``names``
     (MEmCom and hash collections hold them as ``embedding_bags[name]``)."""
     for name in names:
-        part.embedding_bags[name] = ebc.embedding_bags[name]
+        cast(nn.ModuleDict, part.embedding_bags)[name] = ebc.embedding_bags[name]
 
 
 # A parameter of a table: `embedding_bags.T.weight`, `entity_weights.T@tier0`, `embeddings.T@q.weight`

@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRMTrain
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 
 
 @dataclasses.dataclass
@@ -42,7 +43,7 @@ def load_batches(data_dir: str, split: str, batch_size: int, limit: int, seed: i
 
 
 def train_and_evaluate(
-    build: Callable[[], nn.Module],
+    build: Callable[[], EmbeddingBagCollectionInterface],
     train: Sequence[Batch],
     val: Sequence[Batch],
     settings: TrainSettings,
@@ -61,7 +62,10 @@ def train_and_evaluate(
 
 
 def _train_and_evaluate(
-    build: Callable[[], nn.Module], train: Sequence[Batch], val: Sequence[Batch], settings: TrainSettings
+    build: Callable[[], EmbeddingBagCollectionInterface],
+    train: Sequence[Batch],
+    val: Sequence[Batch],
+    settings: TrainSettings,
 ) -> Dict[str, float]:
     torch.manual_seed(settings.seed)
     ebc = build()

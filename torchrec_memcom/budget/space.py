@@ -170,8 +170,7 @@ class AllocationSpace:
             lengths = np.diff(np.append(starts, t.num_embeddings))
             by_rank = torch.empty_like(c)
             by_rank[ranks] = c
-            by_rank = by_rank.numpy()
-            sums = np.add.reduceat(by_rank, starts)
+            sums = np.add.reduceat(by_rank.numpy(), starts)
             # padding segments repeat the last one and hold no ids
             self.starts[i] = np.append(starts, [starts[-1]] * (g - k))
             self.lengths[i, :k] = lengths

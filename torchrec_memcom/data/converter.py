@@ -697,7 +697,7 @@ class _Conversion:
 
     def _position(self, error: Exception) -> Tuple[float, float]:
         """Where an error was met (input order, line), so that the first one is reported."""
-        order = {s.path: i for i, s in enumerate(self.sources)}
+        order: Dict[Optional[str], int] = {s.path: i for i, s in enumerate(self.sources)}
         return (order.get(getattr(error, "path", None), math.inf), getattr(error, "line", math.inf))
 
     def convert_parallel(
@@ -845,7 +845,7 @@ def _count_run(task: _Task, spans: List[Tuple[int, int]], out_file: str) -> Opti
         _count_raw_ids(task.path, spans, task.on_bad_line, task.block_size, counters, lambda n: None, task.index)
     except (ValueError, OSError, EOFError) as error:
         return error
-    arrays = {}
+    arrays: Dict[str, Any] = {}  # Any: numpy's stubs type savez's **kwds as its bool option's type too
     for j, counter in enumerate(counters):
         counter.merge()
         arrays[f"keys_{j}"], arrays[f"counts_{j}"] = counter.keys, counter.counts

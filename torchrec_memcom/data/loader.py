@@ -218,19 +218,20 @@ class CriteoParquetLoader:
             return Batch(dense_features=dense, sparse_features=kjt, labels=labels)
         picked = window.take(rows)
         one_hot = dict(zip(self._one_hot, picked.ids))
-        values, lengths = [], []
+        values: List[np.ndarray] = []
+        bag_lengths: List[np.ndarray] = []
         for key in self.keys:
             if key in picked.bags:
-                offsets, ids = picked.bags[key]
+                bag_offsets, ids = picked.bags[key]
                 values.append(ids)
-                lengths.append(np.diff(offsets))
+                bag_lengths.append(np.diff(bag_offsets))
             else:
                 values.append(one_hot[key])
-                lengths.append(np.ones(n, dtype=np.int64))
+                bag_lengths.append(np.ones(n, dtype=np.int64))
         kjt = KeyedJaggedTensor.from_lengths_sync(
             keys=self.keys,
             values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
-            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
+            lengths=torch.from_numpy(np.concatenate(bag_lengths).astype(np.int32)),
             stride=n,
         )
         return Batch(dense_features=dense, sparse_features=kjt, labels=labels)

@@ -17,7 +17,7 @@ Malformed lines are handled as the Criteo converter does: an error naming file a
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -36,9 +36,18 @@ SCHEMA = pa.schema(
     + [pa.field(n, pa.int64(), nullable=False) for n in ONE_HOT]
     + [pa.field(GENRES, pa.list_(pa.field("item", pa.int64(), nullable=False)), nullable=False)]
 )
-# Per layout: file name (or suffix) of ratings, users, movies; separator; encoding.
-GROUPLENS = {"files": ("ratings.dat", "users.dat", "movies.dat"), "sep": "::", "encoding": "latin-1"}
-RECBOLE = {"files": (".inter", ".user", ".item"), "sep": "\t", "encoding": "utf-8"}
+
+
+class _Layout(TypedDict):
+    """A layout's file name (or suffix) of ratings, users, movies; separator; encoding."""
+
+    files: Tuple[str, str, str]
+    sep: str
+    encoding: str
+
+
+GROUPLENS: _Layout = {"files": ("ratings.dat", "users.dat", "movies.dat"), "sep": "::", "encoding": "latin-1"}
+RECBOLE: _Layout = {"files": (".inter", ".user", ".item"), "sep": "\t", "encoding": "utf-8"}
 # RecBole header field -> our column (its typed headers name each field `name:type`).
 _RECBOLE_FIELDS = {
     "inter": {"user_id": "user", "item_id": "movie", "rating": "rating"},
@@ -257,7 +266,7 @@ def convert_movielens(
     shards = {s: _write_split(out, s, table.slice(a, b - a), rows_per_shard) for s, (a, b) in ranges.items()}
     (out / mf.VOCAB).mkdir(parents=True, exist_ok=True)
     for name, vocab in vocabs.items():
-        mf.write_json_atomic(out / mf.VOCAB / f"{name}.json", sorted(vocab, key=vocab.get))
+        mf.write_json_atomic(out / mf.VOCAB / f"{name}.json", sorted(vocab, key=vocab.__getitem__))
     sizes = {name: len(vocabs[name]) + 1 for name in FEATURES.sparse}
     return mf.finish(
         out,

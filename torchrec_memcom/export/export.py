@@ -13,12 +13,12 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union, cast
 
 import numpy as np
 import torch
 from torch import nn
-from torchrec.models.dlrm import InteractionArch, InteractionDCNArch
+from torchrec.models.dlrm import DLRM, InteractionArch, InteractionDCNArch
 
 from torchrec_memcom.data import CriteoParquetLoader, load_manifest, roc_auc
 from torchrec_memcom.data.manifest import VOCAB, features_of
@@ -100,10 +100,12 @@ class TrainedModel:
                 f"it was trained on (--data DIR), whose id mapping the export keeps"
             ) from None
         self.features = features_of(self.manifest)
-        sizes = self.config.embeddings.num_embeddings
-        if sizes == "from_data":
-            sizes = [self.manifest["features"][f]["num_embeddings"] for f in self.features.sparse]
-        self.num_embeddings: List[int] = list(sizes)
+        sizes = self.config.embeddings.num_embeddings  # a list, or "from_data"
+        self.num_embeddings: List[int] = (
+            [self.manifest["features"][f]["num_embeddings"] for f in self.features.sparse]
+            if isinstance(sizes, str)
+            else list(sizes)
+        )
         train, _ = build_model(self.config, self.num_embeddings, torch.device("cpu"), self.features)
         # Only the tables start on `meta`; the dense layers are built real, with the buffers the
         # checkpoint does not hold (DLRM's interaction indices). `to_empty` leaves the tables
@@ -122,7 +124,7 @@ class TrainedModel:
         except CheckpointError as e:
             raise ExportError(f"{e} (the model its {CONFIG} describes, data folder {self.data_dir})") from None
         train.load_state_dict(state["model"])
-        self.dlrm: nn.Module = train.model.eval()
+        self.dlrm: DLRM = train.model.eval()
         # The sharded model's own logits on the first eval rows, if the checkpoint records them.
         self.probe: Optional[Dict[str, Any]] = self.progress.get("probe") or None
 
@@ -139,9 +141,9 @@ def raw_id_map(data_dir: Path, manifest: Dict[str, Any], num_embeddings: List[in
     names = features_of(manifest).sparse
     if mode == "mod":
         modulus = [manifest["features"][f]["num_embeddings"] for f in names]
-        for f, m, n in zip(names, modulus, num_embeddings):
+        for name, m, n in zip(names, modulus, num_embeddings):
             if m > n:
-                raise ExportError(f"{data_dir}: {f} has ids up to {m - 1}, but its table has {n} rows")
+                raise ExportError(f"{data_dir}: {name} has ids up to {m - 1}, but its table has {n} rows")
         return RawIdMap("mod", torch.tensor(modulus, dtype=torch.int64), empty, empty.int()), mode
     if mode == "frequency":
         raw = [np.load(data_dir / VOCAB / f"{f}.npy").astype(np.uint64) for f in names]
@@ -219,7 +221,8 @@ def build_inference_model(
             f"model takes one id per feature"
         )
     tables = collect_tables(dlrm.sparse_arch.embedding_bag_collection)
-    served = inference_model(dlrm, precision)  # tables in `precision`, all frozen
+    served = cast(DLRM, inference_model(dlrm, precision))  # tables in `precision`, all frozen
+    mode: Optional[str]
     if raw_ids:
         id_map, mode = raw_id_map(trained.data_dir, trained.manifest, trained.num_embeddings)
     else:

@@ -9,12 +9,15 @@ for TorchScript (DCN's cross net) and for speed (DLRM's pairwise products).
 
 import warnings
 from pathlib import Path
-from typing import Tuple, Union
+from typing import TYPE_CHECKING, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from torchrec_memcom.inference.stores import PRECISIONS  # noqa: F401  (the CLI's choices)
+
+if TYPE_CHECKING:  # for its type only: the exported file runs no TorchRec code
+    from torchrec.modules.crossnet import LowRankCrossNet
 
 ID_MAPS = ("mod", "vocab", "none")
 
@@ -29,6 +32,12 @@ class RawIdMap(nn.Module):
     """
 
     kind: torch.jit.Final[str]
+    # buffers, registered in __init__, declared for type checkers
+    modulus: Tensor
+    carry: Tensor
+    keys: Tensor
+    ids: Tensor
+    feature_bits: Tensor
 
     def __init__(self, kind: str, modulus: Tensor, keys: Tensor, ids: Tensor) -> None:
         super().__init__()
@@ -63,6 +72,8 @@ class FlatInteractionArch(nn.Module):
     embeddings), taking the upper triangle with one ``index_select`` of the flattened products
     instead of 2-D advanced indexing: the same values, several times faster on CPU."""
 
+    pairs: Tensor  # a buffer, registered in __init__, declared for type checkers
+
     def __init__(self, triu_indices: Tensor, num_sparse_features: int) -> None:
         super().__init__()
         self.register_buffer("pairs", triu_indices[0] * (num_sparse_features + 1) + triu_indices[1])
@@ -80,7 +91,7 @@ class StackedLowRankCrossNet(nn.Module):
 
     num_layers: torch.jit.Final[int]
 
-    def __init__(self, crossnet: nn.Module) -> None:
+    def __init__(self, crossnet: "LowRankCrossNet") -> None:
         super().__init__()
         self.num_layers = len(crossnet.W_kernels)
         self.W_kernels = nn.Parameter(torch.stack([w.detach() for w in crossnet.W_kernels]))

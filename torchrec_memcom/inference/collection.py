@@ -10,7 +10,7 @@ quantized EBCs in, so the model's own code around its collections is unchanged.
 """
 
 import copy
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.inference.stores import PRECISIONS, store_bytes
-from torchrec_memcom.inference.tables import ExportError, build_stores, collect_tables, join_stores
+from torchrec_memcom.inference.tables import ExportError, Store, build_stores, collect_tables, join_stores
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
 
@@ -64,10 +64,16 @@ class InferenceEmbeddingBagCollection(nn.Module):
     has_mean: torch.jit.Final[bool]
     in_order: torch.jit.Final[bool]
     one_store: torch.jit.Final[bool]
+    # buffers, registered in __init__, declared for type checkers
+    store_of: Tensor
+    local_index: Tensor
+    columns: Tensor
+    column_key: Tensor
+    column_mean: Tensor
 
     def __init__(
         self,
-        stores: List[nn.Module],
+        stores: List[Store],
         keys: List[str],
         dims: List[int],
         mean: List[bool],
@@ -138,7 +144,7 @@ class InferenceEmbeddingBagCollection(nn.Module):
         one dim, joined; they share the tables with this module."""
         if sorted(feature_names) != sorted(self._keys):
             raise ExportError(f"features {feature_names} are not the collection's keys {self._keys}")
-        return join_stores(list(self.stores), feature_names)
+        return join_stores(cast(List[Store], list(self.stores)), feature_names)
 
     def _positions(self, keys: List[str]) -> List[int]:
         """Where each of our keys is among the input's ``keys``; a missing one is an error."""
@@ -179,7 +185,8 @@ class InferenceEmbeddingBagCollection(nn.Module):
                 if w is not None:
                     w = w.index_select(0, picked)
             feature = self.local_index.index_select(0, at_key)
-            out = store.pooled(ids, feature, w, at_sample * store.num_features + feature, batch)
+            # nn.ModuleList iterates as Module (TorchScript allows only a bare ignore at a line's end)
+            out = store.pooled(ids, feature, w, at_sample * store.num_features + feature, batch)  # type: ignore[operator]
             pooled.append(out.reshape(batch, -1))
         out = pooled[0] if self.one_store else torch.cat(pooled, 1)
         if not self.in_order:

@@ -3,18 +3,32 @@ forms each kind of collection gives: every method's registration names its colle
 (``CompressionMethod.export``); ``tables.collect_tables`` gathers them."""
 
 import dataclasses
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union, cast
 
 from torch import Tensor, nn
+
+from torchrec_memcom.modules.hash_embedding_bag import HashEmbeddingBagCollection, HashTable
+from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, MEmComTable
 
 
 @dataclasses.dataclass
 class TableExport:
     """One trained table, as the export needs it.
 
-    ``weight``: the rows ids read (``n x d`` stock, ``m x d`` MEmCom/hash, QR's quotient table);
-    ``hash``: the hash of a hashed table (None: not hashed); ``scalars``: MEmCom's per-entity
-    scalars by slot; ``remainder``: QR's ``c x d`` table.
+    Args:
+        name: the table's name.
+        features: the features reading it.
+        method: its method ("none", "memcom", "hash", "qr").
+        num_embeddings: ``n``, its ids.
+        weight: the rows ids read (``n x d`` stock, ``m x d`` MEmCom/hash, QR's quotient table).
+        hash: the hash of a hashed table (None: not hashed).
+        scalars: MEmCom's per-entity scalars by slot.
+        remainder: QR's ``c x d`` table.
+        operation: how QR combines its two rows ("mult" or "add").
+
+    Example::
+
+        TableExport("t0", ["f0"], "none", 1000, ebc.embedding_bags["t0"].weight)
     """
 
     name: str
@@ -40,9 +54,18 @@ class TableExport:
 
 @dataclasses.dataclass
 class TierExport:
-    """One tier of a budgeted table: ``rows`` ranks stored in ``weight`` (``rows x dim``, or a
-    MEmCom tier's ``hash_rows x dim`` with ``scalars`` by row); ``projection``: ``d x dim``,
-    None for a tier at the model dim."""
+    """One tier of a budgeted table.
+
+    Args:
+        rows: the ranks it holds.
+        weight: their rows, ``rows x dim`` (a MEmCom tier: ``hash_rows x dim``).
+        scalars: a MEmCom tier's per-entity scalars, by row.
+        projection: ``d x dim``; None for a tier at the model dim.
+
+    Example::
+
+        TierExport(900, torch.zeros(900, 4), projection=torch.zeros(16, 4))
+    """
 
     rows: int
     weight: Tensor
@@ -56,8 +79,21 @@ class TierExport:
 
 @dataclasses.dataclass
 class BudgetedTableExport:
-    """A budgeted table: its tiers, most popular first, and the rank of every id (``ranks``;
-    None when the ids are in rank order already)."""
+    """A budgeted table, as the export needs it.
+
+    Args:
+        name: the table's name.
+        features: the features reading it.
+        num_embeddings: ``n``, its ids.
+        embedding_dim: ``d``, the model dim.
+        tiers: its tiers, most popular first.
+        ranks: the rank of every id (None when the ids are in rank order already).
+        method: "budgeted".
+
+    Example::
+
+        BudgetedTableExport("t0", ["f0"], 1000, 16, [TierExport(100, w0), TierExport(900, w1, projection=p1)])
+    """
 
     name: str
     features: List[str]
@@ -81,17 +117,19 @@ def hashed_tables(c: nn.Module, method: str, scalars: bool) -> List[TableExport]
     """The tables of a collection of hashed rows (``c.tables`` as MEmCom's and hashing's):
     ``m x d`` rows read at the hash of an id, with per-entity scalars (``c.entity_weights``)
     if ``scalars``; its uncompressed tables as they are."""
+    hashed = cast(Union[MEmComEmbeddingBagCollection, HashEmbeddingBagCollection], c)
+    tables: Sequence[Union[MEmComTable, HashTable]] = hashed.tables
     out = []
-    for cfg, t in zip(c.embedding_bag_configs(), c.tables):
+    for cfg, t in zip(hashed.embedding_bag_configs(), tables):
         out.append(
             TableExport(
                 t.name,
                 list(cfg.feature_names),
                 method if t.compressed else "none",
                 t.num_embeddings,
-                c.embedding_bags[t.name].weight,
+                hashed.embedding_bags[t.name].weight,
                 hash=t.hash if t.compressed else None,
-                scalars=c.entity_weights.flat(t.name) if t.compressed and scalars else None,
+                scalars=hashed.entity_weights.flat(t.name) if t.compressed and scalars else None,
             )
         )
     return out

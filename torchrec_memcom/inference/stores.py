@@ -159,6 +159,24 @@ class CompressedEmbeddings(nn.Module):
     ``scale_bias`` (the numbers of FBGEMM's fused rows, TorchRec's INT8 tables, kept as two
     tensors). They are dequantized here in plain torch, after the gather, because the edge box
     that loads the file has no FBGEMM.
+
+    Args:
+        rows: every table's rows, then QR remainder tables' (codes ``[R, d]`` for int8).
+        scale_bias: int8 rows' fp16 ``(scale, bias)``, ``[R, 2]`` (empty otherwise).
+        scalars: MEmCom features' scalars, ending with a 1.0 that the others read with stride 0.
+        precision: ``fp32``, ``fp16`` or ``int8``.
+        dim: ``d``.
+        feature_names: the features, in the order of the input's columns.
+        index: per feature (``[F]`` each) the fields of ``INDEX_FIELDS``: ``div``, ``mod``,
+            ``offset``: the row; ``scalar_stride`` 1 and ``scalar_offset`` for MEmCom features;
+            ``qr_mod`` 0 (not QR), ``c`` (QR, multiply) or ``-c`` (QR, add) with ``qr_offset``;
+            ``is_mix`` and the mix bijection's ``mix_mask``, ``mix_shift``, ``mix_mul1``, ``mix_mul2``.
+        walks: the mix hash's cycle-walking passes under ``torch.export`` (default: counted here).
+
+    Example::
+
+        store = row_store([TableExport("t0", ["f0"], "none", 4, torch.randn(4, 8))], ["f0"], "int8", 8)
+        store(torch.tensor([[1], [3]]))  # [2, 1, 8]: rows 1 and 3, dequantized
     """
 
     precision: torch.jit.Final[str]
@@ -198,14 +216,6 @@ class CompressedEmbeddings(nn.Module):
         index: Dict[str, Tensor],
         walks: Optional[int] = None,
     ) -> None:
-        """``index``: per feature (``[F]`` each) the fields of ``INDEX_FIELDS``; ``walks``: the
-        mix hash's cycle-walking passes under ``torch.export`` (default: counted here).
-
-        ``div``, ``mod``, ``offset``: the row; ``scalar_stride`` 1 and ``scalar_offset`` for
-        MEmCom features (``scalars`` ends with a 1.0 that the others read with stride 0);
-        ``qr_mod`` 0 (not QR), ``c`` (QR, multiply) or ``-c`` (QR, add) with ``qr_offset``;
-        ``is_mix`` and the mix bijection's ``mix_mask``, ``mix_shift``, ``mix_mul1``, ``mix_mul2``.
-        """
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -299,8 +309,18 @@ class TierSlot(nn.Module):
     """The rows of one tier position of all budgeted tables: the ``k``-th tier of dim ``dim`` of
     each table that has one, in one row store (``rows`` and, for int8, ``scale_bias``).
 
-    ``column``: where the slot's vectors sit side by side for the projections; -1 for a slot at
-    the model dim, whose tiers have no projection.
+    Args:
+        index: the slot's number (``tier_slot`` of its tiers).
+        column: where the slot's vectors sit side by side for the projections; -1 for a slot at
+            the model dim, whose tiers have no projection.
+        rows: the tiers' rows, one after another (codes ``[R, dim]`` for int8).
+        scale_bias: int8 rows' fp16 ``(scale, bias)``, ``[R, 2]`` (empty otherwise).
+        precision: ``fp32``, ``fp16`` or ``int8``.
+
+    Example::
+
+        slot = TierSlot(0, -1, torch.randn(100, 16), torch.zeros(0, 2, dtype=torch.float16), "fp32")
+        picked, rows = slot(slot_of_entry, row_of_entry, None)  # the entries in slot 0, their rows
     """
 
     index: torch.jit.Final[int]
@@ -343,6 +363,20 @@ class TieredEmbeddings(nn.Module):
     entry's own slot) and go through ``projections[f]`` (``[W, d]``: the table's tier
     projections, transposed, at their slots' columns): the module's projection of its tiers'
     pools side by side, with identity for tiers at ``d``.
+
+    Args:
+        slots: the tier slots holding the rows.
+        scalars: MEmCom tiers' scalars, ending with a 1.0 (``float16`` below fp32).
+        remap: the ranks of the remapped tables' ids, one table after another.
+        projections: ``[F, W, d]``, per feature.
+        feature_names: the features, in the order of the input's columns.
+        features: ``[F]`` each of ``TIERED_FEATURE_FIELDS`` (``starts`` ``[F, K - 1]``).
+        tiers: ``[G]`` each of ``TIER_FIELDS``.
+
+    Example::
+
+        store = tiered_store(collect_tables(budgeted_ebc), ["f0"], "int8", 16)  # a TieredEmbeddings
+        store(torch.tensor([[1], [3]]))  # [2, 1, 16]
     """
 
     num_features: torch.jit.Final[int]
@@ -371,8 +405,6 @@ class TieredEmbeddings(nn.Module):
         features: Dict[str, Tensor],
         tiers: Dict[str, Tensor],
     ) -> None:
-        """``features``: ``[F]`` each of ``TIERED_FEATURE_FIELDS`` (``starts`` ``[F, K - 1]``);
-        ``tiers``: ``[G]`` each of ``TIER_FIELDS``; ``projections`` ``[F, W, d]``."""
         super().__init__()
         missing = (set(TIERED_FEATURE_FIELDS) - set(features)) | (set(TIER_FIELDS) - set(tiers))
         if missing:
@@ -459,7 +491,18 @@ class TieredEmbeddings(nn.Module):
 
 class JoinedEmbeddings(nn.Module):
     """Ids ``[B, F]`` -> ``[B, F, d]``: budgeted tables' features (``tiered_columns``) from a
-    ``TieredEmbeddings``, the others from a ``CompressedEmbeddings``, put back in feature order."""
+    ``TieredEmbeddings``, the others from a ``CompressedEmbeddings``, put back in feature order.
+
+    Args:
+        plain: the store of the features not budgeted.
+        tiered: the store of the budgeted features.
+        tiered_columns: the input columns of ``tiered``'s features.
+
+    Example::
+
+        joined = JoinedEmbeddings(plain, tiered, [1])  # column 1 budgeted, the others plain
+        joined(torch.tensor([[3, 7, 2]]))  # [1, 3, d]
+    """
 
     num_features: torch.jit.Final[int]
     # buffers, registered in __init__, declared for type checkers

@@ -6,12 +6,12 @@ and mixes of them), then packs them for `CompressedEmbeddings` (budgeted tables:
 """
 
 import itertools
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple, Union, cast
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm, used to quantize)
 import torch
 from torch import Tensor, nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingBagCollectionInterface
 
 import torchrec_memcom.methods  # noqa: F401,E402  (registers the methods, whose tables export reads)
 from torchrec_memcom.inference.records import AnyTable, BudgetedTableExport, TableExport, TierExport  # noqa: F401
@@ -29,18 +29,21 @@ from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollect
 from torchrec_memcom.registry import method_names, method_of_collection
 
 FP16_MAX = 65504.0
+# A row store ``build_stores`` makes: the plain tables' or the budgeted ones' of one dim.
+Store = Union[CompressedEmbeddings, TieredEmbeddings]
 
 
 class ExportError(ValueError):
     """The checkpoint cannot be exported as asked (the message says why and what to do)."""
 
 
-def _leaves(collection: nn.Module) -> Iterator[nn.Module]:
+def _leaves(collection: nn.Module) -> Iterator[EmbeddingBagCollectionInterface]:
+    """The collections holding the tables: a mixed collection's children, else ``collection``."""
     if isinstance(collection, MixedEmbeddingBagCollection):
         for child in collection.collections:
             yield from _leaves(child)
     else:
-        yield collection
+        yield cast(EmbeddingBagCollectionInterface, collection)
 
 
 def _detached(t: AnyTable) -> None:
@@ -108,7 +111,7 @@ def pack_rows(rows: Tensor, precision: str) -> Tuple[Tensor, Tensor]:
     return fused[:, :dim].contiguous(), fused[:, dim:].contiguous().view(torch.float16)
 
 
-def build_stores(tables: List[AnyTable], feature_names: List[str], precision: str) -> List[nn.Module]:
+def build_stores(tables: List[AnyTable], feature_names: List[str], precision: str) -> List[Store]:
     """The row stores of ``feature_names``: per embedding dim, a ``CompressedEmbeddings`` of
     their stock, MEmCom, hashed and QR tables and a ``TieredEmbeddings`` of their budgeted ones,
     in the order of their first features, each holding its features in ``feature_names`` order."""
@@ -128,16 +131,19 @@ def build_stores(tables: List[AnyTable], feature_names: List[str], precision: st
     for f in feature_names:
         t = by_feature[f]
         groups.setdefault((isinstance(t, BudgetedTableExport), t.embedding_dim), []).append(f)
-    stores: List[nn.Module] = []
+    stores: List[Store] = []
     for (budgeted, dim), features in groups.items():
         names = {by_feature[f].name for f in features}
         group = [t for t in tables if t.name in names]
-        build = tiered_store if budgeted else row_store
-        stores.append(build(group, features, precision, dim))  # type: ignore[arg-type]
+        # the group's tables are all budgeted or none (grouped by that)
+        if budgeted:
+            stores.append(tiered_store(cast(List[BudgetedTableExport], group), features, precision, dim))
+        else:
+            stores.append(row_store(cast(List[TableExport], group), features, precision, dim))
     return stores
 
 
-def join_stores(stores: List[nn.Module], feature_names: List[str]) -> nn.Module:
+def join_stores(stores: List[Store], feature_names: List[str]) -> nn.Module:
     """The lookup of ids ``[B, F]`` of ``feature_names`` (one per feature, in this order) from
     ``build_stores``' stores of one dim: the only store, or the plain and the tiered one joined."""
     dims = sorted({s.dim for s in stores})
@@ -152,6 +158,7 @@ def join_stores(stores: List[nn.Module], feature_names: List[str]) -> nn.Module:
     if len(stores) == 1:
         return stores[0]
     plain, tiered = stores if isinstance(stores[1], TieredEmbeddings) else stores[::-1]
+    assert isinstance(plain, CompressedEmbeddings) and isinstance(tiered, TieredEmbeddings)
     return JoinedEmbeddings(plain, tiered, [feature_names.index(f) for f in tiered.feature_names])
 
 

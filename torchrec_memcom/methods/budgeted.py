@@ -2,7 +2,7 @@
 its tables cut into tiers by id popularity."""
 
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union, cast
 
 import torch
 from torch import nn
@@ -28,15 +28,17 @@ from torchrec_memcom.registry import CompressionMethod, register_method
 
 def export_tables(c: nn.Module) -> List[BudgetedTableExport]:
     """Each table as its tiers (rows, MEmCom scalars, projection) and the rank of every id."""
-    ranks = c.remap.as_dict()
+    budgeted = cast(BudgetedEmbeddingBagCollection, c)
+    ranks = budgeted.remap.as_dict()
+    projections = {key: cast(nn.Linear, p).weight for key, p in budgeted.projections.items()}
     out = []
-    for t in c.tables:
+    for t in budgeted.tables:
         tiers = [
             TierExport(
                 tier.rows,
-                c.embedding_bags[key].weight,
-                c.entity_weights.flat(key) if tier.hash_rows is not None else None,
-                c.projections[key].weight if key in c.projections else None,
+                budgeted.embedding_bags[key].weight,
+                budgeted.entity_weights.flat(key) if tier.hash_rows is not None else None,
+                projections.get(key),
             )
             for j, tier in enumerate(t.tiers)
             for key in [tier_key(t.name, j)]

@@ -1,6 +1,6 @@
 """The quotient-remainder trick (Shi et al., KDD 2020): two small tables combined per id."""
 
-from typing import List
+from typing import List, cast
 
 from torch import nn
 
@@ -12,12 +12,12 @@ from torchrec_memcom.registry import CompressionMethod, register_method
 
 def export_tables(c: nn.Module) -> List[TableExport]:
     """QR tables as the quotient rows (``weight``) and the remainder rows; plain ones as they are."""
+    qr = cast(QREmbeddingBagCollection, c)
+    weights = {name: cast(nn.Embedding, e).weight for name, e in qr.embeddings.items()}
     out = []
-    for cfg, t in zip(c.embedding_bag_configs(), c.tables):
+    for cfg, t in zip(qr.embedding_bag_configs(), qr.tables):
         if not t.compressed:
-            out.append(
-                TableExport(t.name, list(cfg.feature_names), "none", t.num_embeddings, c.embeddings[t.name].weight)
-            )
+            out.append(TableExport(t.name, list(cfg.feature_names), "none", t.num_embeddings, weights[t.name]))
             continue
         out.append(
             TableExport(
@@ -25,8 +25,8 @@ def export_tables(c: nn.Module) -> List[TableExport]:
                 list(cfg.feature_names),
                 "qr",
                 t.num_embeddings,
-                c.embeddings[f"{t.name}@q"].weight,
-                remainder=c.embeddings[f"{t.name}@r"].weight,
+                weights[f"{t.name}@q"],
+                remainder=weights[f"{t.name}@r"],
                 operation=t.operation,
             )
         )

@@ -22,7 +22,18 @@ def candidate_dims(model_dim: int) -> List[int]:
 
 @dataclasses.dataclass(frozen=True)
 class Tier:
-    """``rows`` consecutive frequency ranks stored at ``dim``; a MEmCom tier if ``hash_rows``."""
+    """``rows`` consecutive frequency ranks stored at ``dim``; a MEmCom tier if ``hash_rows``.
+
+    Args:
+        rows: the ranks (ids) the tier holds.
+        dim: the dim it stores them at.
+        hash_rows: the shared rows of a MEmCom tier (None: one row per id).
+
+    Example::
+
+        Tier(rows=1000, dim=16)                 # 1000 rows of dim 16
+        Tier(rows=90_000, dim=4, hash_rows=500)  # MEmCom: 500 shared rows, 90_000 scalars
+    """
 
     rows: int
     dim: int
@@ -35,7 +46,17 @@ class Tier:
 
 @dataclasses.dataclass(frozen=True)
 class TableAllocation:
-    """The tiers of one table, most popular first."""
+    """The tiers of one table, most popular first.
+
+    Args:
+        tiers: consecutive frequency ranks from rank 0, dims non-increasing.
+
+    Example::
+
+        a = TableAllocation((Tier(rows=100, dim=16), Tier(rows=900, dim=4)))
+        a.starts                      # [0, 100]
+        a.validate("t0", 1000, 16)    # raises unless the tiers fit a 1000-id, dim-16 table
+    """
 
     tiers: Tuple[Tier, ...]
 
@@ -77,7 +98,18 @@ class TableAllocation:
 
 @dataclasses.dataclass(frozen=True)
 class Allocation:
-    """A table-level action: the tiers of every table at once; ``meta`` rides along in files."""
+    """A table-level action: the tiers of every table at once.
+
+    Args:
+        tables: each table's ``TableAllocation``, by table name.
+        meta: what the file records beside them (the budget, the data folder); not compared.
+
+    Example::
+
+        allocation = Allocation({"t0": TableAllocation((Tier(rows=100, dim=16), Tier(rows=900, dim=4)))})
+        allocation.save("allocation.json")
+        Allocation.load("allocation.json") == allocation  # True
+    """
 
     tables: Mapping[str, TableAllocation]
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)

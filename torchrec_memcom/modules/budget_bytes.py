@@ -63,10 +63,18 @@ def check_training_optimizer(counted: Optional[str], trained: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """A hard memory budget: ``bytes``, or ``ratio`` (uncompressed bytes / budget, >= 1).
+    """A hard memory budget: ``bytes``, or ``ratio`` (uncompressed bytes / budget).
 
-    optimizer: also count this sparse optimizer's state (and measure ``ratio`` against
-    uncompressed tables with the same state); None counts parameters only.
+    Args:
+        bytes: the budget in bytes (give it or ``ratio``).
+        ratio: uncompressed bytes / budget, >= 1.
+        optimizer: also count this sparse optimizer's state ("sgd", "rowwise_adagrad",
+            "adagrad", or FBGEMM's ``EmbOptimType``), and measure ``ratio`` against uncompressed
+            tables with the same state; None counts parameters only.
+
+    Example::
+
+        Budget(ratio=16, optimizer="rowwise_adagrad").resolve({"t0": (1000, 16)})  # 4250 bytes
     """
 
     bytes: Optional[int] = None
@@ -92,7 +100,20 @@ class Budget:
 
 @dataclasses.dataclass(frozen=True)
 class TableBytes:
-    """Where a table's bytes go."""
+    """Where a table's bytes go.
+
+    Args:
+        tables: the tier tables' rows.
+        scalars: MEmCom tiers' per-entity scalars.
+        projections: the tiers' projections to the model dim.
+        remap: the rank of every id (tables not in rank order).
+        optimizer: the sparse optimizer's state the budget counts.
+
+    Example::
+
+        b = table_bytes(TableAllocation((Tier(rows=100, dim=16), Tier(rows=900, dim=4))), 16, False, None)
+        b.tables, b.projections, b.total  # 20800, 256, 21056
+    """
 
     tables: int = 0
     scalars: int = 0

@@ -10,7 +10,7 @@ kernels look up, each fed the ids of its tier.
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,7 @@ from torchrec_memcom.modules.collection_checks import check_input, cost_report, 
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.frequency import clean_cuts, frequency_ranks, needs_remap, table_counts
 from torchrec_memcom.modules.memcom_config import MEmComConfig
-from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
+from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, MEmComTable
 from torchrec_memcom.modules.sorting import stable_argsort
 
 # fx-traced models keep this data-reading call as single nodes (TorchRec wraps its own alike)
@@ -56,7 +56,22 @@ def check_sum_pooling(tables: Sequence[EmbeddingBagConfig]) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class BudgetedTable:
-    """One user table and the tiers it became; ``remap``: it keeps the rank of every id."""
+    """One user table and the tiers it became.
+
+    Args:
+        name: the table's name.
+        num_embeddings: ``n``, its ids.
+        embedding_dim: ``d``, the model dim.
+        feature_names: the features reading it.
+        tiers: its tiers, most popular first.
+        remap: whether it keeps the rank of every id (its ids are not in rank order at the cuts).
+        bytes: its bytes by kind, as the budget counts them.
+
+    Example::
+
+        t = ebc.tables[0]  # of a BudgetedEmbeddingBagCollection
+        t.starts           # the first rank of each tier, e.g. [0, 100]
+    """
 
     name: str
     num_embeddings: int
@@ -128,7 +143,7 @@ def combine_tiers(
             some = pooled[tier_key(t.feature_names[0], 0)]
             weight = torch.cat(
                 [
-                    projections[tier_key(t.name, j)].weight
+                    cast(nn.Linear, projections[tier_key(t.name, j)]).weight
                     if tier.dim != d
                     else torch.eye(d, dtype=some.dtype, device=some.device)
                     for j, tier in enumerate(t.tiers)
@@ -141,7 +156,7 @@ def combine_tiers(
     return KeyedTensor(
         keys=[f for t in tables for f in t.feature_names],
         length_per_key=[t.embedding_dim for t in tables for _ in t.feature_names],
-        values=torch.cat(out, dim=1),  # type: ignore[arg-type]
+        values=torch.cat(out, dim=1),
     )
 
 
@@ -153,7 +168,17 @@ def identity_init(projection: nn.Linear) -> None:
 
 
 class RankBuffers(nn.Module):
-    """The rank of every id (int32) of each remapped table, as buffers ``T`` (key ``remap.T``)."""
+    """The rank of every id (int32) of each remapped table, as buffers ``T`` (key ``remap.T``).
+
+    Args:
+        ranks: the rank of every id, by table name.
+        device: where the buffers are made.
+
+    Example::
+
+        remap = RankBuffers({"t0": torch.tensor([2, 0, 1])}, device=None)
+        remap.as_dict()["t0"]  # tensor([2, 0, 1], dtype=torch.int32)
+    """
 
     def __init__(self, ranks: Mapping[str, torch.Tensor], device: Optional[torch.device]) -> None:
         super().__init__()
@@ -182,7 +207,7 @@ def budgeted_cost(tables: Sequence[BudgetedTable], limit: int, optimizer: Option
             "bytes": b.total,
             "uncompressed_bytes": uncompressed_bytes(t.num_embeddings, t.embedding_dim, optimizer),
         }
-    report = cost_report(rows)
+    report: Dict[str, Dict[str, Any]] = cost_report(rows)
     report["total"].update(
         bytes=sum(r["bytes"] for r in rows.values()),
         uncompressed_bytes=sum(r["uncompressed_bytes"] for r in rows.values()),
@@ -195,25 +220,37 @@ def budgeted_cost(tables: Sequence[BudgetedTable], limit: int, optimizer: Option
 class BudgetedEmbeddingBagCollection(CompressedCollection):
     """EmbeddingBagCollection whose tables fit a hard memory budget, sizes by id popularity.
 
-    tables: the user's ``EmbeddingBagConfig``s (SUM pooling); all of them are budgeted.
-    frequencies: per table (or per feature, summed over a table's features) the count of each
-        id, e.g. ``torchrec_memcom.data.load_frequencies(dir)``; ids are ranked by it.
-    allocation: an ``Allocation`` (or a file from ``memcom budget search|heuristic``); for the
-        quick popularity heuristic use ``torchrec_memcom.methods.budgeted.budgeted_collection``.
-    budget_bytes / budget_ratio: the budget, in bytes or as uncompressed bytes / budget.
-    optimizer: also count this sparse optimizer's state ("sgd", "rowwise_adagrad", "adagrad");
-        it must be the one the tables train with (the sharder checks the fused optimizer).
-    tail: MEmCom tails are allowed: the over-budget error's smallest feasible budget counts them.
-    scalars: the per-entity scalars of MEmCom tiers: a ``MEmComConfig``'s ``init_weight``,
-        ``scalar_lr``, ``scalar_lr_scale`` and ``scalar_eps`` as a dict (default: init 1, 10x the
-        tier table's lr and its eps, as ``MEmComConfig``).
-
     Construction fails unless the allocation fits the budget. State dict:
     ``embedding_bags.T@tier<j>.weight`` (rows of tier ``j`` by rank within the tier),
     ``entity_weights.T@tier<j>`` (per-id scalars of a MEmCom tier), ``projections.T@tier<j>.weight``
     (``d x dim_j``, only where ``dim_j < d``) and ``remap.T`` (int32 rank of each id, only for
     tables whose ids are not already in frequency order at the tier cuts).
+
+    Args:
+        tables: the user's ``EmbeddingBagConfig``s (SUM pooling); all of them are budgeted.
+        frequencies: per table (or per feature, summed over a table's features) the count of each
+            id, e.g. ``torchrec_memcom.data.load_frequencies(dir)``; ids are ranked by it.
+        allocation: an ``Allocation`` (or a file from ``memcom budget search|heuristic``); for the
+            quick popularity heuristic use ``torchrec_memcom.methods.budgeted.budgeted_collection``.
+        budget_bytes / budget_ratio: the budget, in bytes or as uncompressed bytes / budget.
+        optimizer: also count this sparse optimizer's state ("sgd", "rowwise_adagrad", "adagrad");
+            it must be the one the tables train with (the sharder checks the fused optimizer).
+        tail: MEmCom tails are allowed: the over-budget error's smallest feasible budget counts them.
+        scalars: the per-entity scalars of MEmCom tiers: a ``MEmComConfig``'s ``init_weight``,
+            ``scalar_lr``, ``scalar_lr_scale`` and ``scalar_eps`` as a dict (default: init 1, 10x the
+            tier table's lr and its eps, as ``MEmComConfig``).
+        device: where the tables are made (default: the CPU; ``meta`` for DMP to place them).
+
+    Example::
+
+        tables = [EmbeddingBagConfig(name="t0", embedding_dim=16, num_embeddings=1000, feature_names=["f0"])]
+        allocation = Allocation({"t0": TableAllocation((Tier(rows=100, dim=16), Tier(rows=900, dim=4)))})
+        ebc = BudgetedEmbeddingBagCollection(tables, {"t0": counts}, allocation, budget_ratio=2)
+        ebc(kjt)["f0"]  # [B, 16]: popular ids at dim 16, the rest at 4, projected
     """
+
+    # the tier tables, set in __init__ outside the module tree (see there)
+    _tiers: MEmComEmbeddingBagCollection
 
     def __init__(
         self,
@@ -299,14 +336,14 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         self._feature_tables = {f: t for t in self.tables for f in t.feature_names}
         if self._device.type != "meta":
             for p in self.projections.values():
-                identity_init(p)
+                identity_init(cast(nn.Linear, p))
 
     @property
     def tier_collection(self) -> MEmComEmbeddingBagCollection:
         """The tier tables as a MEmComEmbeddingBagCollection sharing this module's parameters."""
-        return self._tiers  # type: ignore[return-value]
+        return self._tiers
 
-    def scalar_tables(self) -> List[Any]:
+    def scalar_tables(self) -> List[MEmComTable]:
         """The tier tables with per-entity scalars (MEmCom tails)."""
         return self.tier_collection.scalar_tables()
 
@@ -331,7 +368,7 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
             for name, w in self.entity_weights.items():
                 w.fill_(self.tier_collection._init_weight[name])
         for p in self.projections.values():
-            identity_init(p)
+            identity_init(cast(nn.Linear, p))
 
     def parameter_bytes(self) -> int:
         """Bytes of the module's state: tier tables, MEmCom scalars, projections, remap."""
@@ -341,7 +378,7 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         """Bytes of the sparse optimizer's state the budget counts (0 if it counts none)."""
         return sum(t.bytes.optimizer for t in self.tables)
 
-    def cost(self) -> Dict[str, Dict[str, Any]]:  # type: ignore[override]
+    def cost(self) -> Dict[str, Dict[str, Any]]:
         """The shared report plus tiers and bytes per table; ``total`` has the budget."""
         return budgeted_cost(self.tables, self.budget_limit, self.budget.optimizer)
 
@@ -364,14 +401,15 @@ class BudgetedConfig:
     """Params of ``compress()``'s "budgeted" method: one for all budgeted tables of a
     collection (the budget is the collection's); None leaves a setting to its default.
 
-    allocation: a file of ``memcom budget search`` or ``heuristic`` (None: the heuristic).
-    budget_bytes / budget_ratio / optimizer: the budget (default: the one the allocation file
-        records); a set ``optimizer`` must be the training's sparse optimizer (sharding checks).
-    frequencies: per table or per feature the count of each id (as
-        ``BudgetedEmbeddingBagCollection`` takes them), or a data folder (default: the folder
-        the allocation was made on).
-    tail / sizes: the heuristic's options (``torchrec_memcom.methods.budgeted.budgeted_collection``).
-    init_weight, scalar_lr, scalar_lr_scale, scalar_eps: the MEmCom tail's scalar settings.
+    Args:
+        allocation: a file of ``memcom budget search`` or ``heuristic`` (None: the heuristic).
+        budget_bytes / budget_ratio / optimizer: the budget (default: the one the allocation file
+            records); a set ``optimizer`` must be the training's sparse optimizer (sharding checks).
+        tail / sizes: the heuristic's options (``torchrec_memcom.methods.budgeted.budgeted_collection``).
+        frequencies: per table or per feature the count of each id (as
+            ``BudgetedEmbeddingBagCollection`` takes them), or a data folder (default: the folder
+            the allocation was made on).
+        init_weight, scalar_lr, scalar_lr_scale, scalar_eps: the MEmCom tail's scalar settings.
 
     Example::
 

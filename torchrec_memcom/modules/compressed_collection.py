@@ -41,7 +41,19 @@ def _warn_if_replicated(module: "CompressedCollection", args: Any) -> None:
 class CompressedCollection(EmbeddingBagCollectionInterface, metaclass=ShardedByPlugin):
     """Unweighted input, the user's own configs, a device; subclasses set ``_embedding_bag_configs``
     and ``_device``. ``cost()`` reports ``tables`` whose entries have ``name, num_embeddings,
-    embedding_dim, hash_rows, num_parameters, ratio`` (MEmCom, hashing); others override it."""
+    embedding_dim, hash_rows, num_parameters, ratio`` (MEmCom, hashing); others override it.
+    It takes no arguments: subclasses take the user's tables and their compression spec.
+
+    Example::
+
+        class MyCollection(CompressedCollection):
+            def __init__(self, tables: List[EmbeddingBagConfig], device: torch.device) -> None:
+                super().__init__()
+                self._embedding_bag_configs, self._device = tables, device
+                self.tables = [...]  # what each table became: name, num_embeddings, hash_rows, ...
+
+            def forward(self, features: KeyedJaggedTensor) -> KeyedTensor: ...
+    """
 
     _embedding_bag_configs: List[EmbeddingBagConfig]
     _device: torch.device

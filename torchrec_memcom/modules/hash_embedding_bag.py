@@ -33,12 +33,19 @@ class HashConfig:
     """Compression spec of a hashed table (the hashing trick, Weinberger et al., ICML 2009).
 
     Entity ``i`` of a table with ``n`` ids is row ``h(i) mod m`` of an ``m x d`` table; ids that
-    share a row share its embedding. Give either ``ratio`` (``n / m`` asked for; ``m`` is solved
-    for it) or ``num_hash_rows`` (``m``).
+    share a row share its embedding.
 
-    hash: "mod" (``i mod m``) or "mix" (a seeded bijection of ``[0, n)`` before the mod, as in
-        ``MEmComConfig``, for ids with structure such as multiples of ``m``).
-    min_rows: tables with fewer than this many rows stay uncompressed.
+    Args:
+        ratio: ``n / m`` asked for (``m`` is solved for it, within 1%); give it or ``num_hash_rows``.
+        num_hash_rows: ``m`` itself.
+        hash: "mod" (``i mod m``) or "mix" (a seeded bijection of ``[0, n)`` before the mod, as in
+            ``MEmComConfig``, for ids with structure such as multiples of ``m``).
+        min_rows: tables with fewer than this many rows stay uncompressed.
+
+    Example::
+
+        HashConfig(ratio=4)                          # m = n / 4 for every table
+        HashConfig(num_hash_rows=1000, hash="mix")
     """
 
     ratio: Optional[float] = None
@@ -74,7 +81,21 @@ class HashConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HashTable:
-    """What one table became: ``m`` rows (``m == n`` if uncompressed)."""
+    """What one table became: ``m`` rows (``m == n`` if uncompressed).
+
+    Args:
+        name: the table's name.
+        num_embeddings: ``n``, its ids.
+        embedding_dim: ``d``.
+        hash_rows: ``m``, the rows it stores.
+        hash: "mod" or "mix" (``HashConfig.hash``).
+        compressed: whether it is hashed (else each id reads its own row).
+
+    Example::
+
+        t = HashTable("t0", num_embeddings=100, embedding_dim=8, hash_rows=25, hash="mod", compressed=True)
+        t.rows(torch.tensor([3, 28]))  # tensor([3, 3])
+    """
 
     name: str
     num_embeddings: int
@@ -105,6 +126,18 @@ class HashEmbeddingBagCollection(CompressedCollection):
     or a dict by table name; tables left out, or smaller than ``min_rows``, stay uncompressed).
     Pooling is the configs' own (SUM or MEAN). State dict: ``embedding_bags.T.weight``
     (``m x d``; ``n x d`` for uncompressed tables), as a stock EBC of ``m``-row tables has it.
+
+    Args:
+        tables: the user's ``EmbeddingBagConfig``s.
+        compression: one ``HashConfig`` for all tables, or a dict of them by table name.
+        device: where the tables are made (default: the CPU; ``meta`` for DMP to place them).
+
+    Example::
+
+        tables = [EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=1000, feature_names=["f0"])]
+        ebc = HashEmbeddingBagCollection(tables, HashConfig(ratio=4))  # t0: 250 rows
+        ebc(kjt)["f0"]             # [B, 8] pooled embeddings
+        ebc.cost()["t0"]["ratio"]  # 4.0
     """
 
     def __init__(
@@ -126,8 +159,10 @@ class HashEmbeddingBagCollection(CompressedCollection):
                     name=t.name,
                     num_embeddings=t.num_embeddings,
                     embedding_dim=t.embedding_dim,
-                    hash_rows=spec.hash_rows(t.num_embeddings, t.name) if compressed else t.num_embeddings,
-                    hash=spec.hash if compressed else "mod",
+                    hash_rows=spec.hash_rows(t.num_embeddings, t.name)
+                    if spec is not None and compressed
+                    else t.num_embeddings,
+                    hash=spec.hash if spec is not None and compressed else "mod",
                     compressed=compressed,
                 )
             )

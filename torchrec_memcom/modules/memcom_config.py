@@ -8,7 +8,12 @@ from torchrec_memcom.modules.config_checks import check_config
 
 
 class HashKind(str, enum.Enum):
-    """How ids map to shared rows: ``i mod m``, or a seeded bijection of ``[0, n)`` first."""
+    """How ids map to shared rows: ``i mod m``, or a seeded bijection of ``[0, n)`` first.
+
+    Example::
+
+        MEmComConfig(ratio=8, hash=HashKind.MIX.value)  # configs keep the plain string
+    """
 
     MOD = "mod"
     MIX = "mix"
@@ -22,7 +27,18 @@ DEFAULT_SCALAR_LR_SCALE = 10.0
 @dataclass(frozen=True)
 class ScalarRule:
     """How the per-entity scalars of a table are updated: SGD, or Adagrad (for one scalar per
-    row, row-wise and exact Adagrad are the same update), at ``lr`` with Adagrad's ``eps``."""
+    row, row-wise and exact Adagrad are the same update).
+
+    Args:
+        adagrad: Adagrad (else SGD).
+        lr: the scalars' learning rate.
+        eps: Adagrad's ``eps``.
+
+    Example::
+
+        MEmComConfig(ratio=8).scalar_rule(adagrad=True, table_lr=0.01, table_eps=1e-8)
+        # ScalarRule(adagrad=True, lr=0.1, eps=1e-08)
+    """
 
     adagrad: bool
     lr: float
@@ -34,18 +50,21 @@ class MEmComConfig:
     """Compression spec of a MEmCom table (Pansare et al., MLSys 2022).
 
     Entity ``i`` of a table with ``n`` ids and dim ``d`` is ``U[h(i)] * w[i]`` with a shared
-    ``m x d`` table ``U`` and one scalar per entity. Give either ``ratio`` (the compression
-    ratio ``n*d / (m*d + n)`` asked for; ``m`` is solved for it) or ``num_hash_rows`` (``m``).
+    ``m x d`` table ``U`` and one scalar per entity.
 
-    hash: "mod" (the paper's ``i mod m``) or "mix" (a seeded bijection of ``[0, n)`` before the
-        mod, for ids with structure such as multiples of ``m``).
-    init_weight: initial value of every per-entity scalar.
-    min_rows: tables with fewer than this many rows stay uncompressed.
-    scalar_lr / scalar_lr_scale: learning rate of the scalars, absolute or as a multiple of
-        the table's (at most one; default: 10x the table's, ``DEFAULT_SCALAR_LR_SCALE``, from
-        a sweep on validation data; ``scalar_lr_scale=1`` trains them at the table's lr). The
-        scalars follow the table's optimizer (SGD or Adagrad) with this lr.
-    scalar_eps: Adagrad ``eps`` of the scalars (default: the table's).
+    Args:
+        ratio: the compression ratio ``n*d / (m*d + n)`` asked for (``m`` is solved for it,
+            within 1%); give it or ``num_hash_rows``.
+        num_hash_rows: ``m`` itself.
+        hash: "mod" (the paper's ``i mod m``) or "mix" (a seeded bijection of ``[0, n)`` before the
+            mod, for ids with structure such as multiples of ``m``).
+        init_weight: initial value of every per-entity scalar.
+        min_rows: tables with fewer than this many rows stay uncompressed.
+        scalar_lr / scalar_lr_scale: learning rate of the scalars, absolute or as a multiple of
+            the table's (at most one; default: 10x the table's, ``DEFAULT_SCALAR_LR_SCALE``, from
+            a sweep on validation data; ``scalar_lr_scale=1`` trains them at the table's lr). The
+            scalars follow the table's optimizer (SGD or Adagrad) with this lr.
+        scalar_eps: Adagrad ``eps`` of the scalars (default: the table's).
 
     Example::
 

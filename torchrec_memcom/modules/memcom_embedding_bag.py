@@ -31,7 +31,21 @@ torch.fx.wrap("slots")
 
 @dataclasses.dataclass(frozen=True)
 class MEmComTable:
-    """What one table became: ``m`` shared rows (``m == n`` and no scalars if uncompressed)."""
+    """What one table became: ``m`` shared rows (``m == n`` and no scalars if uncompressed).
+
+    Args:
+        name: the table's name.
+        num_embeddings: ``n``, its ids (and per-entity scalars, if compressed).
+        embedding_dim: ``d``.
+        hash_rows: ``m``, the shared rows.
+        hash: "mod" or "mix" (``MEmComConfig.hash``).
+        compressed: whether it is MEmCom-compressed.
+
+    Example::
+
+        t = MEmComTable("t0", num_embeddings=1000, embedding_dim=16, hash_rows=100, hash="mod", compressed=True)
+        t.num_parameters  # 100 * 16 + 1000
+    """
 
     name: str
     num_embeddings: int
@@ -81,7 +95,18 @@ NEUTRAL_OPTIONS = {
 class EntityWeights(nn.ParameterDict):
     """The per-entity scalars of each compressed table: ``(n, 1)`` parameters, one row per entity,
     so that row-wise optimizers (TorchRec's ``RowWiseAdagrad`` over a model's sparse parameters)
-    take them as they take table rows; the state dict shows each as ``(n,)``, indexed by slot."""
+    take them as they take table rows; the state dict shows each as ``(n,)``, indexed by slot.
+
+    Args:
+        scalars: the initial ``(n,)`` scalars of each table, by table name.
+
+    Example::
+
+        weights = EntityWeights({"t0": torch.ones(1000)})
+        weights["t0"].shape        # (1000, 1)
+        weights.flat("t0").shape   # (1000,)
+        weights.state_dict()["t0"].shape  # (1000,)
+    """
 
     def __init__(self, scalars: Dict[str, torch.Tensor]) -> None:
         super().__init__({name: nn.Parameter(w.reshape(-1, 1)) for name, w in scalars.items()})
@@ -172,6 +197,18 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
     or a dict by table name; tables left out, or smaller than ``min_rows``, stay uncompressed).
     State dict: ``embedding_bags.T.weight`` (``m x d``) and ``entity_weights.T`` (``n``, indexed
     by slot; for ``hash="mod"`` the slot of id ``i`` is ``i``).
+
+    Args:
+        tables: the user's ``EmbeddingBagConfig``s (compressed ones pool with SUM).
+        compression: one ``MEmComConfig`` for all tables, or a dict of them by table name.
+        device: where the tables are made (default: the CPU; ``meta`` for DMP to place them).
+
+    Example::
+
+        tables = [EmbeddingBagConfig(name="t0", embedding_dim=16, num_embeddings=10_000, feature_names=["f0"])]
+        ebc = MEmComEmbeddingBagCollection(tables, MEmComConfig(ratio=8))
+        ebc(kjt)["f0"]             # [B, 16] pooled embeddings
+        ebc.cost()["t0"]["m"]      # 625 shared rows: 10_000 * 16 / (625 * 16 + 10_000) = 8
     """
 
     def __init__(
@@ -184,14 +221,14 @@ class MEmComEmbeddingBagCollection(CompressedCollection):
         self._embedding_bag_configs = tables
         self._compression = compression
         self.tables: List[MEmComTable] = plan_tables(tables, compression)
-        init_weights = {
-            t.name: (compression.get(t.name) if isinstance(compression, dict) else compression)
-            for t in self.tables
-            if t.compressed
-        }
-        self._init_weight = {name: spec.init_weight for name, spec in init_weights.items()}
+        specs = table_specs(tables, compression)
         # per compressed table: its init and the settings of its scalars' optimizer
-        self.scalar_configs: Dict[str, MEmComConfig] = init_weights  # type: ignore[assignment]
+        self.scalar_configs: Dict[str, MEmComConfig] = {}
+        for t in self.tables:
+            spec = specs[t.name]
+            if t.compressed and spec is not None:
+                self.scalar_configs[t.name] = spec
+        self._init_weight = {name: spec.init_weight for name, spec in self.scalar_configs.items()}
         # The shared tables, as a stock weighted EBC would hold them: `embedding_bags.T.weight`.
         self.embedding_bags = EmbeddingBagCollection(
             self.hashed_configs(), is_weighted=True, device=device

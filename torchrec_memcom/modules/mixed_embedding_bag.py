@@ -1,6 +1,6 @@
 """`MixedEmbeddingBagCollection`: one EBC interface over collections of different kinds."""
 
-from typing import List, Tuple
+from typing import List, Tuple, cast
 
 import torch
 from torch import nn
@@ -60,11 +60,13 @@ class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface, metaclass=Sha
         return self._keys, self._dims
 
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
-        return [cfg for c in self.collections for cfg in c.embedding_bag_configs()]
+        # nn.ModuleList types its items as plain modules
+        children = [cast(EmbeddingBagCollectionInterface, c) for c in self.collections]
+        return [cfg for c in children for cfg in c.embedding_bag_configs()]
 
     def is_weighted(self) -> bool:
         return False
 
     @property
     def device(self) -> torch.device:
-        return self.collections[0].device
+        return cast(EmbeddingBagCollectionInterface, self.collections[0]).device

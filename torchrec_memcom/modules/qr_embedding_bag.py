@@ -37,7 +37,12 @@ torch.fx.wrap("check_input")
 
 
 class QROperation(str, enum.Enum):
-    """How an id's quotient and remainder rows combine: element-wise product or sum."""
+    """How an id's quotient and remainder rows combine: element-wise product or sum.
+
+    Example::
+
+        QRConfig(ratio=4, operation=QROperation.ADD.value)  # configs keep the plain string
+    """
 
     MULT = "mult"
     ADD = "add"
@@ -59,13 +64,21 @@ def compression_ratio(num_embeddings: int, num_collisions: int) -> float:
 class QRConfig:
     """Compression spec of a quotient-remainder table.
 
-    Give either ``num_collisions`` (``c``: ids per quotient row, the remainder table's rows) or
-    ``ratio`` (``n / (ceil(n/c) + c)`` asked for; ``c`` is solved for it, preferring
-    ``c <= sqrt(n)``, where the ratio is about ``c``, and else the ``c > sqrt(n)`` of the same
-    size). The largest ratio QR reaches is about ``sqrt(n) / 2``, at ``c = sqrt(n)``.
+    The largest ratio QR reaches is about ``sqrt(n) / 2``, at ``c = sqrt(n)``.
 
-    operation: "mult" (the paper's element-wise product) or "add".
-    min_rows: tables with fewer than this many rows stay uncompressed.
+    Args:
+        num_collisions: ``c``, ids per quotient row (the remainder table's rows); give it or
+            ``ratio``.
+        ratio: ``n / (ceil(n/c) + c)`` asked for; ``c`` is solved for it, preferring
+            ``c <= sqrt(n)``, where the ratio is about ``c``, and else the ``c > sqrt(n)`` of the
+            same size.
+        operation: "mult" (the paper's element-wise product) or "add".
+        min_rows: tables with fewer than this many rows stay uncompressed.
+
+    Example::
+
+        QRConfig(num_collisions=4)       # Q: ceil(n / 4) rows, R: 4 rows
+        QRConfig(ratio=4, operation="add")
     """
 
     num_collisions: Optional[int] = None
@@ -92,33 +105,48 @@ class QRConfig:
             if self.num_collisions > n:
                 raise ValueError(f"table {table!r}: num_collisions={self.num_collisions} exceeds its {n} rows")
             return self.num_collisions
-        assert self.ratio is not None
+        ratio = self.ratio
+        assert ratio is not None
         best = max((k for k in (math.isqrt(n), math.isqrt(n) + 1) if k <= n), key=lambda k: compression_ratio(n, k))
-        if self.ratio > 1.01 * compression_ratio(n, best):
+        if ratio > 1.01 * compression_ratio(n, best):
             raise ValueError(
-                f"table {table!r}: QR ratio {self.ratio} cannot be reached with n={n}: the most "
+                f"table {table!r}: QR ratio {ratio} cannot be reached with n={n}: the most "
                 f"it gives is {compression_ratio(n, best):.4g} (c={best}), about sqrt(n)/2"
             )
         # ceil(n/c) + c = n/ratio has two roots of equal size. The smaller (c <= sqrt(n), DLRM's
         # convention) gives ratios of about c, so whole numbers only; the larger reaches any.
-        rows = n / self.ratio
+        rows = n / ratio
         spread = math.sqrt(max(rows * rows - 4 * n, 0.0))
         tried: List[int] = []
         for root in ((rows - spread) / 2, (rows + spread) / 2):
             near = [k for k in range(math.floor(root) - 1, math.ceil(root) + 2) if 1 <= k <= n]
-            c = min(near, key=lambda k: abs(compression_ratio(n, k) - self.ratio))
-            if abs(compression_ratio(n, c) - self.ratio) <= 0.01 * self.ratio:
+            c = min(near, key=lambda k: abs(compression_ratio(n, k) - ratio))
+            if abs(compression_ratio(n, c) - ratio) <= 0.01 * ratio:
                 return c
             tried += [k for k in near if k not in tried]
         nearest = ", ".join(f"c={k} gives {compression_ratio(n, k):.4g}" for k in tried)
         raise ValueError(
-            f"table {table!r}: QR ratio {self.ratio} cannot be reached within 1% with n={n} (nearest: {nearest})"
+            f"table {table!r}: QR ratio {ratio} cannot be reached within 1% with n={n} (nearest: {nearest})"
         )
 
 
 @dataclasses.dataclass(frozen=True)
 class QRTable:
-    """What one table became: ``Q`` (``ceil(n/c) x d``) and ``R`` (``c x d``), or itself."""
+    """What one table became: ``Q`` (``ceil(n/c) x d``) and ``R`` (``c x d``), or itself.
+
+    Args:
+        name: the table's name.
+        num_embeddings: ``n``, its ids.
+        embedding_dim: ``d``.
+        num_collisions: ``c`` (0 if uncompressed).
+        operation: "mult" or "add" (``QRConfig.operation``).
+        compressed: whether it is split into ``Q`` and ``R``.
+
+    Example::
+
+        t = QRTable("t0", num_embeddings=1000, embedding_dim=8, num_collisions=10, operation="mult", compressed=True)
+        t.quotient_rows, t.ratio  # 100, 1000 / 110
+    """
 
     name: str
     num_embeddings: int
@@ -148,6 +176,16 @@ class QRLayout:
     Shared by the unsharded and the sharded module: ``split`` turns each feature ``f`` of a
     compressed table into ``f@q`` (ids ``i // c``) and ``f@r`` (ids ``i % c``) before the
     lookups; ``combine`` joins each id's two rows after them and pools the bags.
+
+    Args:
+        tables: the user's ``EmbeddingBagConfig``s (one dim; SUM or MEAN pooling).
+        compression: one ``QRConfig`` for all tables, or a dict of them by table name.
+
+    Example::
+
+        layout = QRLayout(tables, QRConfig(num_collisions=4))
+        split = layout.split(kjt)              # keys f@q, f@r per compressed feature f
+        layout.lookup_configs()                # the tables T@q, T@r those keys read
     """
 
     def __init__(self, tables: List[EmbeddingBagConfig], compression: Union[QRConfig, Dict[str, QRConfig]]) -> None:
@@ -172,8 +210,8 @@ class QRLayout:
                     name=t.name,
                     num_embeddings=t.num_embeddings,
                     embedding_dim=t.embedding_dim,
-                    num_collisions=spec.collisions(t.num_embeddings, t.name) if compressed else 0,
-                    operation=spec.operation if compressed else "mult",
+                    num_collisions=spec.collisions(t.num_embeddings, t.name) if spec is not None and compressed else 0,
+                    operation=spec.operation if spec is not None and compressed else "mult",
                     compressed=compressed,
                 )
             )
@@ -271,6 +309,18 @@ class QREmbeddingBagCollection(CompressedCollection):
     ``embeddings.T@q.weight`` (``ceil(n/c) x d``) and ``embeddings.T@r.weight`` (``c x d``);
     ``embeddings.T.weight`` for uncompressed tables: the keys of the EmbeddingCollection that the
     sharded module is built on.
+
+    Args:
+        tables: the user's ``EmbeddingBagConfig``s (one dim; ``qr_collection`` takes several).
+        compression: one ``QRConfig`` for all tables, or a dict of them by table name.
+        device: where the tables are made (default: the CPU; ``meta`` for DMP to place them).
+
+    Example::
+
+        tables = [EmbeddingBagConfig(name="t0", embedding_dim=8, num_embeddings=1000, feature_names=["f0"])]
+        ebc = QREmbeddingBagCollection(tables, QRConfig(num_collisions=10))  # Q: 100 rows, R: 10
+        ebc(kjt)["f0"]             # [B, 8] pooled embeddings
+        ebc.cost()["t0"]["ratio"]  # 1000 / 110
     """
 
     def __init__(
@@ -322,8 +372,7 @@ def qr_collection(
     by_dim: Dict[int, List[EmbeddingBagConfig]] = {}
     for t in tables:
         by_dim.setdefault(t.embedding_dim, []).append(t)
-    if isinstance(compression, dict):
-        table_specs(tables, compression)  # names unknown tables before splitting by dim
+    table_specs(tables, compression)  # a dict naming unknown tables fails here, before splitting by dim
     parts = [
         QREmbeddingBagCollection(
             group,

@@ -99,8 +99,11 @@ def save_checkpoint(
 
 
 def _digest(path: Path) -> Dict[str, Any]:
+    sha = hashlib.sha256()  # read in blocks: hashlib.file_digest is Python 3.11+
     with path.open("rb") as f:
-        return {"sha256": hashlib.file_digest(f, "sha256").hexdigest(), "bytes": path.stat().st_size}
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return {"sha256": sha.hexdigest(), "bytes": path.stat().st_size}
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -232,8 +235,8 @@ def load_checkpoint(path: Path, state: Dict[str, Any], verify: bool = True) -> N
     try:
         dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(), no_dist=not distributed)
     except CheckpointException as e:
-        first = next(iter(e.failures.values()), e)  # rank -> (exception, traceback)
-        first = first[0] if isinstance(first, tuple) else first
+        failure = next(iter(e.failures.values()), e)  # rank -> (exception, traceback)
+        first = failure[0] if isinstance(failure, tuple) else failure
         raise CheckpointError(f"{path}: cannot load the checkpoint: {_one_line(first)}") from None
     except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot load the checkpoint: {_one_line(e)}") from None

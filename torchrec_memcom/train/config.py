@@ -193,7 +193,7 @@ def _build(tp: Any, value: Any, key: str) -> Any:
             except (TypeError, ValueError) as e:
                 errors.append(str(e))
         raise ValueError(errors[-1] if len(errors) == 1 else f"{key}: {value!r} fits none of {args}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ValueError(f"{key}: expected a mapping, got {value!r}")
         hints = typing.get_type_hints(tp)

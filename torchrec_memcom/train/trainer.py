@@ -322,9 +322,10 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
     manifest = _prepare_data(config)
     features = features_of(manifest)
     check_features(config, features.sparse, f"{config.data.path}'s")
-    sizes = config.embeddings.num_embeddings
-    if sizes == "from_data":
-        sizes = [manifest["features"][f]["num_embeddings"] for f in features.sparse]
+    given = config.embeddings.num_embeddings  # a list, or "from_data"
+    sizes: List[int] = (
+        [manifest["features"][f]["num_embeddings"] for f in features.sparse] if isinstance(given, str) else given
+    )
     _check_sizes(config, manifest, list(sizes), list(features.sparse))
     id_limits = dict(zip(features.sparse, sizes))
     # stop requests and divergence checks agree over a CPU group, without a device sync
@@ -416,6 +417,7 @@ def _train(config: RunConfig, device: torch.device, allow_changes: bool, receive
         load_checkpoint(resumed, loaded)
         dmp.load_state_dict(loaded["model"])
         optimizer.load_state_dict(loaded["optimizer"])
+        assert saved_progress is not None  # read when resumed
         progress.update(saved_progress)
         loss_sum.copy_(torch.tensor(progress["loss_sums"][rank], dtype=torch.float64))
         history = progress["history"]
