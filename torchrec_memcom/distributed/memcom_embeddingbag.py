@@ -33,12 +33,8 @@ from torchrec.optim.keyed import CombinedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
-from torchrec_memcom.distributed.entity_weights import (
-    COLUMN_SHARDED,
-    SUPPORTED_SHARDING_TYPES,
-    ShardedEntityWeights,
-    table_layout,
-)
+from torchrec_memcom.distributed.entity_weights import ShardedEntityWeights
+from torchrec_memcom.distributed.scalar_layout import COLUMN_SHARDED, SUPPORTED_SHARDING_TYPES, table_layout
 from torchrec_memcom.distributed.state import copy_full_tensor
 from torchrec_memcom.distributed.stock_views import (
     LayoutCache,
