@@ -21,7 +21,9 @@ class FusedLookup(torch.autograd.Function):
 
     ``apply(anchor, flat, update, scales, *indices)`` returns a zero scalar that carries the
     anchor's gradient path, then ``flat[idx]`` per index tensor; backward calls
-    ``update(idx, grad)`` once with all indices and their gradients (divided by ``scales``).
+    ``update(idx, grad)`` once with all indices and their gradients (divided by ``scales``),
+    empty where there were no indices, so that a rank without lookups still joins the
+    replicas' sync.
     """
 
     @staticmethod
@@ -34,13 +36,18 @@ class FusedLookup(torch.autograd.Function):
         *indices: torch.Tensor,
     ) -> Tuple[torch.Tensor, ...]:
         ctx.update, ctx.scales = update, scales
+        ctx.dtype, ctx.device = flat.dtype, flat.device
         ctx.save_for_backward(*indices)
         return (anchor.new_zeros(()), *[flat.detach().index_select(0, idx) for idx in indices])
 
     @staticmethod
     def backward(ctx: Any, _anchor_grad: torch.Tensor, *grads: torch.Tensor) -> Tuple[None, ...]:
-        idx = _cat(list(ctx.saved_tensors))
-        grad = _cat([g if s == 1 else g / s for g, s in zip(grads, ctx.scales)])
+        if grads:
+            idx = _cat(list(ctx.saved_tensors))
+            grad = _cat([g if s == 1 else g / s for g, s in zip(grads, ctx.scales)])
+        else:
+            idx = torch.empty(0, dtype=torch.int64, device=ctx.device)
+            grad = torch.empty(0, dtype=ctx.dtype, device=ctx.device)
         ctx.update(idx, grad)
         return (None,) * (4 + len(grads))
 
