@@ -54,9 +54,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_memcom import MEmComConfig, MEmComEmbeddingBagCollection, MEmComEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.budgeted_embeddingbag import BudgetedEmbeddingBagCollectionSharder
-from torchrec_memcom.distributed.entity_weights import table_layout
 from torchrec_memcom.distributed.hash_embeddingbag import HashEmbeddingBagCollectionSharder
 from torchrec_memcom.distributed.qr_embeddingbag import QREmbeddingBagCollectionSharder
+from torchrec_memcom.distributed.scalar_layout import table_layout
 from torchrec_memcom.distributed.state import load_full_state_dict
 from torchrec_memcom.distributed.stock_views import kjt_with
 from torchrec_memcom.export.export import script

@@ -25,12 +25,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
 from torchrec_memcom.distributed.compressed_embeddingbag import ShardedCompressedCollection
-from torchrec_memcom.distributed.entity_weights import (
-    COLUMN_SHARDED,
-    SUPPORTED_SHARDING_TYPES,
-    ShardedEntityWeights,
-    table_layout,
-)
+from torchrec_memcom.distributed.entity_weights import ShardedEntityWeights
+from torchrec_memcom.distributed.scalar_layout import COLUMN_SHARDED, SUPPORTED_SHARDING_TYPES, table_layout
 from torchrec_memcom.distributed.stock_views import LayoutCache, kjt_with, repeat_per_key, shard_view
 from torchrec_memcom.modules.collection_checks import check_ids
 from torchrec_memcom.modules.hashing import mix_constants, mix_slots
