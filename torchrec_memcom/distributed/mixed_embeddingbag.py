@@ -25,6 +25,7 @@ from torchrec.distributed.types import (
     ParameterSharding,
     QuantizedCommCodecs,
     ShardingEnv,
+    ShardedModule,
 )
 from torchrec.distributed.utils import append_prefix
 from torchrec.optim.fused import FusedOptimizerModule
@@ -94,7 +95,7 @@ class ShardedMixedEmbeddingBagCollection(
     ) -> None:
         super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
         self._module_fqn = module_fqn
-        children = []
+        children: List[ShardedModule[Any, Any, Any, Any]] = []
         for i, child in enumerate(module.collections):
             sharder = child_sharder(sharders, child)
             tables = sharder.shardable_parameters(child)
@@ -112,6 +113,7 @@ class ShardedMixedEmbeddingBagCollection(
             )
         # the unsharded module's attribute: keys stay `collections.<i>.<the child's own keys>`
         self.collections = nn.ModuleList(children)
+        self._children = children  # the same modules, typed (ModuleList items are plain modules)
         # per distributed input, its lookup (ShardedEmbeddingModule.prefetch pairs them)
         self._lookups = [lookup for child in children for lookup in child._lookups]
         self._features = module.child_features()
@@ -126,7 +128,7 @@ class ShardedMixedEmbeddingBagCollection(
         )
 
     def create_context(self) -> MixedEmbeddingBagCollectionContext:
-        return MixedEmbeddingBagCollectionContext(children=[c.create_context() for c in self.collections])
+        return MixedEmbeddingBagCollectionContext(children=[c.create_context() for c in self._children])
 
     def _order(self, keys: List[str]) -> Tuple[List[int], List[int]]:
         """The permutation grouping the incoming keys by child, and how many each child takes
@@ -151,7 +153,7 @@ class ShardedMixedEmbeddingBagCollection(
         with torch.no_grad():
             parts = features.permute(order).split(counts)
         awaitables = []
-        for child, child_ctx, part in zip(self.collections, ctx.children, parts):
+        for child, child_ctx, part in zip(self._children, ctx.children, parts):
             request = child.input_dist(child_ctx, part)
             if not isinstance(request, KJTListSplitsAwaitable):
                 raise TypeError(
@@ -169,14 +171,14 @@ class ShardedMixedEmbeddingBagCollection(
     def compute(self, ctx: MixedEmbeddingBagCollectionContext, dist_input: KJTList) -> List[Any]:
         return [
             child.compute(child_ctx, part)
-            for child, child_ctx, part in zip(self.collections, ctx.children, self._per_child(ctx, dist_input))
+            for child, child_ctx, part in zip(self._children, ctx.children, self._per_child(ctx, dist_input))
         ]
 
     def output_dist(self, ctx: MixedEmbeddingBagCollectionContext, output: List[Any]) -> LazyAwaitable[KeyedTensor]:
         return _JoinedByKey(
             [
                 child.output_dist(child_ctx, out)
-                for child, child_ctx, out in zip(self.collections, ctx.children, output)
+                for child, child_ctx, out in zip(self._children, ctx.children, output)
             ],
             self._keys,
             self._dims,
@@ -188,7 +190,7 @@ class ShardedMixedEmbeddingBagCollection(
         return _JoinedByKey(
             [
                 child.compute_and_output_dist(child_ctx, part)
-                for child, child_ctx, part in zip(self.collections, ctx.children, self._per_child(ctx, input))
+                for child, child_ctx, part in zip(self._children, ctx.children, self._per_child(ctx, input))
             ],
             self._keys,
             self._dims,
@@ -200,7 +202,7 @@ class ShardedMixedEmbeddingBagCollection(
 
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         """Each child's (its dense parameters, such as budgeted projections, are left to DDP)."""
-        for i, child in enumerate(self.collections):
+        for i, child in enumerate(self._children):
             yield from child.sharded_parameter_names(append_prefix(prefix, f"collections.{i}"))
 
     @property
