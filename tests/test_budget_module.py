@@ -18,6 +18,7 @@ from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocatio
 from torchrec_memcom.modules.budget_bytes import Budget, allocation_bytes, shapes_of
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 from torchrec_memcom.modules.frequency import table_counts
+from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
 
 ALLOCATION = Allocation(
     {
@@ -112,6 +113,28 @@ def test_state_dict_keys_shapes_and_round_trip() -> None:
     torch.testing.assert_close(again(kjt).values(), module(kjt).values())
     # projections start as [I; 0]: a tier's vector is the leading coordinates of the output
     torch.testing.assert_close(module.projections["t0@tier1"].weight, torch.eye(16)[:, :8])
+
+
+def test_the_tier_collection_is_a_submodule_whose_tensors_show_once() -> None:
+    """The tier collection sits in the module tree (``_tiers``) holding the very tensors the
+    module shows at its own paths: parameter names and state-dict keys list them once."""
+    module = _module()
+    modules = dict(module.named_modules())
+    assert isinstance(modules["_tiers"], MEmComEmbeddingBagCollection)
+    assert modules["_tiers"].embedding_bags is module.embedding_bags
+    names = [n for n, _ in module.named_parameters()]
+    assert not [n for n in names if n.startswith("_tiers.")]
+    assert set(names) == {k for k in module.state_dict() if not k.startswith("remap.")}
+    # a strict load fills the shared tensors: the tier collection then reads the loaded values
+    state = {
+        k: torch.rand_like(v.float()).to(v.dtype) if v.is_floating_point() else v
+        for k, v in module.state_dict().items()
+    }
+    module.load_state_dict(state)
+    torch.testing.assert_close(
+        modules["_tiers"].embedding_bags["t0@tier0"].weight, state["embedding_bags.t0@tier0.weight"]
+    )
+    torch.testing.assert_close(modules["_tiers"].entity_weights.flat("t0@tier2"), state["entity_weights.t0@tier2"])
 
 
 def test_popular_ids_get_larger_embeddings_under_the_heuristic() -> None:

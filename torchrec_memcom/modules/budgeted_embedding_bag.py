@@ -249,9 +249,6 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         ebc(kjt)["f0"]  # [B, 16]: popular ids at dim 16, the rest at 4, projected
     """
 
-    # the tier tables, set in __init__ outside the module tree (see there)
-    _tiers: MEmComEmbeddingBagCollection
-
     def __init__(
         self,
         tables: List[EmbeddingBagConfig],
@@ -297,10 +294,11 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
             )
             for t in tables
         ]
-        # The tier tables as a MEmCom collection (MEmCom tiers compressed, the others plain);
-        # this module adopts its modules, so the state dict shows them at `embedding_bags.*` /
-        # `entity_weights.*`, and keeps the collection itself out of the module tree (as a
-        # submodule it would add `_tiers.*` keys beside these, or rename them if not adopted).
+        # The tier tables as a MEmCom collection (MEmCom tiers compressed, the others plain).
+        # This module adopts its modules, so parameters and the state dict show them at
+        # `embedding_bags.*` / `entity_weights.*`; the collection itself is a submodule
+        # registered last (module and parameter names list a module once, where first met),
+        # whose `_tiers.*` copies of those keys the state-dict hooks leave out.
         tier_configs, memcom = [], {}
         for cfg, t in zip(tables, self.tables):
             for j, tier in enumerate(t.tiers):
@@ -317,7 +315,6 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
                 if tier.hash_rows is not None:
                     memcom[tier_key(t.name, j)] = MEmComConfig(num_hash_rows=tier.hash_rows, **scalar_settings)
         tiers = MEmComEmbeddingBagCollection(tier_configs, memcom, device=device)
-        object.__setattr__(self, "_tiers", tiers)
         self.embedding_bags = tiers.embedding_bags
         self.entity_weights = tiers.entity_weights
         self._device = tiers.device
@@ -333,6 +330,9 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         self.remap = RankBuffers(remapped, self._device)
         # A meta module holds no values: keep the ranks for the sharder to place.
         self._meta_ranks = remapped if self._device.type == "meta" else {}
+        self._tiers = tiers
+        self._register_state_dict_hook(_without_tier_copies)
+        self._register_load_state_dict_pre_hook(_with_tier_copies)
         self._feature_tables = {f: t for t in self.tables for f in t.feature_names}
         if self._device.type != "meta":
             for p in self.projections.values():
@@ -354,7 +354,7 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         check_input(features, "budgeted", self._num_embeddings)
         tiered = split_by_tier(features, self._feature_tables, self.remap.as_dict())
-        # forward, not __call__: the tier collection is no submodule, which fx cannot call
+        # forward, not __call__: its hook would warn of the tier tables apart from this module
         return combine_tiers(self.tables, self.projections, self.tier_collection.forward(tiered).to_dict())
 
     def reset_parameters(self) -> None:
@@ -381,6 +381,18 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
     def cost(self) -> Dict[str, Dict[str, Any]]:
         """The shared report plus tiers and bytes per table; ``total`` has the budget."""
         return budgeted_cost(self.tables, self.budget_limit, self.budget.optimizer)
+
+
+def _without_tier_copies(module: nn.Module, state: Dict[str, Any], prefix: str, _meta: Any) -> None:
+    """State-dict hook: the tier tables once, at this module's own paths."""
+    for key in [k for k in state if k.startswith(f"{prefix}_tiers.")]:
+        del state[key]
+
+
+def _with_tier_copies(state: Dict[str, Any], prefix: str, *_args: Any) -> None:
+    """Load pre-hook: the tier collection loads the same tensors its adopted modules do."""
+    for key in [k for k in state if k.startswith((f"{prefix}embedding_bags.", f"{prefix}entity_weights."))]:
+        state[f"{prefix}_tiers.{key[len(prefix) :]}"] = state[key]
 
 
 # The settings of MEmCom tiers' per-entity scalars a budgeted collection takes.
