@@ -44,6 +44,8 @@ def sharded_tensor(
         torch.Size([layout.table.num_embeddings]),
         TensorProperties(dtype=dtype, requires_grad=False),
     )
+    # torch's own constructor from given global metadata (the public `init_from_local_shards`
+    # would gather every rank's shards to infer it); TorchRec builds its ShardedTensors alike
     return ShardedTensor._init_from_local_shards_and_global_metadata(shards, global_meta, process_group=process_group)
 
 
