@@ -24,8 +24,8 @@ from torchrec.distributed.types import (
     Multistreamable,
     ParameterSharding,
     QuantizedCommCodecs,
-    ShardingEnv,
     ShardedModule,
+    ShardingEnv,
 )
 from torchrec.distributed.utils import append_prefix
 from torchrec.optim.fused import FusedOptimizerModule
