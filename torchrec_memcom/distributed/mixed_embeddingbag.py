@@ -176,10 +176,7 @@ class ShardedMixedEmbeddingBagCollection(
 
     def output_dist(self, ctx: MixedEmbeddingBagCollectionContext, output: List[Any]) -> LazyAwaitable[KeyedTensor]:
         return _JoinedByKey(
-            [
-                child.output_dist(child_ctx, out)
-                for child, child_ctx, out in zip(self._children, ctx.children, output)
-            ],
+            [child.output_dist(child_ctx, out) for child, child_ctx, out in zip(self._children, ctx.children, output)],
             self._keys,
             self._dims,
         )
