@@ -84,7 +84,32 @@ def _reporting(handler: Any) -> Any:
 
 @dataclasses.dataclass
 class Problem:
-    """What an allocation is searched for: tables, counts, budget, data and model."""
+    """What an allocation is searched for: tables, counts, budget, data and model.
+
+    One place for what the config and the flags resolve to, so that ``search`` and ``heuristic``
+    see the same tables and budget; ``problem_from_args`` builds it.
+
+    Args:
+        data: the data folder of `memcom data convert|synth` (an absolute path).
+        budgeted: the ``EmbeddingBagConfig``s of the budgeted tables.
+        plain: the other tables' configs (stock ``EmbeddingBagCollection`` tables).
+        counts: each budgeted table's id counts, by table name.
+        budget: the ``Budget`` the budgeted tables share.
+        tail: whether the rarest ids may share rows of a MEmCom tier.
+        sizes: the tier dims to use (None: ``size_ladder``'s default).
+        batch_size: the batch size of a label's training.
+        lr: the Adagrad lr of a label's training.
+        dense_arch_layer_sizes: the DLRM's dense arch (the embedding dim is appended).
+        over_arch_layer_sizes: the DLRM's over arch.
+
+    Example::
+
+        parser = argparse.ArgumentParser()
+        add_parser(parser.add_subparsers())
+        args = parser.parse_args(["budget", "heuristic", "--config", "configs/synthetic_budgeted.yaml", "--out", "a.json"])
+        problem = problem_from_args(args)
+        problem.space().heuristic()  # an Allocation of problem.budgeted that fits problem.budget
+    """
 
     data: str
     budgeted: List[Any]  # EmbeddingBagConfig

@@ -21,9 +21,24 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 
 @dataclasses.dataclass
 class TrainSettings:
-    """steps: optimizer steps (cycling over the batches given); lr: Adagrad on all parameters;
-    threads: torch's intra-op threads while training (one is fastest for these small models,
-    and keeps timings steady on a shared machine)."""
+    """How ``train_and_evaluate`` trains a label: the same for every allocation, so that labels
+    differ by the allocation only.
+
+    Args:
+        steps: optimizer steps (cycling over the batches given).
+        lr: the lr of Adagrad on all parameters.
+        dense_arch_layer_sizes: the DLRM's dense arch (the embedding dim is appended).
+        over_arch_layer_sizes: the DLRM's over arch.
+        seed: torch's seed, set before the collection is built.
+        threads: torch's intra-op threads while training (one is fastest for these small models,
+            and keeps timings steady on a shared machine).
+
+    Example::
+
+        train = load_batches("runs/data/synthetic", "train", batch_size=512, limit=100)
+        val = load_batches("runs/data/synthetic", "val", batch_size=512, limit=8)
+        train_and_evaluate(lambda: EmbeddingBagCollection(tables), train, val, TrainSettings(steps=100))["auc"]
+    """
 
     steps: int = 300
     lr: float = 0.05

@@ -21,7 +21,18 @@ def _mlp(sizes: list) -> nn.Sequential:
 
 
 class DeepSetsFitness(nn.Module):
-    """``elements [C, T, G, F]``, ``weights [T, G]`` -> fitness ``[C]``."""
+    """``elements [C, T, G, F]``, ``weights [T, G]`` -> fitness ``[C]``: the DeepSets network,
+    invariant to the order of tables and of the groups of ids within one.
+
+    Args:
+        features: ``F``, the features of a group of ids (``AllocationSpace.features``: 4).
+        hidden: the width of ``phi``, ``psi`` and ``rho``.
+
+    Example::
+
+        net = DeepSetsFitness(features=4)
+        net(torch.rand(8, 2, 64, 4), torch.full((2, 64), 1 / 64)).shape  # (8,)
+    """
 
     def __init__(self, features: int, hidden: int = 32) -> None:
         super().__init__()
@@ -39,6 +50,18 @@ class FitnessPredictor:
 
     Labels are standardised; the loss is squared error plus a pairwise logistic ranking loss
     (the search only needs the order). Every fit starts from the same seeded initialisation.
+
+    Args:
+        hidden: the width of the ``DeepSetsFitness`` network.
+        epochs: full-batch Adam steps per fit.
+        lr: Adam's lr.
+        seed: the seed of every fit's initialisation.
+
+    Example::
+
+        elements, weights = space.features(candidates)  # an AllocationSpace and its samples
+        predictor = FitnessPredictor().fit(elements, weights, labels)  # labels [C], e.g. AUCs
+        predictor.predict(elements, weights)  # [C], higher is better
     """
 
     def __init__(self, hidden: int = 32, epochs: int = 400, lr: float = 3e-3, seed: int = 0) -> None:

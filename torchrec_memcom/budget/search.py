@@ -20,9 +20,20 @@ from torchrec_memcom.modules.budget_allocation import Allocation
 
 @dataclasses.dataclass
 class SearchSettings:
-    """rounds: predictor rounds after the initial labels; initial: labels before the first fit
-    (the heuristic and random samples); per_round: labels per round; pool: samples scored per
-    round; metric: the label's key to maximise."""
+    """How ``search`` spends its labels: labels cost a training run each, so these set its time.
+
+    Args:
+        rounds: predictor rounds after the initial labels.
+        initial: labels before the first fit (the heuristic and random samples).
+        per_round: labels per round.
+        pool: samples scored per round.
+        seed: the seed of the sampler and of the predictor.
+        metric: the label's key to maximise.
+
+    Example::
+
+        best, labels = search(space, label, SearchSettings(rounds=1, pool=100))
+    """
 
     rounds: int = 3
     initial: int = 3
@@ -34,7 +45,20 @@ class SearchSettings:
 
 @dataclasses.dataclass
 class Labelled:
-    """One trained candidate."""
+    """One trained candidate: what ``search`` returns and records in the allocation's ``meta``.
+
+    Args:
+        round: the round that labelled it (0: the initial labels).
+        shape: how it was drawn (``Candidates.shapes``).
+        bytes: its bytes under the budget's accounting.
+        predicted: the predictor's score (None for the initial labels).
+        metrics: what the label returned (``train_and_evaluate``'s metrics).
+
+    Example::
+
+        best, labels = search(space, label, SearchSettings())
+        [(x.round, x.metrics["auc"]) for x in labels]  # every label, in order
+    """
 
     round: int
     shape: str

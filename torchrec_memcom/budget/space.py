@@ -61,7 +61,23 @@ def size_ladder(model_dim: int, sizes: Optional[Sequence[int]] = None) -> List[i
 
 @dataclasses.dataclass
 class Candidates:
-    """Allocations as arrays: ``sizes[c, t, k]`` of segment ``k`` (0 = in the MEmCom tier)."""
+    """Allocations as arrays: ``sizes[c, t, k]`` of segment ``k`` (0 = in the MEmCom tier), so
+    that bytes and features of many candidates are computed at once.
+
+    Args:
+        sizes: ``[C, T, G]`` int64, the dim of each table's segments.
+        tail_dim: ``[C, T]`` int64, the dim of each table's MEmCom tier.
+        tail_sharing: ``[C, T]`` int64, ids per shared row of that tier.
+        bytes: ``[C]`` int64, each candidate's bytes.
+        shapes: how each was drawn (``"powerlaw:3.10,normal:0.57"``: per table a shape and its
+            parameter; or ``"heuristic:0.25"``).
+
+    Example::
+
+        candidates = space.sample(8, np.random.default_rng(0))  # an AllocationSpace's
+        len(candidates), candidates.sizes.shape  # 8, (8, T, G)
+        Candidates.concat([candidates, candidates.take([0])])  # 9 candidates
+    """
 
     sizes: np.ndarray  # int64 [C, T, G]
     tail_dim: np.ndarray  # int64 [C, T]
@@ -110,11 +126,25 @@ def quantile(distribution: str, alpha: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 class AllocationSpace:
-    """Allocations of ``tables`` with these id ``counts`` that fit ``budget``.
+    """Allocations of ``tables`` with these id ``counts`` that fit ``budget``: what the search
+    samples from and the heuristic picks in.
 
-    grid: segments per table (the cuts an allocation may use); tail: the rarest ids may form a
-    MEmCom tier; sizes: the tier dims to use (multiples of 4; default ``size_ladder``'s).
     Raises, naming the smallest feasible budget, if no allocation fits.
+
+    Args:
+        tables: the budgeted tables' ``EmbeddingBagConfig``s.
+        counts: each table's id counts, ``(num_embeddings,)``, by table name.
+        budget: the ``Budget`` the tables share.
+        tail: whether the rarest ids may form a MEmCom tier.
+        grid: segments per table (the cuts an allocation may use).
+        sizes: the tier dims to use (multiples of 4; default ``size_ladder``'s).
+
+    Example::
+
+        tables = [EmbeddingBagConfig(name="t0", embedding_dim=16, num_embeddings=1000, feature_names=["f0"])]
+        space = AllocationSpace(tables, {"t0": torch.randint(0, 100, (1000,))}, Budget(ratio=2))
+        space.heuristic().tables["t0"].tiers  # e.g. 648 rows of dim 8, 352 of dim 4
+        space.sample(8, np.random.default_rng(0)).bytes  # each <= space.limit (32000)
     """
 
     def __init__(
