@@ -106,8 +106,8 @@ class Problem:
 
         parser = argparse.ArgumentParser()
         add_parser(parser.add_subparsers())
-        args = parser.parse_args(["budget", "heuristic", "--config", "configs/synthetic_budgeted.yaml", "--out", "a.json"])
-        problem = problem_from_args(args)
+        argv = ["budget", "heuristic", "--config", "configs/synthetic_budgeted.yaml", "--out", "a.json"]
+        problem = problem_from_args(parser.parse_args(argv))
         problem.space().heuristic()  # an Allocation of problem.budgeted that fits problem.budget
     """
 
