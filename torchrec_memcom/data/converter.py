@@ -83,7 +83,19 @@ class CriteoFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Segment:
-    """Lines [first, last] (1-based; last None = to the end of the file) of one source go to `split`."""
+    """Lines [first, last] (1-based; last None = to the end of the file) of one source go to `split`:
+    how a split rule (kaggle, days, none) is applied to the input files.
+
+    Args:
+        source: the index of the input file in the conversion's ``Source`` list.
+        split: "train", "val" or "test".
+        first: the first line (1-based).
+        last: the last line, inclusive (None: to the end of the file).
+
+    Example::
+
+        Segment(0, "val", 1, 500)  # lines 1 to 500 of the first input file are val rows
+    """
 
     source: int
     split: str

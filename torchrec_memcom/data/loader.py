@@ -46,6 +46,28 @@ class CriteoParquetLoader:
 
     Call `set_epoch(e)` before each epoch, as with torch's DistributedSampler: the order depends
     only on (seed, epoch, rank, world_size), never on how often the loader was iterated.
+
+    Args:
+        data_dir: a data folder of `memcom data convert|synth` (its ``manifest.json`` and shards).
+        split: one of the folder's splits ("train", "val", "test").
+        batch_size: rows per batch.
+        rank: this rank's index, in ``[0, world_size)``.
+        world_size: the ranks that read the split, each its own rows.
+        seed: the seed of the shuffle.
+        shuffle: whether to shuffle (row groups, then rows within a window).
+        drop_last: every batch full (some rows sit out the epoch) or every row read (the last
+            batch smaller, ranks padded by wrapping around).
+        shuffle_window: rows permuted together.
+        prefetch: batches built ahead in a background thread (0: none).
+        pin_memory: copy each batch into page-locked memory (with an accelerator present).
+
+    Example::
+
+        loader = CriteoParquetLoader("runs/data/synthetic", "train", batch_size=512, rank=rank, world_size=world_size)
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            for batch in loader:
+                batch.dense_features.shape, batch.sparse_features.keys()  # [512, 13], cat_0..cat_25
     """
 
     def __init__(

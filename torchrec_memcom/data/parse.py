@@ -66,7 +66,22 @@ def csv_reader_options(
 
 @dataclass
 class ParsedBatch:
-    """One record batch, parsed. Values of malformed rows are meaningless."""
+    """One record batch, parsed (``parse_batch``'s result). Values of malformed rows are meaningless:
+    ``bad_column`` says which rows those are, so that the caller stops or skips them.
+
+    Args:
+        label: int8 ``[n]``.
+        ints: int64 ``[13, n]``; missing -> 0.
+        cats: uint64 ``[26, n]``; the raw hex value, missing -> 0 (as TorchRec: ``int("" or "0", 16)``).
+        bad_column: int16 ``[n]``: the index in ``COLUMN_NAMES`` of the row's first malformed field,
+            -1 if the row is valid.
+
+    Example::
+
+        parsed = parse_batch(record_batch)  # a batch of pyarrow's reader with csv_reader_options
+        rows = parsed.bad_column == -1
+        parsed.label[rows], parsed.cats[:, rows]
+    """
 
     label: np.ndarray  # int8 [n]
     ints: np.ndarray  # int64 [13, n]; missing -> 0

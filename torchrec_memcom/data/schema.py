@@ -58,7 +58,18 @@ PARQUET_SCHEMA = pa.schema(
 @dataclass(frozen=True)
 class Features:
     """A dataset's columns: dense (float32) and categorical (int64 ids; ``multi_hot`` ones a list
-    of ids per row) feature names, in the order batches and models use them. Criteo's by default."""
+    of ids per row) feature names, in the order batches and models use them. Criteo's by default.
+
+    Args:
+        dense: the dense features' names.
+        sparse: the categorical features' names (multi-hot ones included).
+        multi_hot: those of ``sparse`` with a list of ids per row (a bag).
+
+    Example::
+
+        Features().sparse[:2]  # ["cat_0", "cat_1"]: Criteo's
+        Features(dense=[], sparse=["user", "movie", "genres"], multi_hot=["genres"])
+    """
 
     dense: List[str] = field(default_factory=lambda: list(INT_NAMES))
     sparse: List[str] = field(default_factory=lambda: list(CAT_NAMES))

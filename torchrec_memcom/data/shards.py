@@ -27,7 +27,20 @@ def temporary_files(out_dir: Path, split: str) -> List[Path]:
 
 
 class ShardFile:
-    """Buffers tables into row groups of ROW_GROUP_ROWS rows; `close` renames the file into place."""
+    """Buffers tables into row groups of ROW_GROUP_ROWS rows; `close` renames the file into place,
+    so that a killed writer leaves no readable half shard.
+
+    Args:
+        out_dir: the data folder.
+        split: the split the shard belongs to (its subfolder).
+        index: the shard's number (``part-XXXXX.parquet``).
+
+    Example::
+
+        shard = ShardFile(Path("runs/data/mine"), "train", 0)
+        shard.write(table)  # a pyarrow Table of PARQUET_SCHEMA, any number of times
+        shard.close()  # "train/part-00000.parquet" (None if it got no rows); abort() drops it
+    """
 
     def __init__(self, out_dir: Path, split: str, index: int) -> None:
         self.rel = shard_name(split, index)

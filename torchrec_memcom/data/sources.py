@@ -41,7 +41,17 @@ class CriteoReadError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """One input file and its day number (from a `day_N` name, else its position in the list)."""
+    """One input file and its day number (from a `day_N` name, else its position in the list), the
+    number the days split (`--train-days` ...) selects by.
+
+    Args:
+        path: the file's absolute path.
+        day: its day number.
+
+    Example::
+
+        discover(["/data/criteo_1tb"])  # [Source(path="/data/criteo_1tb/day_0.gz", day=0), ...]
+    """
 
     path: str
     day: int

@@ -72,7 +72,21 @@ _NUM_PAIRS, _LATENT_DIM = 12, 8
 
 
 class ClickModel:
-    """The hidden generator: feature distributions and the true click probability."""
+    """The hidden generator: feature distributions and the true click probability, so that the
+    best achievable AUC of the data it draws is known.
+
+    Args:
+        seed: everything derives from it (rows are bit-for-bit reproducible).
+        max_cardinality: the cap on each feature's Kaggle cardinality (at least 2).
+        zipf_exponent: the exponent of the ids' Zipf-like popularity.
+        base_ctr: the mean click probability, in (0, 1).
+
+    Example::
+
+        model = ClickModel(seed=0, max_cardinality=1000)
+        rows = model.chunk(0, 1024)  # raw features, labels and the true probability of 1024 rows
+        roc_auc(rows["probability"], rows["label"])  # the best AUC a model can approach
+    """
 
     def __init__(
         self, seed: int, max_cardinality: int = 100_000, zipf_exponent: float = 1.1, base_ctr: float = 0.25

@@ -113,6 +113,17 @@ class TorchRecNpyLoader:
     does not grow with the days; `shuffle` permutes the rows within each batch (TorchRec's
     `shuffle_batches`, numpy's global generator, seeded by `set_epoch` with (seed, epoch)).
 
+    Args:
+        folder: a folder of ``day_N_dense.npy``, ``day_N_sparse.npy``, ``day_N_labels.npy``.
+        split: "train" (every day but the last), "val" or "test" (the halves of the last day).
+        batch_size: rows per batch.
+        rank: this rank's index, in ``[0, world_size)``.
+        world_size: the ranks that read the split.
+        num_embeddings: the 26 features' table sizes: raw ids are hashed modulo them.
+        seed: the seed of the shuffle (with the epoch).
+        shuffle: whether to shuffle the rows within each batch.
+        drop_last: whether to drop the last, incomplete batch.
+
     Example::
 
         loader = TorchRecNpyLoader("/data/criteo_1tb_npy", "train", 8192, rank, world_size,
