@@ -42,11 +42,20 @@ from torchrec_memcom.modules.memcom_embedding_bag import MEmComTable
 class ShardedBudgetedEmbeddingBagCollection(ShardedCompressedCollection[MEmComContext]):
     """Sharded ``BudgetedEmbeddingBagCollection``: sharded tier tables + replicated projections.
 
+    DMP builds it (through ``BudgetedEmbeddingBagCollectionSharder``); it is not built by hand.
+
     Args:
         module: the unsharded collection.
         table_name_to_parameter_sharding: the plan of its tier tables (``T@tier<j>``).
         tier_sharder: the MEmCom sharder that shards the tier tables.
         env, device, module_fqn: as for TorchRec's sharded modules.
+
+    Example::
+
+        sharders = [BudgetedEmbeddingBagCollectionSharder(), *get_default_sharders()]
+        plan = memcom_planner(topology, batch_size=512).collective_plan(model, sharders, pg)
+        dmp = DistributedModelParallel(model, plan=plan, sharders=sharders)
+        dmp.module.ebc  # this class, where model.ebc was a BudgetedEmbeddingBagCollection
     """
 
     def __init__(

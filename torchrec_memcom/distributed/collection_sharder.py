@@ -17,7 +17,22 @@ from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
 class CollectionSharder(EmbeddingBagCollectionSharder):
     """Subclasses name ``unsharded`` and ``sharded``; the sharded type takes ``(module, plan,
     held_sharder, env, device, module_fqn)``, as TorchRec's FP-EBC takes its EBC sharder.
-    Shardable parameters: ``embedding_bags.T.weight``; planning as the stock EBC sharder's."""
+    Shardable parameters: ``embedding_bags.T.weight``; planning as the stock EBC sharder's.
+
+    One base, so that every collection plans and shards its tables as a stock EBC would.
+
+    Args:
+        fused_params, qcomm_codecs_registry: as for TorchRec's EBC sharder (and handed to the
+            held one).
+
+    Example::
+
+        class MyCollectionSharder(CollectionSharder):
+            unsharded = MyCollection
+            sharded = ShardedMyCollection
+
+        sharders = [MyCollectionSharder(fused_params=fused_params), *get_default_sharders()]
+    """
 
     unsharded: Type[nn.Module]
     sharded: Type[ShardedEmbeddingModule]
@@ -97,7 +112,17 @@ def table_bytes(table: Any, optimizer: Optional[EmbOptimType]) -> int:
 class PlannedTable(torch.Tensor):
     """A meta tensor of a table's shape and dtype whose ``numel() * element_size()`` is
     ``num_bytes``: what the planner should count for the whole table. It carries no
-    ``_optimizer_classes`` (``num_bytes`` includes the optimizer state)."""
+    ``_optimizer_classes`` (``num_bytes`` includes the optimizer state).
+
+    Args:
+        like: the table's weight (its shape and dtype).
+        num_bytes: the table's true bytes (``table_bytes``).
+
+    Example::
+
+        planned = PlannedTable(torch.empty(100, 16), num_bytes=100 * 16 * 4 + 1000 * 4)
+        planned.shape, planned.numel()  # (100, 16), 2600
+    """
 
     # torch stubs type __torch_function__ as a method; this is torch's own way to disable it
     __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]

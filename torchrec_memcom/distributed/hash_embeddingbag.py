@@ -24,11 +24,20 @@ from torchrec_memcom.modules.hash_embedding_bag import HashEmbeddingBagCollectio
 class ShardedHashEmbeddingBagCollection(ShardedCompressedCollection[EmbeddingBagCollectionContext]):
     """Sharded ``HashEmbeddingBagCollection``: ids hashed in ``input_dist``, then the stock EBC.
 
+    DMP builds it (through ``HashEmbeddingBagCollectionSharder``); it is not built by hand.
+
     Args:
         module: the unsharded collection.
         table_name_to_parameter_sharding: the plan of its tables.
         ebc_sharder: the stock sharder that shards the hashed tables.
         env, device, module_fqn: as for TorchRec's sharded modules.
+
+    Example::
+
+        sharders = [HashEmbeddingBagCollectionSharder(), *get_default_sharders()]
+        plan = memcom_planner(topology, batch_size=512).collective_plan(model, sharders, pg)
+        dmp = DistributedModelParallel(model, plan=plan, sharders=sharders)
+        dmp.module.ebc  # this class, where model.ebc was a HashEmbeddingBagCollection
     """
 
     def __init__(

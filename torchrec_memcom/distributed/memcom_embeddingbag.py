@@ -48,7 +48,13 @@ def _feature_requires_grad(
 
 @dataclasses.dataclass
 class MEmComContext(EmbeddingBagCollectionContext):
-    """The stock context plus this batch's anchor of the scalars' update (column-wise replicas)."""
+    """The stock context plus this batch's anchor of the scalars' update (column-wise replicas),
+    which ``transform_output`` adds to the output so that backward reaches every replica's sync.
+
+    Args:
+        anchor: the anchor of ``lookup_fused`` (None: no replicas to sync); the stock
+            ``EmbeddingBagCollectionContext``'s fields besides.
+    """
 
     anchor: Optional[torch.Tensor] = None
 
@@ -57,11 +63,20 @@ class ShardedMEmComEmbeddingBagCollection(ShardedCompressedCollection[MEmComCont
     """Sharded ``MEmComEmbeddingBagCollection``: the stock sharded EBC of its shared tables
     (weighted) plus its per-entity scalars, sharded with their rows.
 
+    DMP builds it (through ``MEmComEmbeddingBagCollectionSharder``); it is not built by hand.
+
     Args:
         module: the unsharded collection.
         table_name_to_parameter_sharding: the plan of its tables.
         ebc_sharder: the stock sharder that shards the shared tables.
         env, device, module_fqn: as for TorchRec's sharded modules.
+
+    Example::
+
+        sharders = [MEmComEmbeddingBagCollectionSharder(), *get_default_sharders()]
+        plan = memcom_planner(topology, batch_size=512).collective_plan(model, sharders, pg)
+        dmp = DistributedModelParallel(model, plan=plan, sharders=sharders)
+        dmp.module.ebc  # this class, where model.ebc was a MEmComEmbeddingBagCollection
     """
 
     def __init__(

@@ -38,7 +38,14 @@ from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollect
 @dataclasses.dataclass
 class MixedEmbeddingBagCollectionContext(Multistreamable):
     """Per-batch state: each child's context, and their sharding contexts in one list (TorchRec's
-    splits and tensor awaitables fill them by position, one per distributed input)."""
+    splits and tensor awaitables fill them by position, one per distributed input).
+
+    Args:
+        children: each child's own context, in the children's order.
+        sharding_contexts: the children's sharding contexts, concatenated.
+        inputs_per_child: how many distributed inputs (KJTs) each child's ``input_dist`` made,
+            to split them back per child.
+    """
 
     children: List[Multistreamable] = dataclasses.field(default_factory=list)
     sharding_contexts: List[Optional[EmbeddingShardingContext]] = dataclasses.field(default_factory=list)
@@ -75,12 +82,22 @@ class ShardedMixedEmbeddingBagCollection(
     """Sharded ``MixedEmbeddingBagCollection``: each child sharded by its sharder, one input
     distribution for all of them, outputs joined by key.
 
+    DMP builds it (through ``MixedEmbeddingBagCollectionSharder``); it is not built by hand.
+
     Args:
         module: the unsharded mixed collection.
         table_name_to_parameter_sharding: the plan of all its tables (each child's shardable
             parameters: ``T``, ``T@q``/``T@r``, ``T@tier<j>``).
         sharders: the sharder of each child's type.
-        env, device, module_fqn: as for TorchRec's sharded modules.
+        env, device, qcomm_codecs_registry, module_fqn: as for TorchRec's sharded modules.
+
+    Example::
+
+        children = [MEmComEmbeddingBagCollectionSharder(), HashEmbeddingBagCollectionSharder()]
+        sharders = [MixedEmbeddingBagCollectionSharder(children), *get_default_sharders()]
+        plan = memcom_planner(topology, batch_size=512).collective_plan(model, sharders, pg)
+        dmp = DistributedModelParallel(model, plan=plan, sharders=sharders)
+        dmp.module.ebc  # this class, where model.ebc was a MixedEmbeddingBagCollection of the two
     """
 
     def __init__(

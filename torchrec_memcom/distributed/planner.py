@@ -37,6 +37,15 @@ class ReplicatedStateReservation(HeuristicalStorageReservation):
     The stock reservation takes a shardable module's whole state out of the dense estimate and
     leaves it to the sharding options, which see only the tier tables: the remap buffers and
     projections would be counted nowhere. They are reserved on every device, like dense state.
+
+    Args:
+        percentage, parameter_multiplier, dense_tensor_estimate: as for TorchRec's
+            ``HeuristicalStorageReservation``.
+
+    Example::
+
+        reservation = ReplicatedStateReservation(percentage=0.15)  # what memcom_planner uses
+        planner = EmbeddingShardingPlanner(topology, batch_size=512, storage_reservation=reservation)
     """
 
     def reserve(

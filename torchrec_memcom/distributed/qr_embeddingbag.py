@@ -56,11 +56,20 @@ def _check_kernels(
 class ShardedQREmbeddingBagCollection(ShardedCompressedCollection[EmbeddingCollectionContext]):
     """Sharded ``QREmbeddingBagCollection``: split ids, the stock sharded EC, join and pool.
 
+    DMP builds it (through ``QREmbeddingBagCollectionSharder``); it is not built by hand.
+
     Args:
         module: the unsharded collection.
         table_name_to_parameter_sharding: the plan of its lookup tables (``T@q``, ``T@r``, ``T``).
         ec_sharder: the stock sharder that shards the lookup tables.
         env, device, module_fqn: as for TorchRec's sharded modules.
+
+    Example::
+
+        sharders = [QREmbeddingBagCollectionSharder(), *get_default_sharders()]
+        plan = memcom_planner(topology, batch_size=512).collective_plan(model, sharders, pg)
+        dmp = DistributedModelParallel(model, plan=plan, sharders=sharders)
+        dmp.module.ebc  # this class, where model.ebc was a QREmbeddingBagCollection
     """
 
     def __init__(

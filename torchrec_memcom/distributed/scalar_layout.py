@@ -41,7 +41,19 @@ SUPPORTED_OPTIMIZERS = ADAGRAD | {EmbOptimType.EXACT_SGD}
 
 @dataclasses.dataclass(frozen=True)
 class RowBlock:
-    """Shared rows ``[offset, offset + rows)`` of a table and the ranks that hold them."""
+    """Shared rows ``[offset, offset + rows)`` of a table and the ranks that hold them: the unit
+    the scalars follow (a slot lives with its shared row).
+
+    Args:
+        offset: the block's first shared row.
+        rows: its shared rows.
+        ranks: the ranks that hold it (several for column-wise replicas, all for data-parallel).
+        devices: each rank's device (``"cpu"``, ``"cuda:0"``), in ``ranks``' order.
+
+    Example::
+
+        RowBlock(offset=50, rows=50, ranks=(1,), devices=("cpu",))  # rows 50..99 on rank 1
+    """
 
     offset: int
     rows: int
@@ -51,7 +63,24 @@ class RowBlock:
 
 @dataclasses.dataclass
 class TableLayout:
-    """Where a table's scalars live: its row blocks, and how this rank trains its block."""
+    """Where a table's scalars live: its row blocks, and how this rank trains its block
+    (``table_layout`` reads it from the table's ``ParameterSharding``).
+
+    Args:
+        table: the MEmCom table.
+        sharding_type: its sharding type (TorchRec's ``ShardingType`` value).
+        blocks: its row blocks.
+        optimizer: the fused params of its optimizer; None for data-parallel.
+        rule: the scalars' update; None for data-parallel.
+
+    Example::
+
+        table = MEmComTable("t0", num_embeddings=1000, embedding_dim=16, hash_rows=100, hash="mod", compressed=True)
+        blocks = [RowBlock(0, 50, (0,), ("cpu",)), RowBlock(50, 50, (1,), ("cpu",))]
+        layout = TableLayout(table, "row_wise", blocks, {"learning_rate": 0.1}, ScalarRule(False, 0.1, 1e-8))
+        block = layout.local_block(1)
+        layout.storage_size(block)  # 500: K = 10 slots per shared row, 50 rows
+    """
 
     table: MEmComTable
     sharding_type: str

@@ -24,6 +24,19 @@ class FusedLookup(torch.autograd.Function):
     ``update(idx, grad)`` once with all indices and their gradients (divided by ``scales``),
     empty where there were no indices, so that a rank without lookups still joins the
     replicas' sync.
+
+    Args:
+        anchor: a scalar that requires grad: the gradient path of a rank without lookups.
+        flat: the fused scalars (no gradient of their own).
+        update: called in backward with all indices and their gradients.
+        scales: per index tensor, what to divide its gradient by.
+        indices: the entries of ``flat`` to gather, one tensor per lookup.
+
+    Example::
+
+        anchor = torch.zeros((), requires_grad=True)
+        zero, values = FusedLookup.apply(anchor, torch.arange(5.0), update, [1.0], torch.tensor([0, 3]))
+        (zero + values.sum()).backward()  # update(tensor([0, 3]), tensor([1., 1.]))
     """
 
     @staticmethod

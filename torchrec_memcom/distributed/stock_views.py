@@ -88,6 +88,15 @@ class LayoutCache:
     Batches of one shape (Criteo's: one id per feature) share a layout, so the per-value
     constants a remap needs (per-key values repeated by length) are built once rather than every
     step. Up to ``size`` layouts are kept, the oldest dropped first.
+
+    Args:
+        size: the most layouts kept.
+
+    Example::
+
+        cache = LayoutCache()
+        key = (tuple(kjt.keys()), tuple(kjt.length_per_key()))
+        key_of_value = cache.get(key, lambda: repeat_per_key(range(len(key[0])), key[1], device))  # built once
     """
 
     def __init__(self, size: int = 8) -> None:
