@@ -86,7 +86,20 @@ def resolve_checkpoint(path: PathLike) -> Path:
 
 
 class TrainedModel:
-    """A checkpoint read back unsharded: its config, data folder and the rebuilt TorchRec model."""
+    """A checkpoint read back unsharded: its config, data folder and the rebuilt TorchRec model,
+    what the export converts and checks its file against.
+
+    Args:
+        checkpoint: a ``step_N`` folder, or a ``train.checkpoint_dir`` (its latest checkpoint).
+        data: the data folder it was trained on (default: the config's ``data.path``), whose
+            manifest gives the features and the id mapping.
+
+    Example::
+
+        trained = TrainedModel("runs/kaggle_memcom16/checkpoints")
+        trained.config.embeddings.compression.method  # "memcom"
+        trained.predict(batch.dense_features, batch.sparse_features)  # P(click) [B]
+    """
 
     def __init__(self, checkpoint: PathLike, data: Optional[PathLike] = None) -> None:
         self.path = resolve_checkpoint(checkpoint)

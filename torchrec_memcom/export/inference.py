@@ -29,6 +29,18 @@ class RawIdMap(nn.Module):
     read as uint64 (the int64 input's bits), as the converter does. ``vocab`` (frequency mode, or
     synthetic data): sorted keys ``(feature << 32) | value`` and their ids; values not in it get
     id 0 (frequency mode's rare id). ``none``: left out at export; raw values are refused.
+
+    Args:
+        kind: "mod", "vocab" or "none".
+        modulus: int64 ``[F]``, each feature's ``num_embeddings`` (``mod``).
+        keys: int64, the sorted vocabulary keys (``vocab``; else empty).
+        ids: the table id of each key (``vocab``; else empty).
+
+    Example::
+
+        empty = torch.zeros(0, dtype=torch.int64)
+        id_map = RawIdMap("mod", torch.full((26,), 1000), empty, empty.int())
+        id_map(torch.tensor([[0x68FD1E64] * 26]))  # [[852] * 26]: 0x68FD1E64 % 1000
     """
 
     kind: torch.jit.Final[str]
@@ -70,7 +82,18 @@ class RawIdMap(nn.Module):
 class FlatInteractionArch(nn.Module):
     """TorchRec's DLRM ``InteractionArch`` (dot products of every pair of the dense and sparse
     embeddings), taking the upper triangle with one ``index_select`` of the flattened products
-    instead of 2-D advanced indexing: the same values, several times faster on CPU."""
+    instead of 2-D advanced indexing: the same values, several times faster on CPU.
+
+    Args:
+        triu_indices: the stock arch's ``triu_indices`` (the pairs, ``[2, P]``).
+        num_sparse_features: ``F``, the sparse features.
+
+    Example::
+
+        arch = InteractionArch(num_sparse_features=26)
+        flat = FlatInteractionArch(arch.triu_indices, num_sparse_features=26)
+        flat(dense, sparse)  # equal to arch(dense, sparse): [B, d + 27 * 26 / 2]
+    """
 
     pairs: Tensor  # a buffer, registered in __init__, declared for type checkers
 
@@ -87,7 +110,16 @@ class FlatInteractionArch(nn.Module):
 class StackedLowRankCrossNet(nn.Module):
     """TorchRec's ``LowRankCrossNet`` (DLRM_DCN's interaction) with its per-layer kernels stacked
     into tensors: the same arithmetic, in a form TorchScript compiles (it cannot index a
-    ParameterList with a loop variable)."""
+    ParameterList with a loop variable).
+
+    Args:
+        crossnet: the trained ``LowRankCrossNet`` (its kernels are copied).
+
+    Example::
+
+        crossnet = LowRankCrossNet(in_features=64, num_layers=3, low_rank=8)
+        torch.jit.script(StackedLowRankCrossNet(crossnet))(x)  # equal to crossnet(x)
+    """
 
     num_layers: torch.jit.Final[int]
 
@@ -112,6 +144,24 @@ class InferenceDLRM(nn.Module):
     ``dense`` is the data path's ``log(max(x, 0) + 1)``; ``ids`` are the table ids (what the
     Parquet shards hold). ``score_raw`` takes raw Criteo values instead and applies the same
     preprocessing as the data path; ``metadata`` is a JSON string describing the file.
+    ``memcom export`` builds it from a checkpoint and compiles it.
+
+    Args:
+        embeddings: the row store: ids ``[B, F]`` -> embeddings ``[B, F, d]``.
+        id_map: raw values -> table ids, for ``score_raw``.
+        dense_arch: the trained DLRM's dense arch.
+        inter_arch: its interaction (``FlatInteractionArch``, or DCN's with a
+            ``StackedLowRankCrossNet``).
+        over_arch: its over arch.
+        num_dense: the dense features (13 for Criteo).
+        metadata: the JSON string the file carries.
+
+    Example::
+
+        model = load_model("model.pt")
+        model(dense, ids)  # P(click) [B]
+        model.score_raw(batch.ints, batch.cats)  # of raw lines: a RawBatch of read_batches
+        json.loads(model.metadata)["tables"]
     """
 
     def __init__(

@@ -34,7 +34,19 @@ class RawLineError(ValueError):
 @dataclass
 class RawBatch:
     """Parsed lines: ``labels`` int64 ``[B]`` (None for unlabelled lines), ``ints`` int64
-    ``[B, 13]``, ``cats`` int64 ``[B, 26]`` (hex values above 2**63 as their int64 bits)."""
+    ``[B, 13]``, ``cats`` int64 ``[B, 26]`` (hex values above 2**63 as their int64 bits): what
+    ``score_raw`` takes.
+
+    Args:
+        labels: int64 ``[B]``, or None for unlabelled lines.
+        ints: int64 ``[B, 13]``, the raw integer features (missing as 0).
+        cats: int64 ``[B, 26]``, the raw categorical values (missing as 0).
+
+    Example::
+
+        for batch in read_batches("lines.tsv", batch_size=1024):
+            model.score_raw(batch.ints, batch.cats)  # an exported model
+    """
 
     labels: Optional[torch.Tensor]
     ints: torch.Tensor
