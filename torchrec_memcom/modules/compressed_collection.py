@@ -18,7 +18,13 @@ SHARDERS_FIX = "give the sharders compress() returns to the planner and to Distr
 class ShardedByPlugin(abc.ABCMeta):
     """Metaclass of our collections: its repr names the fix in TorchRec's own error, since DMP
     looks a module's sharder up with a bare ``sharder_map[type(module)]`` (no hook to catch the
-    ``KeyError`` it raises when our sharders were not passed)."""
+    ``KeyError`` it raises when our sharders were not passed).
+
+    Example::
+
+        class MyCollection(EmbeddingBagCollectionInterface, metaclass=ShardedByPlugin): ...
+        repr(MyCollection)  # "<class '...MyCollection'> (no sharder for it: give the sharders ...)"
+    """
 
     def __repr__(cls) -> str:
         return f"<class '{cls.__module__}.{cls.__qualname__}'> (no sharder for it: {SHARDERS_FIX})"
