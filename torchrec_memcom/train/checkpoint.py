@@ -190,7 +190,15 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 class SafeReader(dcp.FileSystemReader):
     """DCP's file reader, reading the metadata with ``_MetadataUnpickler`` (the rest is the stock
-    ``read_metadata``)."""
+    ``read_metadata``), so that a checkpoint's ``.metadata`` pickle runs no code of its own.
+
+    Args:
+        path: the checkpoint folder (as for ``FileSystemReader``).
+
+    Example::
+
+        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+    """
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))  # private: where the stock method reads
@@ -203,7 +211,17 @@ class SafeReader(dcp.FileSystemReader):
 
 
 class SafeLoadPlanner(dcp.DefaultLoadPlanner):
-    """DCP's default load planner, reading non-tensor values as weights only."""
+    """DCP's default load planner, reading non-tensor values as weights only (no pickle code
+    runs).
+
+    Args:
+        flatten_state_dict, flatten_sharded_tensors, allow_partial_load: as for DCP's
+            ``DefaultLoadPlanner``.
+
+    Example::
+
+        dcp.load(state, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+    """
 
     def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
         obj = torch.load(value, weights_only=True)

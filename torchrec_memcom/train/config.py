@@ -15,7 +15,14 @@ from torchrec_memcom.data.schema import CAT_NAMES
 
 @dataclasses.dataclass
 class SynthConfig:
-    """Generate Criteo-shaped data into ``data.path`` if it is not there yet."""
+    """Generate Criteo-shaped data into ``data.path`` if it is not there yet (``memcom data synth``'s
+    settings), so that a config alone runs anywhere.
+
+    Args:
+        rows: the rows to generate (all splits).
+        seed: the click model's seed.
+        max_cardinality: the cap on each feature's ids.
+    """
 
     rows: int = 200_000
     seed: int = 0
@@ -26,7 +33,15 @@ class SynthConfig:
 class DataConfig:
     """A folder made by ``memcom data convert`` or ``memcom data synth`` (``format: parquet``), or
     TorchRec's preprocessed Criteo npy files (``format: torchrec_npy``; needs
-    ``embeddings.num_embeddings``, ids hashed modulo it)."""
+    ``embeddings.num_embeddings``, ids hashed modulo it).
+
+    Args:
+        path: the data folder.
+        format: "parquet" or "torchrec_npy".
+        synthetic: generate the data first if ``path`` has none (``parquet`` only).
+        train_split: the split trained on.
+        eval_split: the split evaluated on.
+    """
 
     path: str = "runs/data/synthetic"
     format: str = "parquet"
@@ -43,6 +58,16 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
+    """The DLRM over the tables: TorchRec's ``DLRM`` or ``DLRM_DCN``.
+
+    Args:
+        arch: "DLRM" or "DLRM_DCN".
+        dense_arch_layer_sizes: the dense arch (``embeddings.dim`` is appended as its last layer).
+        over_arch_layer_sizes: the over arch; its last layer has size 1.
+        dcn_num_layers: the cross net's layers (``DLRM_DCN``).
+        dcn_low_rank_dim: the cross net's low rank (``DLRM_DCN``).
+    """
+
     arch: str = "DLRM"  # or DLRM_DCN
     dense_arch_layer_sizes: List[int] = dataclasses.field(default_factory=lambda: [64, 16])
     over_arch_layer_sizes: List[int] = dataclasses.field(default_factory=lambda: [64, 32, 1])
@@ -65,7 +90,13 @@ class EmbeddingsConfig:
     """``num_embeddings``: one size per categorical feature of the data (in its order), or
     ``from_data`` (the data's id spaces); ``compression`` is checked when built
     (``CompressionSpec``), so that a typo in its params stops the launcher, not every rank of
-    the job."""
+    the job.
+
+    Args:
+        dim: every table's embedding dim (a multiple of 4).
+        num_embeddings: one size per categorical feature, or "from_data".
+        compression: which method compresses which tables (``CompressionSpec``).
+    """
 
     dim: int = 16
     num_embeddings: Union[str, List[int]] = "from_data"
@@ -87,7 +118,13 @@ def _check_positive(key: str, value: float) -> None:
 
 @dataclasses.dataclass
 class SparseOptimizerConfig:
-    """Fused into FBGEMM's backward: sgd, adagrad or rowwise_adagrad."""
+    """The tables' optimizer, fused into FBGEMM's backward: sgd, adagrad or rowwise_adagrad.
+
+    Args:
+        type: "sgd", "adagrad" or "rowwise_adagrad".
+        lr: the learning rate.
+        eps: Adagrad's eps (unused by sgd).
+    """
 
     type: str = "rowwise_adagrad"
     lr: float = 0.05
@@ -102,6 +139,13 @@ class SparseOptimizerConfig:
 
 @dataclasses.dataclass
 class DenseOptimizerConfig:
+    """The optimizer of what the tables' fused optimizer does not train: the dense layers.
+
+    Args:
+        type: "sgd", "adagrad" or "adam".
+        lr: the learning rate.
+    """
+
     type: str = "adagrad"  # or sgd, adam
     lr: float = 0.05
 
@@ -113,15 +157,38 @@ class DenseOptimizerConfig:
 
 @dataclasses.dataclass
 class OptimizerConfig:
+    """The two optimizers of a run: the tables' (fused) and the dense layers'.
+
+    Args:
+        sparse: the tables' optimizer.
+        dense: the dense layers' optimizer.
+    """
+
     sparse: SparseOptimizerConfig = dataclasses.field(default_factory=SparseOptimizerConfig)
     dense: DenseOptimizerConfig = dataclasses.field(default_factory=DenseOptimizerConfig)
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """``steps`` (if set) overrides ``epochs``; ``eval_every``: steps between evaluations
-    (0: at the end only); ``eval_batches``: cap per evaluation (None: the whole split);
-    ``checkpoint_every``: steps between checkpoints (0: at the end only), needs ``checkpoint_dir``."""
+    """How long to train, and when to evaluate and checkpoint.
+
+    Args:
+        batch_size: rows per batch on each rank.
+        epochs: passes over the train split.
+        steps: if set, the steps to train, overriding ``epochs``.
+        eval_every: steps between evaluations (0: at the end only).
+        eval_batches: the cap of batches per evaluation (None: the whole split).
+        seed: the seed of the model's initialisation and of the data's shuffle.
+        run_dir: where ``results.json`` goes.
+        checkpoint_dir: where checkpoints go and a run resumes from (None: none are written).
+        checkpoint_every: steps between checkpoints (0: at the end only); needs ``checkpoint_dir``.
+
+    Example::
+
+        config = load_config("configs/synthetic_memcom.yaml")  # a RunConfig
+        config.train.batch_size  # 512
+        dataclasses.replace(config.train, steps=100)
+    """
 
     batch_size: int = 512
     epochs: int = 1
@@ -149,6 +216,16 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class RunConfig:
+    """A run config: the YAML file's top-level keys (``load_config`` reads one).
+
+    Args:
+        data: the data.
+        model: the DLRM.
+        embeddings: the tables and their compression.
+        optimizer: the sparse and dense optimizers.
+        train: the training loop.
+    """
+
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     embeddings: EmbeddingsConfig = dataclasses.field(default_factory=EmbeddingsConfig)

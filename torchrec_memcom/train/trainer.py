@@ -115,7 +115,16 @@ class Evaluator:
 
     The loader (``drop_last=False``, unshuffled) pads the ranks' parts to equal size with the
     split's first rows, at the end of the last ranks' parts: each rank scores only its first
-    ``rows`` rows."""
+    ``rows`` rows.
+
+    Args:
+        device: where the metrics accumulate (the model's device).
+
+    Example::
+
+        evaluator = Evaluator(device)
+        evaluator.run(pipeline, iter(eval_loader), rows)  # {"auc", "logloss", "eval_rows"}; collective
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.auroc = BinaryAUROC().to(device)
