@@ -21,7 +21,7 @@ class SynthConfig:
     Args:
         rows: the rows to generate (all splits).
         seed: the click model's seed.
-        max_cardinality: the cap on each feature's ids.
+        max_cardinality: the cap on each feature's distinct ids.
     """
 
     rows: int = 200_000
