@@ -156,7 +156,8 @@ def split_by_tier(
     )
     if any(t.remap for t in tables):
         ids = values.split(length_per_key)
-        rank = torch.cat([ranks[t.name][part] if t.remap else part for t, part in zip(tables, ids)]).to(torch.int64)
+        rank = torch.cat([ranks[t.name].index_select(0, part) if t.remap else part for t, part in zip(tables, ids)])
+        rank = rank.to(torch.int64)
     else:
         rank = values.to(torch.int64)
     rank = rank + layout.bases
@@ -165,7 +166,7 @@ def split_by_tier(
     slot = out_key * batch + example
     order = stable_argsort(slot)
     lengths = torch.bincount(slot, minlength=len(layout.keys) * batch).to(features.lengths().dtype)
-    rows = (rank - layout.starts[out_key])[order]
+    rows = (rank - layout.starts.index_select(0, out_key)).index_select(0, order)
     return KeyedJaggedTensor(keys=layout.keys, values=rows, lengths=lengths, stride=batch)
 
 
