@@ -1,25 +1,34 @@
-"""MEmCom's per-step hot path against the stock EBC: forward, backward and the fused update of
-the sharded collection alone, arms alternated in the same processes (robust to a loaded machine).
+"""The per-step hot path of our sharded collections against the stock EBC: forward, backward and
+the fused update of the sharded collection alone, arms alternated in the same processes (robust
+to a loaded machine).
 
 Every process (gloo on CPU, nccl with one GPU per process) shards, with the same table-wise
-plan, a stock ``EmbeddingBagCollection`` and a ``MEmComEmbeddingBagCollection`` at ``--ratio``
-over 26 Criteo-shaped tables (Criteo Kaggle's cardinalities capped at ``--max-rows``), fused
-row-wise Adagrad, and times steps of ``--batch-size`` examples per process with one id per
-feature (ids skewed like Criteo's). Each round runs every arm for ``--steps`` steps, arms in a
-rotated order; a ratio is the median over rounds of the stock arm's per-step time over the arm's
-in the same round, by wall-clock time and by the main thread's CPU time (which, on a shared
-machine, leaves out the time other jobs held the core). ``--baseline DIR`` adds the MEmCom of another checkout (its repository root,
-e.g. a ``git worktree`` of main) as the arm ``memcom_baseline``, alternated with the rest in the
-same processes: old against new code under the same load.
+plan, a stock ``EmbeddingBagCollection`` and the collection of each method of ``--methods`` at
+``--ratio`` (default MEmCom alone) over 26 Criteo-shaped tables (Criteo Kaggle's cardinalities
+capped at ``--max-rows``), fused row-wise Adagrad, and times steps of ``--batch-size`` examples
+per process with one id per feature (ids skewed like Criteo's). MEmCom is a
+``MEmComEmbeddingBagCollection`` of all tables (those under ``--min-rows`` plain); QR and
+budgeted tables are built as the benchmarks build them, by ``compress()`` with ``--min-rows``
+(the smaller tables in a plain child of a mixed collection), budgeted tables with the heuristic
+allocation and a MEmCom tail, their ids ranked by synthetic skewed counts (a sample of the
+batches' distribution). Each round runs every arm for ``--steps`` steps, arms in a rotated
+order; a ratio is the median over rounds of the stock arm's per-step time over the arm's in the
+same round, by wall-clock time and by the main thread's CPU time (which, on a shared machine,
+leaves out the time other jobs held the core). ``--baseline DIR`` adds each method's collection
+from another checkout (its repository root, e.g. a ``git worktree`` of main) as the arm
+``<method>_baseline``, alternated with the rest in the same processes: old against new code
+under the same load.
 
     .venv/bin/python benchmarks/hotpath.py --out /tmp/hotpath.json
     .venv/bin/python benchmarks/hotpath.py --baseline /tmp/main --nprocs 1 2
+    .venv/bin/python benchmarks/hotpath.py --methods qr budgeted --baseline /tmp/main --rounds 30
     .venv/bin/python benchmarks/hotpath.py --profile --nprocs 1   # torch.profiler tables, rank 0
     .venv/bin/python benchmarks/hotpath.py --check --baseline /tmp/main --steps 10   # bit-equal to main?
     .venv/bin/python benchmarks/hotpath.py --smoke --nprocs 1 --out /tmp/x.json   # CI: tiny, no claims
 
-DMP wraps the sharded MEmCom collection in DDP (its data-parallel scalars are a dense
-parameter, empty here) but not the stock one; in a whole model (DLRM) DDP wraps both alike.
+DMP wraps a sharded collection with dense parameters in DDP (MEmCom's data-parallel scalars,
+empty here; budgeted tables' projections) but not the stock one; in a whole model (DLRM) DDP
+wraps both alike.
 """
 
 import argparse
@@ -49,14 +58,16 @@ def _purge() -> None:
         del sys.modules[name]
 
 
-def _memcom_classes(root: Optional[str]) -> Dict[str, Any]:
-    """MEmCom's collection, config and sharder classes from the checkout at ``root`` (None: the
-    one on ``sys.path``), imported afresh; a checkout's modules keep their own globals, so the
-    classes of two checkouts run side by side."""
+def _classes(root: Optional[str]) -> Dict[str, Any]:
+    """MEmCom's collection, config and sharder classes and ``compress()`` with its spec from the
+    checkout at ``root`` (None: the one on ``sys.path``), imported afresh; a checkout's modules
+    keep their own globals (and method registry), so the classes of two checkouts run side by
+    side."""
     _purge()
     if root is not None:
         sys.path.insert(0, root)
     try:
+        from torchrec_memcom.compression import CompressionSpec, compress
         from torchrec_memcom.distributed.memcom_embeddingbag import MEmComEmbeddingBagCollectionSharder
         from torchrec_memcom.modules.memcom_config import MEmComConfig
         from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
@@ -68,6 +79,20 @@ def _memcom_classes(root: Optional[str]) -> Dict[str, Any]:
         "collection": MEmComEmbeddingBagCollection,
         "config": MEmComConfig,
         "sharder": MEmComEmbeddingBagCollectionSharder,
+        "compress": compress,
+        "spec": CompressionSpec,
+    }
+
+
+def _frequencies(sizes: List[int], draws: int = 100_000) -> Dict[str, Any]:
+    """Per table, synthetic skewed counts of its ids: a sample of ``draws`` ids of the batches'
+    distribution (``u**4 * n``); ties and noise leave most tables needing the rank remap."""
+    import torch
+
+    g = torch.Generator().manual_seed(7)
+    return {
+        f"t_{i}": torch.bincount((torch.rand(draws, generator=g) ** 4 * n).long(), minlength=n)
+        for i, n in enumerate(sizes)
     }
 
 
@@ -91,13 +116,13 @@ def _batches(a: argparse.Namespace, sizes: List[int], rank: int, device: Any) ->
 
 
 def _sharded(ebc: Any, sharder: Any, world_size: int, device: Any) -> Any:
-    """``ebc`` under DMP with every table table-wise, round-robin over the ranks."""
+    """``ebc`` under DMP with every lookup table table-wise, round-robin over the ranks."""
     import torch.distributed as dist
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
-    names = [c.name for c in ebc.embedding_bag_configs()]
+    names = list(sharder.shardable_parameters(ebc))
     plan = construct_module_sharding_plan(
         ebc,
         {n: table_wise(rank=i % world_size, compute_kernel="fused") for i, n in enumerate(names)},
@@ -115,6 +140,27 @@ def _sharded(ebc: Any, sharder: Any, world_size: int, device: Any) -> Any:
     )
 
 
+def _compressed(c: Dict[str, Any], method: str, a: argparse.Namespace, tables: List[Any], fused: Dict[str, Any]) -> Any:
+    """``method``'s collection of ``tables`` on meta as ``compress()`` builds it for the
+    benchmarks (``--min-rows``; budgeted: a budget ratio, the heuristic with a MEmCom tail),
+    and its sharder."""
+    import torch
+    from torch import nn
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    params: Dict[str, Any] = {"ratio": a.ratio}
+    if method == "budgeted":
+        params = {
+            "budget_ratio": a.ratio,
+            "frequencies": _frequencies([t.num_embeddings for t in tables]),
+            "tail": True,
+        }
+    holder = nn.Module()
+    holder.ebc = EmbeddingBagCollection(tables, device=torch.device("meta"))
+    _, sharders = c["compress"](holder, c["spec"](method=method, params=params, min_rows=a.min_rows), fused)
+    return holder.ebc, next(s for s in sharders if s.module_type is type(holder.ebc))
+
+
 def _arms(a: argparse.Namespace, sizes: List[int], world_size: int, device: Any) -> Dict[str, Any]:
     import torch
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -128,9 +174,9 @@ def _arms(a: argparse.Namespace, sizes: List[int], world_size: int, device: Any)
         for i, n in enumerate(sizes)
     ]
     meta = torch.device("meta")
-    kinds = {"memcom": _memcom_classes(None)}
+    checkouts = {"": _classes(None)}
     if a.baseline:
-        kinds["memcom_baseline"] = _memcom_classes(a.baseline)
+        checkouts["_baseline"] = _classes(a.baseline)
     arms = {
         "stock": _sharded(
             EmbeddingBagCollection(tables, device=meta),
@@ -139,20 +185,23 @@ def _arms(a: argparse.Namespace, sizes: List[int], world_size: int, device: Any)
             device,
         )
     }
-    for name, c in kinds.items():
-        spec = c["config"](ratio=a.ratio, min_rows=a.min_rows, hash=a.hash)
-        arms[name] = _sharded(
-            c["collection"](tables, spec, device=meta), c["sharder"](fused_params=fused), world_size, device
-        )
+    for method in a.methods:
+        for suffix, c in checkouts.items():
+            if method == "memcom":
+                spec = c["config"](ratio=a.ratio, min_rows=a.min_rows, hash=a.hash)
+                module, sharder = c["collection"](tables, spec, device=meta), c["sharder"](fused_params=fused)
+            else:
+                module, sharder = _compressed(c, method, a, tables, fused)
+            arms[method + suffix] = _sharded(module, sharder, world_size, device)
     return arms
 
 
-def _same_steps(arms: Dict[str, Any], batches: List[Any], grad: Any, steps: int) -> List[int]:
-    """Train MEmCom and the baseline's MEmCom from the same state on the same batches: whether
-    their outputs were bit-equal at every step, and their state dicts after (this rank's shards)."""
+def _same_steps(new: Any, old: Any, batches: List[Any], grad: Any, steps: int) -> List[int]:
+    """Train a method's collection and the baseline's from the same state on the same batches:
+    whether their outputs were bit-equal at every step, and their state dicts after (this rank's
+    shards)."""
     import torch
 
-    new, old = arms["memcom"], arms["memcom_baseline"]
     old.load_state_dict(new.state_dict())
     outputs = True
     for i in range(steps):
@@ -202,10 +251,14 @@ def _worker(rank: int, world_size: int, port: int, a: argparse.Namespace, queue:
         (out.values() * grad).sum().backward()
 
     if a.check:
-        same = torch.tensor(_same_steps(arms, batches, grad, a.steps), dtype=torch.int32)
-        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        report = {}
+        for method in a.methods:
+            pair = _same_steps(arms[method], arms[method + "_baseline"], batches, grad, a.steps)
+            same = torch.tensor(pair, dtype=torch.int32)
+            dist.all_reduce(same, op=dist.ReduceOp.MIN)
+            report[method] = {"outputs_bit_equal": bool(same[0]), "state_bit_equal": bool(same[1])}
         if rank == 0:
-            queue.put({"outputs_bit_equal": bool(same[0]), "state_bit_equal": bool(same[1])})
+            queue.put(report)
         dist.barrier()
         dist.destroy_process_group()
         return
@@ -288,6 +341,9 @@ def summarize(times: Dict[str, List[List[float]]]) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nprocs", nargs="+", type=int, default=[1, 2])
+    parser.add_argument(
+        "--methods", nargs="+", default=["memcom"], choices=["memcom", "qr", "budgeted"], help="the arms beside stock"
+    )
     parser.add_argument("--batch-size", type=int, default=2048, help="per process")
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--ratio", type=float, default=16)
@@ -297,12 +353,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="steps per arm and round")
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--baseline", help="repository root of another checkout: its MEmCom as a further arm")
+    parser.add_argument("--baseline", help="repository root of another checkout: its collections as further arms")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of rank 0 instead")
     parser.add_argument(
         "--check",
         action="store_true",
-        help="instead: train MEmCom and --baseline's from the same state for --steps steps; "
+        help="instead: train each method's collection and --baseline's from the same state for --steps steps; "
         "exit 1 unless outputs and state stay bit-equal",
     )
     parser.add_argument("--out", help="JSON file to write")
@@ -322,8 +378,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for n in a.nprocs:
         out = run(a, n)
         if a.check:
-            print(f"{n} proc, {a.steps} steps against {a.baseline}: {out}")
-            if not all(out.values()):
+            for method, same in out.items():
+                print(f"{n} proc, {method}, {a.steps} steps against {a.baseline}: {same}")
+            if not all(all(same.values()) for same in out.values()):
                 return 1
             continue
         if a.profile:

@@ -133,9 +133,11 @@ def test_speed_benchmark_smoke(tmp_path: Path) -> None:
 
 
 def test_hotpath_benchmark_smoke(tmp_path: Path) -> None:
-    """Stock, MEmCom and a baseline checkout's MEmCom (this one) alternate on one process; and
-    two instances of the same MEmCom, trained alike, stay bit-equal (--check)."""
+    """Stock and each method's collection, from this tree and from a baseline checkout (this
+    one), alternate on one process; and two instances of each, trained alike, stay bit-equal
+    (--check)."""
     out = tmp_path / "hotpath.json"
+    methods = ["memcom", "qr", "budgeted"]
     for extra in (["--out", str(out)], ["--check"]):
         done = subprocess.run(
             [
@@ -144,6 +146,8 @@ def test_hotpath_benchmark_smoke(tmp_path: Path) -> None:
                 "--smoke",
                 "--nprocs",
                 "1",
+                "--methods",
+                *methods,
                 "--baseline",
                 str(REPO),
                 *extra,
@@ -153,10 +157,15 @@ def test_hotpath_benchmark_smoke(tmp_path: Path) -> None:
             timeout=600,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "'outputs_bit_equal': True, 'state_bit_equal': True" in done.stdout
+    for method in methods:
+        assert (
+            f"{method}, 1 steps against {REPO}: {{'outputs_bit_equal': True, 'state_bit_equal': True}}" in done.stdout
+        )
+    setup = json.loads(out.read_text())["setup"]
+    assert setup["methods"] == methods
     result = json.loads(out.read_text())["nprocs"]["1"]
     for clock in ("wall", "cpu"):
         arms = result[clock]
-        assert set(arms) == {"stock", "memcom", "memcom_baseline"}
+        assert set(arms) == {"stock", *methods, *(f"{m}_baseline" for m in methods)}
         assert arms["stock"]["speed_vs_stock"] == 1.0
         assert all(r["ms_per_step"] > 0 and r["speed_vs_stock"] > 0 for r in arms.values())

@@ -16,7 +16,7 @@ from torchrec_memcom.budget.space import AllocationSpace
 from torchrec_memcom.methods.budgeted import budgeted_collection
 from torchrec_memcom.modules.budget_allocation import Allocation, TableAllocation, Tier
 from torchrec_memcom.modules.budget_bytes import Budget, allocation_bytes, shapes_of
-from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
+from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection, split_by_tier
 from torchrec_memcom.modules.frequency import table_counts
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection
 
@@ -387,3 +387,32 @@ def test_too_small_without_a_tail_names_the_lower_floor_of_a_tail() -> None:
     module = _build(tables, counts, Budget(bytes=tail_floor, optimizer="rowwise_adagrad"), True)
     assert module.parameter_bytes() + module.optimizer_bytes() == tail_floor
     assert floors(tail_floor - 1, tail=True) == [tail_floor]  # with a tail, nothing lower to name
+
+
+def test_split_by_tier_matches_a_per_bag_split() -> None:
+    """Every bag of ``f`` split into bags of ``f@tier<j>`` (rows in tier ``j``, in bag order),
+    for the input's key order, whatever it is; the same again from the cached layout."""
+    module = _module()
+    ranks = module.remap.as_dict()
+    kjt = random_kjt(small_tables(16), 6, seed=4)
+    shuffled = kjt.permute([2, 0, 3, 1])
+    for features in (kjt, shuffled, shuffled):
+        split = split_by_tier(features, module._feature_tables, ranks)
+        expected_keys, expected = [], {}
+        for f, jt in features.to_dict().items():
+            t = module._feature_tables[f]
+            keys = [f"{f}@tier{j}" for j in range(len(t.tiers))]
+            expected_keys += keys
+            bags: Dict[str, List[List[int]]] = {k: [] for k in keys}
+            for ids in jt.to_dense():
+                rows: List[List[int]] = [[] for _ in keys]
+                for i in ids.tolist():
+                    rank = int(ranks[t.name][i]) if t.remap else i
+                    j = max(k for k, s in enumerate(t.starts) if s <= rank)
+                    rows[j].append(rank - t.starts[j])
+                for k, r in zip(keys, rows):
+                    bags[k].append(r)
+            expected.update(bags)
+        assert split.keys() == expected_keys and split.stride() == 6
+        for k, jt in split.to_dict().items():
+            assert [x.tolist() for x in jt.to_dense()] == expected[k]

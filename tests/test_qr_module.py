@@ -1,4 +1,5 @@
-"""Unsharded QR collection: forward and gradients against a plain-PyTorch reference, sizes, errors."""
+"""Unsharded QR collection: forward and gradients against a plain-PyTorch reference, sizes, errors;
+its split and pooling steps (and the mixed collection's join) against their plain forms."""
 
 import dataclasses
 import math
@@ -7,10 +8,16 @@ import pytest
 import torch
 from conftest import assert_matches_reference, random_kjt, small_tables
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection
-from torchrec_memcom.modules.qr_embedding_bag import QRConfig, QREmbeddingBagCollection, qr_collection
+from torchrec_memcom.modules.mixed_embedding_bag import MixedEmbeddingBagCollection, join_by_key
+from torchrec_memcom.modules.qr_embedding_bag import (
+    QRConfig,
+    QREmbeddingBagCollection,
+    QRLayout,
+    pool_bags,
+    qr_collection,
+)
 
 
 def _tables():
@@ -174,3 +181,70 @@ def test_weighted_features_are_refused() -> None:
     )
     with pytest.raises(ValueError, match="unweighted"):
         module(weighted)
+
+
+@pytest.mark.parametrize("max_len", [1, 4])
+def test_pooling_equals_per_feature_segment_reduce(max_len: int) -> None:
+    """``pool_bags`` (one id per bag: joined; ragged and empty bags: one index_add_) gives the
+    bits of one ``segment_reduce`` per feature, SUM and MEAN, forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    batch, dim, mean = 7, 4, [False, True, False]
+    lengths = [
+        torch.ones(batch, dtype=torch.int64) if max_len == 1 else torch.randint(0, max_len + 1, (batch,), generator=g)
+        for _ in mean
+    ]
+    per_id = [torch.randn(int(n.sum()), dim, generator=g, requires_grad=True) for n in lengths]
+    grad = torch.randn(batch, len(mean) * dim, generator=g)
+    pooled = pool_bags(per_id, lengths, mean)
+    reference = torch.cat(
+        [
+            torch.segment_reduce(v, "mean" if m else "sum", lengths=n, initial=0.0)
+            for v, n, m in zip(per_id, lengths, mean)
+        ],
+        dim=1,
+    )
+    assert torch.equal(pooled, reference)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(torch.autograd.grad(pooled, per_id, grad), torch.autograd.grad(reference, per_id, grad))
+    )
+
+
+def test_split_takes_keys_in_any_order() -> None:
+    """The lookup features in config order, ``f@q``/``f@r`` per compressed feature, whatever
+    the input's key order; the same again from the cached layout."""
+    tables = small_tables()
+    layout = QRLayout(tables, {"t0": QRConfig(num_collisions=8), "t2": QRConfig(num_collisions=7)})
+    kjt = random_kjt(tables, 5, seed=3)
+    shuffled = kjt.permute([3, 1, 0, 2])
+    for features in (kjt, shuffled, shuffled):
+        split = layout.split(features)
+        assert split.keys() == ["f0@q", "f0@r", "f1", "f2@q", "f2@r", "f3@q", "f3@r"]
+        assert split.stride() == 5
+        d, ids = split.to_dict(), kjt.to_dict()
+        for f, c in (("f0", 8), ("f2", 7), ("f3", 7)):
+            assert torch.equal(d[f"{f}@q"].values(), ids[f].values() // c)
+            assert torch.equal(d[f"{f}@r"].values(), ids[f].values() % c)
+            assert torch.equal(d[f"{f}@q"].lengths(), ids[f].lengths())
+        assert torch.equal(d["f1"].values(), ids["f1"].values())
+        assert torch.equal(d["f1"].lengths(), ids["f1"].lengths())
+
+
+def test_join_by_key_equals_regroup() -> None:
+    """The mixed collection's join: ``KeyedTensor.regroup``'s values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 8, generator=g, requires_grad=True)
+    b = torch.randn(3, 4, generator=g, requires_grad=True)
+    outputs = [KeyedTensor(["x", "z"], [5, 3], a), KeyedTensor(["y"], [4], b)]
+    keys, dims = ["z", "y", "x"], [3, 4, 5]
+    joined = join_by_key(outputs, keys, dims)
+    reference = KeyedTensor.regroup(outputs, [keys])[0]
+    assert joined.keys() == keys and joined.length_per_key() == dims
+    assert torch.equal(joined.values(), reference)
+    grad = torch.randn(3, 12, generator=g)
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(
+            torch.autograd.grad(joined.values(), [a, b], grad), torch.autograd.grad(reference, [a, b], grad)
+        )
+    )

@@ -30,6 +30,7 @@ from torchrec_memcom.modules.budget_bytes import (
 from torchrec_memcom.modules.collection_checks import check_input, cost_report, feature_sizes
 from torchrec_memcom.modules.compressed_collection import CompressedCollection
 from torchrec_memcom.modules.frequency import clean_cuts, frequency_ranks, needs_remap, table_counts
+from torchrec_memcom.modules.layout_cache import LayoutCache
 from torchrec_memcom.modules.memcom_config import MEmComConfig
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, MEmComTable
 from torchrec_memcom.modules.sorting import stable_argsort
@@ -86,6 +87,49 @@ class BudgetedTable:
         return TableAllocation(self.tiers).starts
 
 
+@dataclasses.dataclass(frozen=True)
+class _TierLayout:
+    """What ``split_by_tier`` needs of one KJT layout, built once (``_TIER_LAYOUTS``).
+
+    The features' ranks are laid end to end (feature ``i`` from ``base_i``, the sizes of the
+    tables of the features before it), so that one ``bucketize`` against every tier's first
+    rank, feature after feature, finds the output key of every id at once.
+    """
+
+    keys: List[str]  # the output keys: f@tier<j> per input feature f, tier by tier
+    starts: torch.Tensor  # the first (global) rank of each output key
+    bases: torch.Tensor  # per value: base_i of its feature
+    examples: torch.Tensor  # per bag (feature after feature): its example
+
+    @staticmethod
+    def build(
+        keys: List[str], length_per_key: List[int], tables: List[BudgetedTable], batch: int, device: torch.device
+    ) -> "_TierLayout":
+        out_keys: List[str] = []
+        starts: List[int] = []
+        bases: List[int] = []
+        base = 0
+        for key, t in zip(keys, tables):
+            bases.append(base)
+            out_keys += [tier_key(key, j) for j in range(len(t.tiers))]
+            starts += [base + s for s in t.starts]
+            base += t.num_embeddings
+        return _TierLayout(
+            keys=out_keys,
+            starts=torch.tensor(starts, dtype=torch.int64, device=device),
+            bases=torch.repeat_interleave(
+                torch.tensor(bases, dtype=torch.int64, device=device),
+                torch.tensor(length_per_key, dtype=torch.int64, device=device),
+                output_size=sum(length_per_key),
+            ),
+            examples=torch.arange(batch, device=device).repeat(len(keys)),
+        )
+
+
+# split_by_tier is a free function (fx-wraps it): its layouts are cached here, by value
+_TIER_LAYOUTS = LayoutCache()
+
+
 @torch.fx.wrap  # reads ids and lengths: one node in a traced model
 def split_by_tier(
     features: KeyedJaggedTensor,
@@ -96,35 +140,34 @@ def split_by_tier(
 
     The rank of an id is ``ranks[table][id]`` for remapped tables, the id itself otherwise; its
     tier is the last one starting at or before that rank, its row the rank minus that start.
+    All features at once: one ``bucketize`` of their ranks laid end to end (``_TierLayout``),
+    one stable sort of the ids by (output key, example).
     """
     if features.variable_stride_per_key():
         raise ValueError("budgeted tables take KJTs with one batch size for all features")
     batch = features.stride()
     values = features.values()
-    device = values.device
-    keys: List[str] = []
-    rows, slots = [], []
-    for key, ids, lengths in zip(
-        features.keys(), values.split(features.length_per_key()), features.lengths().split(batch)
-    ):
-        t = feature_tables[key]
-        rank = ranks[t.name][ids].to(torch.int64) if t.remap else ids.to(torch.int64)
-        example = torch.repeat_interleave(torch.arange(batch, device=device), lengths.to(torch.int64))
-        if len(t.tiers) == 1:
-            tier = torch.zeros_like(rank)
-            rows.append(rank)
-        else:
-            starts = torch.tensor(t.starts, device=device)
-            tier = torch.bucketize(rank, starts[1:], right=True)
-            rows.append(rank - starts[tier])
-        slots.append((len(keys) + tier) * batch + example)
-        keys += [tier_key(key, j) for j in range(len(t.tiers))]
-    slot = torch.cat(slots) if slots else values
-    order = stable_argsort(slot)
-    lengths = torch.bincount(slot, minlength=len(keys) * batch).to(features.lengths().dtype)
-    return KeyedJaggedTensor(
-        keys=keys, values=torch.cat(rows)[order] if rows else values, lengths=lengths, stride=batch
+    keys = features.keys()
+    length_per_key = features.length_per_key()
+    tables = [feature_tables[key] for key in keys]
+    layout = _TIER_LAYOUTS.get(
+        (tuple(keys), tuple(length_per_key), tuple((t.num_embeddings, t.tiers) for t in tables), batch, values.device),
+        lambda: _TierLayout.build(keys, length_per_key, tables, batch, values.device),
     )
+    if any(t.remap for t in tables):
+        ids = values.split(length_per_key)
+        rank = torch.cat([ranks[t.name].index_select(0, part) if t.remap else part for t, part in zip(tables, ids)])
+        rank = rank.to(torch.int64)
+    else:
+        rank = values.to(torch.int64)
+    rank = rank + layout.bases
+    out_key = torch.bucketize(rank, layout.starts, right=True) - 1  # the last tier starting at or before it
+    example = torch.repeat_interleave(layout.examples, features.lengths().to(torch.int64), output_size=values.numel())
+    slot = out_key * batch + example
+    order = stable_argsort(slot)
+    lengths = torch.bincount(slot, minlength=len(layout.keys) * batch).to(features.lengths().dtype)
+    rows = (rank - layout.starts.index_select(0, out_key)).index_select(0, order)
+    return KeyedJaggedTensor(keys=layout.keys, values=rows, lengths=lengths, stride=batch)
 
 
 def combine_tiers(

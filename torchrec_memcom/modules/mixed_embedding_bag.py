@@ -1,6 +1,6 @@
 """`MixedEmbeddingBagCollection`: one EBC interface over collections of different kinds."""
 
-from typing import List, Tuple, cast
+from typing import Dict, List, Tuple, cast
 
 import torch
 from torch import nn
@@ -11,10 +11,18 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_memcom.modules.compressed_collection import ShardedByPlugin
 
 
+@torch.fx.wrap  # reads the children's keys: one node in a traced model
 def join_by_key(outputs: List[KeyedTensor], keys: List[str], dims: List[int]) -> KeyedTensor:
     """The children's outputs as one KeyedTensor of ``keys`` (each of its dim), read by key:
-    a sharded child returns its keys grouped by sharding type, not in config order."""
-    return KeyedTensor(keys=keys, length_per_key=dims, values=KeyedTensor.regroup(outputs, [keys])[0])
+    a sharded child returns its keys grouped by sharding type, not in config order.
+
+    One copy each way: the children's columns, split by key, joined in ``keys``' order
+    (``KeyedTensor.regroup`` copies twice, a ``cat`` and a permute, forward and backward).
+    """
+    columns: Dict[str, torch.Tensor] = {}
+    for kt in outputs:
+        columns.update(zip(kt.keys(), kt.values().split(kt.length_per_key(), dim=1)))
+    return KeyedTensor(keys=keys, length_per_key=dims, values=torch.cat([columns[k] for k in keys], dim=1))
 
 
 class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface, metaclass=ShardedByPlugin):
@@ -23,7 +31,7 @@ class MixedEmbeddingBagCollection(EmbeddingBagCollectionInterface, metaclass=Sha
     Used by ``compress`` when tables of one EBC get different methods.
     ``MixedEmbeddingBagCollectionSharder`` shards it as one module (each child by its own
     sharder), which TorchRec's train pipeline pipelines; output keys and dims are fixed here, so
-    it fx-traces too (``KeyedTensor.regroup`` is fx-wrapped).
+    it fx-traces too (``join_by_key`` is fx-wrapped).
 
     Args:
         collections: EBC-like collections reading disjoint features (their own tables).
