@@ -122,10 +122,6 @@ class ShardedBudgetedEmbeddingBagCollection(ShardedCompressedCollection[MEmComCo
         """The tier tables."""
         return self._embedding_module.tables
 
-    @property
-    def budgeted_tables(self) -> List[BudgetedTable]:
-        return list(self._budgeted)
-
 
 class BudgetedEmbeddingBagCollectionSharder(MEmComEmbeddingBagCollectionSharder):
     """Shards ``BudgetedEmbeddingBagCollection``: its shardable tables are the tiers ``T@tier<j>``

@@ -8,10 +8,13 @@ before ``input_dist`` (no grad), distributed input transformed in ``compute``, t
 callback of ``output_dist``'s awaitable. Per-batch state lives in a typed context subclass.
 
 The unsharded collections hold their tables directly (``embedding_bags.T.weight``), so the
-wrapper shows the held module's state at its own paths: state-dict keys, parameter and module
-names and fused optimizer keys are the unsharded ones (as TorchRec's ``ShardedEmbeddingBag``
-shows its lookup's). The held module stays a real submodule (``.to()``, ``.train()``,
-``state_dict`` recursion); only ``named_modules`` lists its children in its place.
+wrapper shows the held module's state at its own paths: state-dict keys (and the keys a load
+reports missing or unexpected), fused optimizer keys and parameter and module names are the
+unsharded ones (as TorchRec's ``ShardedEmbeddingBag`` shows its lookup's), but for MEmCom's
+per-entity scalars, which each rank holds in one flat parameter (``entity_weights.fused``,
+``entity_weights.dense``) while their state-dict keys stay ``entity_weights.T``. The held module
+stays a real submodule (``.to()``, ``.train()``, ``state_dict`` recursion); only
+``named_modules`` lists its children in its place.
 """
 
 import copy
@@ -74,8 +77,10 @@ class ShardedCompressedCollection(
         self._cost = cost
         self._row_sharded: Optional[torch.Tensor] = None  # see input_dist
         self._optim = CombinedOptimizer([("", embedding_module.fused_optimizer)])
-        self._register_state_dict_hook(_lift_held_keys)
-        self._register_load_state_dict_pre_hook(_lower_held_keys, with_module=True)
+        self._load_prefix = ""  # this module's path in the load under way (see _lower_held_keys)
+        self.register_state_dict_post_hook(_lift_held_keys)
+        self.register_load_state_dict_pre_hook(_lower_held_keys)
+        self.register_load_state_dict_post_hook(_lift_incompatible_keys)
 
     def add_fused_optimizer(self, optimizer: KeyedOptimizer) -> None:
         """Also step (and checkpoint) ``optimizer``, whose keys are relative to this module."""
@@ -184,6 +189,10 @@ class ShardedCompressedCollection(
                 raise
             return children[name]
 
+    def extra_repr(self) -> str:
+        """Nothing of its own: the held module (printed below) shows the lookups."""
+        return ""
+
     def named_modules(
         self, memo: Optional[Set[nn.Module]] = None, prefix: str = "", remove_duplicate: bool = True
     ) -> Iterator[Tuple[str, nn.Module]]:
@@ -212,7 +221,15 @@ def _lift_held_keys(module: nn.Module, destination: Dict[str, Any], prefix: str,
 
 def _lower_held_keys(module: ShardedCompressedCollection, state_dict: Dict[str, Any], prefix: str, *_args: Any) -> None:
     """Load pre-hook: keys of the held module's state back under it (all but this module's own)."""
+    module._load_prefix = prefix
     own = {name for name in module._modules if name != HELD} | set(module._parameters) | set(module._buffers)
     for key in [k for k in state_dict if k.startswith(prefix)]:
         if key[len(prefix) :].split(".", 1)[0] not in own:
             state_dict[f"{prefix}{HELD}.{key[len(prefix) :]}"] = state_dict.pop(key)
+
+
+def _lift_incompatible_keys(module: ShardedCompressedCollection, keys: Any) -> None:
+    """Load post-hook: missing and unexpected keys named as ``state_dict()`` names them."""
+    held = f"{module._load_prefix}{HELD}."
+    for names in (keys.missing_keys, keys.unexpected_keys):
+        names[:] = [module._load_prefix + k[len(held) :] if k.startswith(held) else k for k in names]

@@ -100,6 +100,9 @@ class ShardedEntityWeights(nn.Module):
             on_load=self._broadcast_momentum,
         )
 
+    def extra_repr(self) -> str:
+        return f"tables={sorted(self.layouts)}, fused={self.fused.numel()}, dense={self.dense.numel()}"
+
     @property
     def storage(self) -> Dict[str, torch.Tensor]:
         """Per table this rank holds: its ``K * r`` scalars (a view of the flat tensor)."""

@@ -16,7 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
 from torchrec_memcom.distributed.compressed_embeddingbag import ShardedCompressedCollection
-from torchrec_memcom.distributed.stock_views import kjt_with, shard_view
+from torchrec_memcom.distributed.stock_views import LayoutCache, kjt_with, shard_view
 from torchrec_memcom.modules.collection_checks import check_ids, check_unweighted
 from torchrec_memcom.modules.hash_embedding_bag import HashEmbeddingBagCollection, HashTable
 
@@ -57,17 +57,18 @@ class ShardedHashEmbeddingBagCollection(ShardedCompressedCollection[EmbeddingBag
             f: t for cfg, t in zip(module.embedding_bag_configs(), module.tables) for f in cfg.feature_names
         }
         self._num_embeddings = {f: t.num_embeddings for f, t in self._feature_table.items()}
-        self._moduli: Dict[Tuple[str, ...], Tuple[torch.Tensor, List[int]]] = {}
+        self._moduli = LayoutCache()
 
     def _modulus(self, keys: List[str], device: torch.device) -> Tuple[torch.Tensor, List[int]]:
         """``m`` per feature of this key order (``n`` for plain tables, where ``i mod n = i``),
         and the positions of features hashed with "mix"."""
-        key = tuple(keys)
-        if key not in self._moduli:
+
+        def build() -> Tuple[torch.Tensor, List[int]]:
             tables = [self._feature_table[k] for k in keys]
             mixed = [i for i, t in enumerate(tables) if t.compressed and t.hash == "mix"]
-            self._moduli[key] = (torch.tensor([t.hash_rows for t in tables], device=device), mixed)
-        return self._moduli[key]
+            return torch.tensor([t.hash_rows for t in tables], device=device), mixed
+
+        return self._moduli.get(tuple(keys), build)
 
     def transform_input(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Ids -> hashed rows (``HashTable.rows``, for all features at once)."""

@@ -20,13 +20,18 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBat
 from torch import nn
 from torchrec.distributed.embedding_types import KJTList, ShardedEmbeddingModule
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionContext, EmbeddingBagCollectionSharder
-from torchrec.distributed.types import ParameterSharding, ShardingEnv
+from torchrec.distributed.types import ParameterSharding, ShardingEnv, ShardingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
 from torchrec_memcom.distributed.compressed_embeddingbag import ShardedCompressedCollection
 from torchrec_memcom.distributed.entity_weights import ShardedEntityWeights
-from torchrec_memcom.distributed.scalar_layout import COLUMN_SHARDED, SUPPORTED_SHARDING_TYPES, table_layout
+from torchrec_memcom.distributed.scalar_layout import (
+    COLUMN_SHARDED,
+    FUSED_KERNELS,
+    SUPPORTED_SHARDING_TYPES,
+    table_layout,
+)
 from torchrec_memcom.distributed.stock_views import LayoutCache, kjt_with, repeat_per_key, shard_view
 from torchrec_memcom.modules.collection_checks import check_ids
 from torchrec_memcom.modules.hashing import mix_constants, mix_slots
@@ -324,3 +329,9 @@ class MEmComEmbeddingBagCollectionSharder(CollectionSharder):
     def sharding_types(self, compute_device_type: str) -> List[str]:
         """Row-wise too on CPU (MEmCom routes slots by shared row); column-wise only if asked."""
         return [t for t in SUPPORTED_SHARDING_TYPES if self._column_wise or t not in COLUMN_SHARDED]
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        """The stock kernels the scalars' in-backward update runs with: fused ones for
+        model-parallel tables (no key-value or virtual tables), dense for data-parallel."""
+        kernels = super().compute_kernels(sharding_type, compute_device_type)
+        return [k for k in kernels if k in FUSED_KERNELS or sharding_type == ShardingType.DATA_PARALLEL.value]

@@ -144,6 +144,10 @@ class ShardedMixedEmbeddingBagCollection(
             ]
         )
 
+    def extra_repr(self) -> str:
+        """Nothing of its own: each child (printed below) shows its lookups."""
+        return ""
+
     def create_context(self) -> MixedEmbeddingBagCollectionContext:
         return MixedEmbeddingBagCollectionContext(children=[c.create_context() for c in self._children])
 

@@ -57,6 +57,7 @@ class ReplicatedStateReservation(HeuristicalStorageReservation):
         constraints: Optional[Dict[str, ParameterConstraints]] = None,
     ) -> Topology:
         reserved = super().reserve(topology, batch_size, module, sharders, constraints)
+        # the stock reservation's own multiplier and last topology (it keeps them only privately)
         extra = replicated_bytes(module, sharders, self._parameter_multiplier)
         on_hbm = topology.compute_device in {"cuda", "mtia"}
         for device in reserved.devices:

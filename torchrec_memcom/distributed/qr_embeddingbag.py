@@ -32,7 +32,7 @@ def _lookup_view(module: QREmbeddingBagCollection) -> EmbeddingCollection:
     """A stock EC over the module's own lookup tables, for the stock sharder."""
     view = EmbeddingCollection(module.layout.lookup_configs(), device=torch.device("meta"))
     view.embeddings = module.embeddings
-    view._device = module.device
+    view._device = module.device  # as stock_views.stock_view: the stock module copies values by it
     return view
 
 
@@ -138,7 +138,7 @@ class QREmbeddingBagCollectionSharder(EmbeddingCollectionSharder):
         held = EmbeddingCollectionSharder(
             fused_params=self.fused_params,
             qcomm_codecs_registry=self.qcomm_codecs_registry,
-            use_index_dedup=self._use_index_dedup,
+            use_index_dedup=self._use_index_dedup,  # the stock EC sharder keeps its argument only there
         )
         return ShardedQREmbeddingBagCollection(module, params, held, env, device, module_fqn)
 

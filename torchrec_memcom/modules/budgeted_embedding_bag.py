@@ -374,8 +374,10 @@ class BudgetedEmbeddingBagCollection(CompressedCollection):
         # A meta module holds no values: keep the ranks for the sharder to place.
         self._meta_ranks = remapped if self._device.type == "meta" else {}
         self._tiers = tiers
-        self._register_state_dict_hook(_without_tier_copies)
-        self._register_load_state_dict_pre_hook(_with_tier_copies)
+        self._load_prefix = ""  # this module's path in the load under way (see _with_tier_copies)
+        self.register_state_dict_post_hook(_without_tier_copies)
+        self.register_load_state_dict_pre_hook(_with_tier_copies)
+        self.register_load_state_dict_post_hook(_report_tier_keys_once)
         self._feature_tables = {f: t for t in self.tables for f in t.feature_names}
         if self._device.type != "meta":
             for p in self.projections.values():
@@ -432,10 +434,18 @@ def _without_tier_copies(module: nn.Module, state: Dict[str, Any], prefix: str, 
         del state[key]
 
 
-def _with_tier_copies(state: Dict[str, Any], prefix: str, *_args: Any) -> None:
+def _with_tier_copies(module: BudgetedEmbeddingBagCollection, state: Dict[str, Any], prefix: str, *_args: Any) -> None:
     """Load pre-hook: the tier collection loads the same tensors its adopted modules do."""
+    module._load_prefix = prefix
     for key in [k for k in state if k.startswith((f"{prefix}embedding_bags.", f"{prefix}entity_weights."))]:
         state[f"{prefix}_tiers.{key[len(prefix) :]}"] = state[key]
+
+
+def _report_tier_keys_once(module: BudgetedEmbeddingBagCollection, keys: Any) -> None:
+    """Load post-hook: a missing or unexpected tier key named once, at this module's path."""
+    copies = f"{module._load_prefix}_tiers."
+    for names in (keys.missing_keys, keys.unexpected_keys):
+        names[:] = [k for k in names if not k.startswith(copies)]
 
 
 # The settings of MEmCom tiers' per-entity scalars a budgeted collection takes.

@@ -110,8 +110,8 @@ class EntityWeights(nn.ParameterDict):
 
     def __init__(self, scalars: Dict[str, torch.Tensor]) -> None:
         super().__init__({name: nn.Parameter(w.reshape(-1, 1)) for name, w in scalars.items()})
-        self._register_state_dict_hook(_flatten_scalars)
-        self._register_load_state_dict_pre_hook(_column_scalars)
+        self.register_state_dict_post_hook(_flatten_scalars)
+        self.register_load_state_dict_pre_hook(_column_scalars)
 
     def flat(self, name: str) -> torch.Tensor:
         """Table ``name``'s scalars as an ``(n,)`` view."""
@@ -124,7 +124,7 @@ def _flatten_scalars(module: nn.Module, state: Dict[str, Any], prefix: str, _met
             state[prefix + name] = state[prefix + name].view(-1)
 
 
-def _column_scalars(state: Dict[str, Any], prefix: str, *_args: Any) -> None:
+def _column_scalars(_module: nn.Module, state: Dict[str, Any], prefix: str, *_args: Any) -> None:
     for key, value in list(state.items()):
         if key.startswith(prefix) and "." not in key[len(prefix) :] and value.dim() == 1:
             state[key] = value.reshape(-1, 1)
