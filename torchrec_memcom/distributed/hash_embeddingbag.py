@@ -16,9 +16,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_memcom.distributed.collection_sharder import CollectionSharder
 from torchrec_memcom.distributed.compressed_embeddingbag import ShardedCompressedCollection
-from torchrec_memcom.distributed.stock_views import LayoutCache, kjt_with, shard_view
+from torchrec_memcom.distributed.stock_views import kjt_with, shard_view
 from torchrec_memcom.modules.collection_checks import check_ids, check_unweighted
 from torchrec_memcom.modules.hash_embedding_bag import HashEmbeddingBagCollection, HashTable
+from torchrec_memcom.modules.layout_cache import LayoutCache
 
 
 class ShardedHashEmbeddingBagCollection(ShardedCompressedCollection[EmbeddingBagCollectionContext]):

@@ -32,9 +32,10 @@ from torchrec_memcom.distributed.scalar_layout import (
     SUPPORTED_SHARDING_TYPES,
     table_layout,
 )
-from torchrec_memcom.distributed.stock_views import LayoutCache, kjt_with, repeat_per_key, shard_view
+from torchrec_memcom.distributed.stock_views import kjt_with, repeat_per_key, shard_view
 from torchrec_memcom.modules.collection_checks import check_ids
 from torchrec_memcom.modules.hashing import mix_constants, mix_slots
+from torchrec_memcom.modules.layout_cache import LayoutCache
 from torchrec_memcom.modules.memcom_embedding_bag import MEmComEmbeddingBagCollection, MEmComTable
 
 # input_dist's per-value constants of a layout: n - 1, m, and the "mix" features' positions and

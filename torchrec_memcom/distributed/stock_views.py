@@ -3,7 +3,7 @@ tables, and KJTs whose ids were remapped (with weights of our choosing) before `
 the features whose row-wise MEAN divisor to keep after it; and the per-value constants of a KJT
 layout."""
 
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -80,37 +80,6 @@ def row_sharded_columns(sharded: ShardedEmbeddingBagCollection, device: torch.de
     return torch.repeat_interleave(
         torch.tensor(keep, device=device), torch.tensor(sharded._embedding_dims, device=device)
     )
-
-
-class LayoutCache:
-    """Per-value tensors of a KJT layout (its key order and length per key), built once a layout.
-
-    Batches of one shape (Criteo's: one id per feature) share a layout, so the per-value
-    constants a remap needs (per-key values repeated by length) are built once rather than every
-    step. Up to ``size`` layouts are kept, the oldest dropped first.
-
-    Args:
-        size: the most layouts kept.
-
-    Example::
-
-        cache = LayoutCache()
-        key = (tuple(kjt.keys()), tuple(kjt.length_per_key()))
-        key_of_value = cache.get(key, lambda: repeat_per_key(range(len(key[0])), key[1], device))  # built once
-    """
-
-    def __init__(self, size: int = 8) -> None:
-        self._entries: Dict[Hashable, object] = {}
-        self._size = size
-
-    def get(self, key: Hashable, build: Callable[[], T]) -> T:
-        """The entry of ``key``, built by ``build()`` on a miss."""
-        entry = self._entries.get(key)
-        if entry is None:
-            if len(self._entries) >= self._size:
-                del self._entries[next(iter(self._entries))]
-            entry = self._entries[key] = build()
-        return entry  # type: ignore[return-value]
 
 
 def repeat_per_key(per_key: Sequence[int], lengths: Sequence[int], device: torch.device) -> torch.Tensor:
