@@ -1,8 +1,6 @@
 """What a user reads off a sharded collection names things as the unsharded one does: the keys a
 load reports missing or unexpected, and the printed module (each lookup shown once)."""
 
-from typing import Any, Dict
-
 import torch
 import torch.distributed as dist
 from dist_utils import run_multiprocess
@@ -12,7 +10,7 @@ from torchrec.distributed.model_parallel import get_unwrapped_module
 from torchrec_memcom.modules.budgeted_embedding_bag import BudgetedEmbeddingBagCollection
 
 
-def _check_case(name: str, errors: Dict[str, Any]) -> None:
+def _check_case(name: str) -> None:
     case = next(c for c in CASES if c.name == name)
     dmp = _dmp(case, case.plans[0], SGD, case.module(torch.device("meta")), torch.device("cpu"))
     state = dmp.state_dict()
@@ -32,7 +30,7 @@ def _check_case(name: str, errors: Dict[str, Any]) -> None:
 
 def _job(rank: int, world: int) -> None:
     for name in [c.name for c in CASES]:
-        _check_case(name, {})
+        _check_case(name)
     dist.barrier()
 
 

@@ -132,8 +132,7 @@ class ShardedCompressedCollection(
         return self._then(ctx, held)
 
     def _then(self, ctx: C, awaitable: LazyAwaitable[Any]) -> LazyAwaitable[KeyedTensor]:
-        if type(self).transform_output is not ShardedCompressedCollection.transform_output:
-            awaitable.callbacks.append(partial(self.transform_output, ctx))
+        awaitable.callbacks.append(partial(self.transform_output, ctx))
         return awaitable
 
     @property

@@ -124,7 +124,7 @@ class ShardedMEmComEmbeddingBagCollection(ShardedCompressedCollection[MEmComCont
         self.entity_weights = ShardedEntityWeights(layouts, env.rank, env.world_size, device, env.process_group)
         self.add_fused_optimizer(self.entity_weights.fused_optimizer)
         # Per lookup: (start, rows) of each feature's scalars ((0, 0): none), whether a feature
-        # has scalars, and whether any is data-parallel (see _scalars). A lookup's features in
+        # has scalars, and whether any is data-parallel (see transform_dist_input). A lookup's features in
         # its KJT's order: its `grouped_configs` (TorchRec lists them nowhere public).
         self._lookup_addresses: List[Tuple[List[Tuple[int, int]], List[bool], bool]] = []
         for lookup in self._lookups:
