@@ -198,7 +198,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="memcom_fair_") as tmp:
         work = Path(tmp)

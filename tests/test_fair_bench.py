@@ -82,13 +82,11 @@ def test_managed_collisions_take_the_bytes_of_the_ratio() -> None:
 
 
 def _evict_on_cpu(rank: int, world_size: int) -> None:
+    from conftest import random_kjt
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from torchrec.distributed import DistributedModelParallel
     from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
-
-    from conftest import random_kjt
-
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     from torchrec_memcom.compression import CompressionSpec, compress
