@@ -195,6 +195,10 @@ class ManagedCollisionBagsSharder(ManagedCollisionEmbeddingBagCollectionSharder)
         assert isinstance(module, ManagedCollisionBags)
         return ShardedManagedCollisionBags(module, params, self, env, device, module_fqn)
 
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        """The EBC sharder's for this device (TorchRec's MC sharder lists UVM ones on CPU too)."""
+        return self._e_sharder.compute_kernels(sharding_type, compute_device_type)
+
     @property
     def module_type(self) -> Type[ManagedCollisionBags]:  # type: ignore[override]
         return ManagedCollisionBags

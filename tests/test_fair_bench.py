@@ -75,6 +75,16 @@ def test_managed_collisions_take_the_bytes_of_the_ratio() -> None:
     assert held <= 4 * n * dim / ratio < held + 4 * dim + managed_collision.SLOT_STATE_BYTES
     with pytest.raises(ValueError, match="not one slot"):
         managed_collision.slots(1000, 16, 8)  # 8,000 B: under the table's fixed MCH state
+    # alone in a model (every table compressed), the planner finds a plan on this device
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+
+    model = torch.nn.Module()
+    model.bags = bags
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = EmbeddingShardingPlanner(Topology(world_size=1, compute_device=device)).plan(
+        model, [managed_collision.ManagedCollisionBagsSharder()]
+    )
+    assert plan.plan["bags"]["t_a"].compute_kernel == "fused"
     kjt = KeyedJaggedTensor.from_lengths_sync(["a"], torch.tensor([3, 4999, 7, 3]), torch.tensor([2, 0, 2]))
     out = bags(kjt)
     assert out.keys() == ["a"] and out.values().shape == (3, dim)
