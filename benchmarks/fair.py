@@ -340,9 +340,8 @@ def merge(slices: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             into = out["datasets"].setdefault(dataset, {**{k: v for k, v in entry.items() if k != "dims"}, "dims": {}})
             for dim, methods in entry["dims"].items():
                 for method, cells in methods.items():
-                    for ratio, cell in cells.items():
-                        by_ratio = into["dims"].setdefault(dim, {}).setdefault(method, {})
-                        by_ratio[ratio] = {**cell, "command": r["command"]}
+                    by_ratio = into["dims"].setdefault(dim, {}).setdefault(method, {})
+                    by_ratio.update({ratio: {**cell, "command": r["command"]} for ratio, cell in cells.items()})
     return out
 
 
