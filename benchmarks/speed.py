@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # torch is imported inside the functions that run it
 
 REPO = Path(__file__).resolve().parents[1]
 BATCHES = (1, 512)
-DIAGNOSTIC_ARMS = ["hash@table_wise", "memcom@table_wise"]
+DIAGNOSTIC_ARMS = ["hash@table_wise", "memcom@table_wise", "qr@table_wise", "budgeted@table_wise"]
 
 
 def config_dict(
@@ -219,7 +219,7 @@ def worker(config: str, threads: int, sharding: Optional[str]) -> None:
     pin_sharding(sharding)
     from torchrec_memcom.train.main import run_rank
 
-    run_rank(config)
+    run_rank(config, debug=True)  # a benchmark failure is a bug to trace: its traceback too
 
 
 # ---------------------------------------------------------------------------------------------

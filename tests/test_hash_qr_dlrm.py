@@ -11,11 +11,12 @@ from dist_utils import run_multiprocess
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec.datasets.utils import Batch
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.distributed.types import ShardingEnv
+from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim.keyed import KeyedOptimizerWrapper
@@ -100,3 +101,15 @@ def _train_sharded(rank: int, world_size: int) -> None:
 
 def test_sharded_dlrm_loss_falls_in_the_sparse_dist_pipeline() -> None:
     run_multiprocess(_train_sharded, 2)
+
+
+def test_qr_sharder_offers_the_stock_ec_types_but_data_parallel_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QR's lookups are the stock EC's, less data-parallel on CPU (FBGEMM's CPU dense kernel
+    pools them); a narrowed stock list (one sharding type, as speed.py's pinned arms offer)
+    stays narrowed rather than failing on the missing type."""
+    qr = QREmbeddingBagCollectionSharder()
+    dp = ShardingType.DATA_PARALLEL.value
+    assert qr.sharding_types("cpu") == [t for t in EmbeddingCollectionSharder().sharding_types("cpu") if t != dp]
+    assert qr.sharding_types("cuda") == EmbeddingCollectionSharder().sharding_types("cuda")
+    monkeypatch.setattr(EmbeddingCollectionSharder, "sharding_types", lambda self, device: ["table_wise"])
+    assert qr.sharding_types("cpu") == ["table_wise"]

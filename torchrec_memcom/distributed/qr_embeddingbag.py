@@ -148,7 +148,7 @@ class QREmbeddingBagCollectionSharder(EmbeddingCollectionSharder):
     def sharding_types(self, compute_device_type: str) -> List[str]:
         types = super().sharding_types(compute_device_type)
         if compute_device_type == "cpu":
-            types.remove(ShardingType.DATA_PARALLEL.value)
+            return [t for t in types if t != ShardingType.DATA_PARALLEL.value]
         return types
 
     @property
